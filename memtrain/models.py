@@ -1,0 +1,177 @@
+"""The model bundle: one object for any diffusers Stable-Diffusion-style checkpoint.
+
+Loads SD1.x/SD2.x folders in diffusers layout (unet, text_encoder, tokenizer, vae, scheduler)
+and the memtrain testbed, whose `vae/` is a PixelShuffleCodec behind the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from memtrain.errors import MemtrainError
+from memtrain.testbed.codec import PixelShuffleCodec
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+}
+_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+_CODECS = {"AutoencoderKL": AutoencoderKL, "PixelShuffleCodec": PixelShuffleCodec}
+
+
+@dataclass
+class ModelBundle:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    vae: torch.nn.Module
+    scheduler: object
+    source: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        return self.unet.config.sample_size
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "ModelBundle":
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.eval().requires_grad_(False)
+        return self
+
+    def make_scheduler(self, name: str = "ddim"):
+        """A fresh scheduler of the named kind built from this checkpoint's scheduler config."""
+        key = name.lower()
+        if key not in SCHEDULERS:
+            raise MemtrainError(
+                f"unknown scheduler '{name}': choose one of {', '.join(sorted(SCHEDULERS))}"
+            )
+        return SCHEDULERS[key].from_config(self.scheduler.config)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> latents the U-Net is trained on."""
+        images = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        if isinstance(self.vae, AutoencoderKL):
+            latents = self.vae.encode(images).latent_dist.mean
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            return (latents - shift) * self.vae.config.scaling_factor
+        return self.vae.encode_images(images)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]."""
+        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        if isinstance(self.vae, AutoencoderKL):
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            return self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
+        return self.vae.decode_latents(latents)
+
+    def save(self, path: str | Path) -> None:
+        """Save in diffusers layout (safetensors), loadable by load_bundle and diffusers."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        self.vae.save_pretrained(path / "vae", safe_serialization=True)
+        self.scheduler.save_pretrained(path / "scheduler")
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "vae": ["diffusers" if isinstance(self.vae, AutoencoderKL) else "memtrain",
+                    type(self.vae).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local diffusers folder as is; a hub id via the hub cache or a download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise MemtrainError(
+                f"model path '{model}' is not a diffusers Stable Diffusion folder "
+                "(no model_index.json): point --model at the folder that holds unet/, vae/, ..."
+            )
+        return path
+    if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise MemtrainError(f"model path '{model}' does not exist: pass an existing diffusers folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.txt", "*.safetensors", "tokenizer/*"]
+        return Path(snapshot_download(str(model), allow_patterns=patterns))
+    except Exception as err:  # no network, unknown repo, gated repo...
+        raise MemtrainError(
+            f"could not fetch hub model '{model}' ({type(err).__name__}): download it on a "
+            "machine with network access and pass --model /path/to/local/folder"
+        ) from None
+
+
+def load_bundle(
+    model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ModelBundle:
+    """Load any diffusers SD1.x/SD2.x checkpoint (or the testbed) into a ModelBundle."""
+    path = resolve_model_path(model)
+    for sub in _SUBFOLDERS:
+        if not (path / sub).is_dir():
+            raise MemtrainError(
+                f"model folder '{path}' lacks the '{sub}/' subfolder: a Stable Diffusion "
+                f"checkpoint in diffusers layout needs {', '.join(_SUBFOLDERS)}"
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    vae_class_name = json.loads((path / "vae" / "config.json").read_text()).get("_class_name")
+    if vae_class_name not in _CODECS:
+        raise MemtrainError(
+            f"model folder '{path}': vae class '{vae_class_name}' is not supported "
+            f"(known: {', '.join(_CODECS)})"
+        )
+    vae = _CODECS[vae_class_name].from_pretrained(path / "vae", torch_dtype=dtype)
+    scheduler_config = DDIMScheduler.load_config(path / "scheduler")
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    bundle = ModelBundle(unet, text_encoder, tokenizer, vae, scheduler, source=str(model))
+    return bundle.to(device=device).eval()

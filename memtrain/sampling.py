@@ -1,0 +1,152 @@
+"""Classifier-free-guided sampling on diffusers schedulers, from prompts or embeddings.
+
+Per-(input, seed) initial noise comes from its own generator, so an image depends only on its
+input and seed, never on batch composition or process count. A per-step hook sees
+(step, t, x_t, eps_cond, eps_uncond) and may return a new guidance scale for that step:
+papers 002 and 003 switch or invert guidance this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.text import TextEmbedding, encode_prompts
+
+# hook(step_index, t, x_t, eps_cond, eps_uncond) -> None (keep) | float | tensor (B,) guidance
+GuidanceHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor  # (N, S, 3, H, W) in [0, 1], float32 on CPU
+    latents: torch.Tensor  # (N, S, C, h, w) final latents
+    timesteps: list[int] = field(default_factory=list)
+    trajectory_xt: list[torch.Tensor] = field(default_factory=list)  # per step (N, S, C, h, w)
+    trajectory_x0: list[torch.Tensor] = field(default_factory=list)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Deterministic N(0, I) noise for one image, generated on CPU so every device agrees."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=generator)
+
+
+def _eps_from_output(scheduler, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    """The model's prediction expressed as noise, whatever its prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    abar = scheduler.alphas_cumprod.to(x_t.device)[int(t)].to(x_t.dtype)
+    if kind == "v_prediction":
+        return abar.sqrt() * output + (1 - abar).sqrt() * x_t
+    if kind == "sample":
+        return (x_t - abar.sqrt() * output) / (1 - abar).sqrt()
+    raise MemtrainError(f"unsupported prediction_type '{kind}'")
+
+
+def _x0_from_eps(scheduler, eps: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    abar = scheduler.alphas_cumprod.to(x_t.device)[int(t)].to(x_t.dtype)
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt().clamp_min(1e-8)
+
+
+def unconditional_embedding(bundle, tokenizer=None) -> torch.Tensor:
+    return encode_prompts(bundle, [""], tokenizer=tokenizer).embeddings
+
+
+@torch.no_grad()
+def sample(
+    bundle,
+    cond: TextEmbedding | torch.Tensor | Sequence[str],
+    seeds: Sequence[int],
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    scheduler: str = "ddim",
+    uncond: torch.Tensor | None = None,
+    hook: GuidanceHook | None = None,
+    return_trajectory: bool = False,
+    batch_size: int = 16,
+    unet_forward: Callable | None = None,
+    progress: bool = False,
+) -> SampleOutput:
+    """Generate len(cond) x len(seeds) images with classifier-free guidance.
+
+    `cond` is a list of prompts, a TextEmbedding, or raw embeddings (N, L, D), e.g. an
+    adversarial embedding. `uncond` defaults to the embedding of "". `unet_forward` replaces
+    the plain U-Net call (mitigations that act inside the forward pass use it).
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise MemtrainError("seed list is empty: pass at least one seed")
+    if num_inference_steps < 1:
+        raise MemtrainError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if isinstance(cond, (list, tuple)):
+        cond = encode_prompts(bundle, list(cond))
+    embeddings = cond.embeddings if isinstance(cond, TextEmbedding) else cond
+    device, dtype = bundle.device, bundle.dtype
+    embeddings = embeddings.to(device=device, dtype=dtype)
+    if uncond is None:
+        uncond = unconditional_embedding(bundle)
+    uncond = uncond.to(device=device, dtype=dtype)
+    forward = unet_forward or (lambda x, t, y: bundle.unet(x, t, encoder_hidden_states=y).sample)
+
+    n_inputs, n_seeds = embeddings.shape[0], len(seeds)
+    shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+    jobs = [(i, s) for i in range(n_inputs) for s in range(n_seeds)]
+    latents_out = torch.empty(n_inputs, n_seeds, *shape)
+    images_out = None
+    traj_xt: list[torch.Tensor] = []
+    traj_x0: list[torch.Tensor] = []
+    timesteps_used: list[int] = []
+
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sampling"):
+        chunk = jobs[start : start + batch_size]
+        idx = torch.tensor([i for i, _ in chunk])
+        x = torch.stack([initial_noise(seeds[s], shape) for _, s in chunk]).to(device, dtype)
+        y_cond = embeddings[idx.to(device)]
+        y_uncond = uncond.expand(len(chunk), -1, -1)
+        sched = bundle.make_scheduler(scheduler)
+        sched.set_timesteps(num_inference_steps, device=device)
+        x = x * sched.init_noise_sigma
+        chunk_xt, chunk_x0 = [], []
+        for step, t in enumerate(sched.timesteps):
+            x_in = sched.scale_model_input(torch.cat([x, x]), t)
+            out = forward(x_in, t, torch.cat([y_uncond, y_cond]))
+            out_uncond, out_cond = out.chunk(2)
+            eps_uncond = _eps_from_output(sched, out_uncond, x, t)
+            eps_cond = _eps_from_output(sched, out_cond, x, t)
+            scale = guidance_scale
+            if hook is not None:
+                new_scale = hook(step, int(t), x, eps_cond, eps_uncond)
+                if new_scale is not None:
+                    scale = new_scale
+            scale_t = torch.as_tensor(scale, device=device, dtype=dtype).reshape(-1, 1, 1, 1)
+            # Guidance is linear, so combining raw outputs equals combining their eps forms.
+            guided = out_uncond + scale_t * (out_cond - out_uncond)
+            if return_trajectory:
+                eps = eps_uncond + scale_t * (eps_cond - eps_uncond)
+                chunk_xt.append(x.float().cpu())
+                chunk_x0.append(_x0_from_eps(sched, eps, x, t).float().cpu())
+            x = sched.step(guided, t, x).prev_sample
+        if start == 0:
+            timesteps_used = [int(t) for t in sched.timesteps]
+        images = (bundle.decode_latents(x).float().cpu() / 2 + 0.5).clamp(0, 1)
+        if images_out is None:
+            images_out = torch.empty(n_inputs, n_seeds, *images.shape[1:])
+        for k, (i, s) in enumerate(chunk):
+            latents_out[i, s] = x[k].float().cpu()
+            images_out[i, s] = images[k]
+        if return_trajectory:
+            for step in range(len(chunk_xt)):
+                if len(traj_xt) <= step:
+                    traj_xt.append(torch.empty(n_inputs, n_seeds, *shape))
+                    traj_x0.append(torch.empty(n_inputs, n_seeds, *shape))
+                for k, (i, s) in enumerate(chunk):
+                    traj_xt[step][i, s] = chunk_xt[step][k]
+                    traj_x0[step][i, s] = chunk_x0[step][k]
+    return SampleOutput(images_out, latents_out, timesteps_used, traj_xt, traj_x0)
