@@ -36,7 +36,15 @@ class ModelBundle:
     tokenizer: CLIPTokenizer
     vae: torch.nn.Module
     scheduler: object
-    source: str = ""
+    source: str = ""  # what the user named (path or hub id)
+    path: str = ""  # the local folder it was loaded from
+
+    @property
+    def sampler_settings(self):
+        """The model folder's default sampler (memtrain.json), else the papers' DDIM 50 / 7.5."""
+        from memtrain.measure import SamplerSettings
+
+        return SamplerSettings.for_model(self.path or None)
 
     @property
     def device(self) -> torch.device:
@@ -173,5 +181,5 @@ def load_bundle(
     vae = _CODECS[vae_class_name].from_pretrained(path / "vae", torch_dtype=dtype)
     scheduler_config = DDIMScheduler.load_config(path / "scheduler")
     scheduler = DDIMScheduler.from_config(scheduler_config)
-    bundle = ModelBundle(unet, text_encoder, tokenizer, vae, scheduler, source=str(model))
+    bundle = ModelBundle(unet, text_encoder, tokenizer, vae, scheduler, source=str(model), path=str(path))
     return bundle.to(device=device).eval()

@@ -1,0 +1,49 @@
+"""Build (or reuse) the memorizing testbed and print its memorization card.
+
+    python scripts/build_testbed.py [--output_dir OUT] [--seed N] [--data_dir DIR]
+"""
+
+import argparse
+import json
+
+from memtrain.cli import run_main
+from memtrain.errors import MemtrainError
+
+
+@run_main
+def main() -> None:
+    from memtrain.testbed.build import build_testbed, card_summary, default_testbed_dir, is_built
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", help="build here (default: the cache, reused when already built)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", help="imagefolder with metadata.jsonl (file_name, text, optional duplicate)")
+    parser.add_argument("--duplicate_spec", help='JSON {"id": K, ...} setting duplication by pair id')
+    parser.add_argument("--metric", default=None, help="SSCD backend: onnx (default), a TorchScript path, or standin")
+    parser.add_argument("--allow_standin", action="store_true", help="permit the named stand-in descriptor")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args()
+
+    spec = None
+    if args.duplicate_spec:
+        try:
+            spec = json.loads(args.duplicate_spec)
+        except json.JSONDecodeError:
+            raise MemtrainError(f"--duplicate_spec is not valid JSON: {args.duplicate_spec!r}") from None
+    out = args.output_dir or default_testbed_dir(args.seed)
+    cached = args.output_dir is None and args.data_dir is None and not args.overwrite
+    if cached and is_built(out):
+        card = json.loads((out / "testbed_card.json").read_text())
+        print(f"testbed already built at {out} (cached)")
+    else:
+        card = build_testbed(
+            out, seed=args.seed, data_dir=args.data_dir, duplicate_spec=spec, metric=args.metric,
+            allow_standin=args.allow_standin, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+        print(f"testbed built at {out}")
+    print(card_summary(card))
+
+
+if __name__ == "__main__":
+    main()
