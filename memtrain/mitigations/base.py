@@ -1,0 +1,227 @@
+"""The mitigation interface: one small protocol every mitigation implements.
+
+The audit, the attack and the trainer only talk to `Mitigation`: they call `prepare` once
+(statistics on memorized/reference prompts), `apply`/`undo` around generation (weight edits),
+`encode` (or `tokenizer` + `transform_embeddings` for an adversarial embedding) on the text
+path, and `describe` for reports. None of them special-cases a mitigation by name.
+
+Weight edits are kept as index sets plus the original values they overwrote, so `undo`
+restores the weights bit for bit (no re-loading, no arithmetic on the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator
+
+import torch
+
+from memtrain.errors import MemtrainError
+from memtrain.text import TextEmbedding, TokenLayout, encode_prompts
+
+_REGISTRY: dict[str, type["Mitigation"]] = {}
+
+
+def _canonical(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def register_mitigation(cls: type["Mitigation"]) -> type["Mitigation"]:
+    """Class decorator: make `cls` reachable by `get_mitigation(cls.name)`."""
+    key = _canonical(cls.name)
+    if not key:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+        raise ValueError(f"mitigation name '{key}' is already registered by {_REGISTRY[key]}")
+    _REGISTRY[key] = cls
+    return cls
+
+
+def available_mitigations() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_mitigation(name: str, **settings) -> "Mitigation":
+    """A fresh mitigation by registry name with its settings; bad input -> MemtrainError."""
+    key = _canonical(name)
+    if key not in _REGISTRY:
+        raise MemtrainError(
+            f"unknown mitigation '{name}': choose one of {', '.join(available_mitigations())}"
+        )
+    cls = _REGISTRY[key]
+    known = cls.setting_names()
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise MemtrainError(
+            f"mitigation '{key}' has no setting {', '.join(unknown)}: its settings are "
+            f"{', '.join(known) or '(none)'}"
+        )
+    return cls(**settings)
+
+
+# --- plain-tensor (de)serialisation of small metadata -------------------------------------------
+
+def json_tensor(obj) -> torch.Tensor:
+    """JSON as a uint8 tensor, so metadata travels in safetensors files with the masks."""
+    return torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
+
+
+def tensor_json(tensor: torch.Tensor):
+    return json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8"))
+
+
+# --- the interface ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Mitigation:
+    """Base class: identity on every path. Subclasses are dataclasses whose init fields are
+    their settings (reported by `describe`)."""
+
+    name: ClassVar[str] = ""
+    changes: ClassVar[str] = ""  # one sentence: "text-embedding path: ..." / "U-Net weights: ..."
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def settings(self) -> dict:
+        return {name: getattr(self, name) for name in self.setting_names()}
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def prepare(self, bundle, memorized_prompts: list[str], reference_prompts: list[str],
+                seeds: list[int]) -> None:
+        """Collect whatever statistics the mitigation needs; no-op by default."""
+
+    def apply(self, bundle) -> None:
+        """Edit the bundle in place (weights); no-op for text-path mitigations."""
+
+    def undo(self, bundle) -> None:
+        """Restore exactly what `apply` changed."""
+
+    def for_prompts(self, prompts: list[str]) -> "Mitigation":
+        """The mitigation restricted to these prompts (per-prompt pruning); prompt-agnostic
+        mitigations return themselves."""
+        return self
+
+    # text path ---------------------------------------------------------------------------------
+    def tokenizer(self, bundle):
+        """The tokenizer prompts are encoded with."""
+        return bundle.tokenizer
+
+    def transform_embeddings(self, embeddings: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Map (B, L, D) text embeddings to what the U-Net sees. Must stay differentiable: the
+        attack backpropagates through it to an adversarial embedding."""
+        return embeddings
+
+    def encode(self, bundle, prompts: list[str] | str) -> TextEmbedding:
+        """Prompts -> the conditioning the mitigated model sees."""
+        raw = encode_prompts(bundle, prompts, tokenizer=self.tokenizer(bundle))
+        transformed = self.transform_embeddings(raw.embeddings, raw.layout)
+        return TextEmbedding(embeddings=transformed, input_ids=raw.input_ids, layout=raw.layout)
+
+    def unconditional(self, bundle) -> torch.Tensor:
+        """The embedding of "" for classifier-free guidance: encoded with this mitigation's
+        tokenizer (a pipeline uses one tokenizer for both branches) but not transformed, since
+        the text-path mitigations target the prompt's <eot>/<pad> embeddings, not the null
+        branch."""
+        return encode_prompts(bundle, [""], tokenizer=self.tokenizer(bundle)).embeddings
+
+    def unet_forward(self, bundle) -> Callable | None:
+        """A replacement U-Net call for `sample(unet_forward=...)`; None keeps the plain call.
+        Extension point for mitigations acting inside the forward pass."""
+        return None
+
+    # reports and persistence -------------------------------------------------------------------
+    def details(self) -> dict:
+        """What prepare found (selected neurons, pruned fractions, ...); {} by default."""
+        return {}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "changes": self.changes, "settings": self.settings(),
+                **self.details()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (safetensors-compatible) holding what prepare computed."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise MemtrainError(f"mitigation '{self.name}' keeps no state, got {sorted(state)}")
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"mitigation": self.name, "settings": json.dumps(self.settings())}
+        save_file(state, str(path), metadata=meta)
+
+    def load(self, path: str | Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            saved_name = (f.metadata() or {}).get("mitigation")
+        if saved_name not in (None, self.name):
+            raise MemtrainError(
+                f"'{path}' holds the state of mitigation '{saved_name}', not '{self.name}'"
+            )
+        self.load_state_dict(load_file(str(path)))
+
+
+@dataclasses.dataclass(eq=False)
+class PruningMitigation(Mitigation):
+    """A mitigation that zeroes U-Net weight entries chosen in `prepare`.
+
+    Subclasses implement `pruning_targets(unet)` -> [(module name, parameter name, flat index)].
+    `apply` saves the overwritten values and `undo` writes them back, bit-identically.
+    """
+
+    _saved: list = dataclasses.field(default_factory=list, init=False, repr=False)
+
+    def pruning_targets(self, unet) -> list[tuple[str, str, torch.Tensor]]:
+        raise NotImplementedError
+
+    @property
+    def is_applied(self) -> bool:
+        return bool(self._saved)
+
+    @torch.no_grad()
+    def apply(self, bundle) -> None:
+        if self._saved:
+            raise MemtrainError(f"mitigation '{self.name}' is already applied: undo it first")
+        modules = dict(bundle.unet.named_modules())
+        for module_name, param_name, flat_index in self.pruning_targets(bundle.unet):
+            param = getattr(modules[module_name], param_name)
+            flat = param.data.view(-1)  # a view: writes land in the parameter
+            index = flat_index.to(device=flat.device, dtype=torch.long)
+            self._saved.append((param, index, flat[index].clone()))
+            flat[index] = 0
+
+    @torch.no_grad()
+    def undo(self, bundle) -> None:
+        # reverse order so overlapping edits restore the oldest value last
+        for param, index, values in reversed(self._saved):
+            param.data.view(-1)[index] = values
+        self._saved.clear()
+
+
+@contextlib.contextmanager
+def applied(mitigation: Mitigation, bundle) -> Iterator[Mitigation]:
+    """`with applied(m, bundle): ...` runs the block on the mitigated bundle, then undoes."""
+    mitigation.apply(bundle)
+    try:
+        yield mitigation
+    finally:
+        mitigation.undo(bundle)
+
+
+@register_mitigation
+@dataclasses.dataclass(eq=False)
+class NoMitigation(Mitigation):
+    """The unmitigated model (the audit's baseline row)."""
+
+    name = "none"
+    changes = "nothing: the model and its text path are used as loaded"

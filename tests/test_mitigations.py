@@ -1,0 +1,329 @@
+"""Mitigations on a tiny random SD1.x-shaped bundle: each changes only what it claims, undo is
+bit-exact, the text path stays differentiable, state round-trips through a file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny_sd import tiny_bundle
+from memtrain.errors import MemtrainError
+from memtrain.mitigations import applied, available_mitigations, get_mitigation
+from memtrain.mitigations.nemo import ms_ssim, ms_ssim_settings
+from memtrain.sampling import sample
+from memtrain.testbed.tokenizer import build_clip_tokenizer
+from memtrain.text import encode_prompts
+
+PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
+REFERENCE = ["a red car", "a house by the sea", "two dogs on a beach", "a bowl of fruit"]
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the 2 cores are shared with a long job: one thread is ~20x faster for these tiny models
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def bundle(tokenizer):
+    return tiny_bundle(None, tokenizer=tokenizer)
+
+
+def unet_state(bundle) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+
+
+def changed_params(before: dict, bundle) -> set[str]:
+    after = bundle.unet.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+def images(bundle, mitigation=None):
+    cond = mitigation.encode(bundle, PROMPTS[:1]) if mitigation else PROMPTS[:1]
+    return sample(bundle, cond, [0, 1], guidance_scale=3.0, num_inference_steps=3).images
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+def test_registry_lists_and_builds():
+    assert {"none", "pad_eot", "pad_mask", "nemo", "wanda"} <= set(available_mitigations())
+    assert get_mitigation("PAD-EOT", eot_replacement="pad").eot_replacement == "pad"
+    assert get_mitigation("pad_mask").settings() == {"fraction": 0.7, "which": "random", "seed": 0}
+
+
+def test_registry_errors_name_the_choices():
+    with pytest.raises(MemtrainError, match="unknown mitigation 'nope'.*nemo.*pad_eot.*wanda"):
+        get_mitigation("nope")
+    with pytest.raises(MemtrainError, match="no setting colour.*fraction"):
+        get_mitigation("pad_mask", colour=1)
+    with pytest.raises(MemtrainError, match="eot_replacement"):
+        get_mitigation("pad_eot", eot_replacement="mean")
+    with pytest.raises(MemtrainError, match="fraction"):
+        get_mitigation("pad_mask", fraction=1.5)
+    with pytest.raises(MemtrainError, match="sparsity"):
+        get_mitigation("wanda", sparsity=0)
+
+
+def test_none_is_identity(bundle):
+    mitigation = get_mitigation("none")
+    before = unet_state(bundle)
+    with applied(mitigation, bundle):
+        encoded = mitigation.encode(bundle, PROMPTS)
+    assert torch.equal(encoded.embeddings, encode_prompts(bundle, PROMPTS).embeddings)
+    assert not changed_params(before, bundle)
+    assert mitigation.describe()["name"] == "none"
+
+
+# --- pad/eot ------------------------------------------------------------------------------------
+
+def test_pad_eot_tokenizer_and_eot_row(bundle):
+    mitigation = get_mitigation("pad_eot")
+    before = unet_state(bundle)
+    tok = mitigation.tokenizer(bundle)
+    assert tok.pad_token_id == 0 and bundle.tokenizer.pad_token_id == 49407  # bundle's untouched
+    raw = encode_prompts(bundle, PROMPTS, tokenizer=tok)
+    out = mitigation.encode(bundle, PROMPTS)
+    layout = out.layout
+    assert (out.input_ids[layout.pad] == 0).all()
+    assert (out.input_ids[layout.eot] == tok.eos_token_id).all()
+    assert (out.embeddings[layout.eot] == 0).all()
+    keep = ~layout.eot
+    assert torch.equal(out.embeddings[keep], raw.embeddings[keep])
+    with applied(mitigation, bundle):
+        pass
+    assert not changed_params(before, bundle)
+    assert "zero vector" in mitigation.describe()["eot_replaced_by"]
+
+
+def test_pad_eot_pad_replacement(bundle):
+    mitigation = get_mitigation("pad_eot", eot_replacement="pad")
+    out = mitigation.encode(bundle, PROMPTS)
+    rows = torch.arange(len(PROMPTS))
+    eot = out.layout.eot_index
+    assert torch.equal(out.embeddings[rows, eot], out.embeddings[rows, eot + 1])
+    assert "'!' pad position" in mitigation.describe()["eot_replaced_by"]
+
+
+def test_pad_mask_zeroes_exactly_the_fraction(bundle):
+    raw = encode_prompts(bundle, PROMPTS)
+    for which in ("random", "first"):
+        mitigation = get_mitigation("pad_mask", which=which)
+        out = mitigation.encode(bundle, PROMPTS)
+        assert torch.equal(out.input_ids, raw.input_ids)  # tokenizer unchanged
+        masked = mitigation.masked_positions(raw.layout)
+        for row in range(len(PROMPTS)):
+            n_pad = int(raw.layout.pad[row].sum())
+            zero_rows = (out.embeddings[row] == 0).all(dim=-1)
+            assert int(zero_rows.sum()) == round(0.7 * n_pad)
+            assert torch.equal(zero_rows, masked[row])
+            assert (raw.layout.pad[row] | ~zero_rows).all()  # only pad rows are zeroed
+            keep = ~zero_rows
+            assert torch.equal(out.embeddings[row][keep], raw.embeddings[row][keep])
+        if which == "first":
+            row0 = masked[0].nonzero().flatten()
+            first_pad = int(raw.layout.eot_index[0]) + 1
+            assert row0.tolist() == list(range(first_pad, first_pad + len(row0)))
+    assert "seeded with 0" in get_mitigation("pad_mask").describe()["masked_pads"]
+
+
+def test_pad_mask_subset_does_not_depend_on_batch(bundle):
+    mitigation = get_mitigation("pad_mask", fraction=0.5, seed=3)
+    alone = mitigation.masked_positions(encode_prompts(bundle, PROMPTS[:1]).layout)
+    batched = mitigation.masked_positions(encode_prompts(bundle, [PROMPTS[1], PROMPTS[0]]).layout)
+    assert torch.equal(alone[0], batched[1])
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("pad_eot", {"eot_replacement": "zero"}), ("pad_eot", {"eot_replacement": "pad"}),
+    ("pad_mask", {}), ("none", {}),
+])
+def test_transform_embeddings_is_differentiable(bundle, name, settings):
+    mitigation = get_mitigation(name, **settings)
+    layout = mitigation.encode(bundle, PROMPTS).layout
+    adversarial = torch.randn(len(PROMPTS), 77, bundle.embedding_dim, requires_grad=True)
+    out = mitigation.transform_embeddings(adversarial, layout)
+    (out * torch.randn_like(out)).sum().backward()
+    assert adversarial.grad is not None and adversarial.grad.abs().sum() > 0
+    untouched = (out == adversarial).all(dim=-1)
+    assert (adversarial.grad[untouched] != 0).any(dim=-1).all()
+
+
+# --- NeMo ---------------------------------------------------------------------------------------
+
+def prepared_nemo(bundle, **settings):
+    # tau_mem -1: every seed counts as memorized, so a random model still goes through the whole
+    # detection -> initial selection -> refinement path
+    defaults = dict(tau_mem=-1.0, num_seeds=3, num_inference_steps=10, refinement_budget=40)
+    nemo = get_mitigation("nemo", **{**defaults, **settings})
+    nemo.prepare(bundle, PROMPTS, REFERENCE, SEEDS)
+    return nemo
+
+
+def test_nemo_prunes_only_selected_value_rows(bundle):
+    nemo = prepared_nemo(bundle)
+    neurons = nemo.neurons()
+    assert neurons and all(name.endswith("attn2.to_v") for name in neurons)
+    assert not any(name.startswith("up_blocks") for name in neurons)  # NeMo's down+mid layers
+    record = nemo.describe()["prompts"][PROMPTS[0]]
+    assert record["memorized"] and record["initial"] and record["refined_score"] is not None
+    for layer, rows in record["refined"].items():
+        assert set(rows) <= set(record["initial"][layer])  # refinement only drops neurons
+    before = unet_state(bundle)
+    reference = images(bundle)
+    with applied(nemo, bundle):
+        changed = changed_params(before, bundle)
+        assert changed == {f"{layer}.weight" for layer in neurons}
+        after = bundle.unet.state_dict()
+        for layer, rows in neurons.items():
+            weight, original = after[f"{layer}.weight"], before[f"{layer}.weight"]
+            zeroed = (weight == 0).all(dim=1).nonzero().flatten().tolist()
+            assert zeroed == rows
+            keep = torch.ones(len(weight), dtype=torch.bool)
+            keep[rows] = False
+            assert torch.equal(weight[keep], original[keep])
+        assert not torch.equal(images(bundle), reference)
+    assert not changed_params(before, bundle)
+    assert torch.equal(images(bundle), reference)
+
+
+def test_nemo_per_prompt_and_state_round_trip(bundle, tmp_path):
+    nemo = prepared_nemo(bundle)
+    single = nemo.for_prompts(PROMPTS[:1])
+    expected = {l: r for l, r in nemo.describe()["prompts"][PROMPTS[0]]["refined"].items() if r}
+    assert single.neurons() == expected
+    path = tmp_path / "nemo.safetensors"
+    nemo.save(path)
+    loaded = get_mitigation("nemo", **nemo.settings())
+    loaded.load(path)
+    assert loaded.neurons() == nemo.neurons()
+    with applied(nemo, bundle):
+        first = unet_state(bundle)
+    with applied(loaded, bundle):
+        assert not changed_params(first, bundle)
+    with pytest.raises(MemtrainError, match="no neurons were localized"):
+        nemo.for_prompts(["never seen"])
+
+
+def test_nemo_unmemorized_prompt_prunes_nothing(bundle):
+    nemo = prepared_nemo(bundle, tau_mem=1.0)  # SSIM never exceeds 1: nothing is memorized
+    assert not any(r["memorized"] for r in nemo.describe()["prompts"].values())
+    before = unet_state(bundle)
+    with applied(nemo, bundle):
+        assert not changed_params(before, bundle)
+
+
+def test_nemo_auto_threshold_and_zero_snr_v_prediction(tokenizer):
+    # the testbed's schedule: at t = T eps_pred == x_T, so the signal must come from x0-hat
+    bundle = tiny_bundle(None, tokenizer=tokenizer, prediction_type="v_prediction",
+                         rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+    nemo = get_mitigation("nemo", tau_mem="auto", num_seeds=3, num_inference_steps=10,
+                          timestep_index=0, refinement_budget=5)
+    nemo.prepare(bundle, PROMPTS[:1], REFERENCE, SEEDS)
+    record = nemo.describe()["prompts"][PROMPTS[0]]
+    assert -1.0 <= nemo.describe()["tau_mem_used"] <= 1.0
+    assert 0.0 <= record["memorization_score"] < 0.999  # informative, not a constant image
+
+
+def test_nemo_needs_statistics(bundle):
+    with pytest.raises(MemtrainError, match="reference prompts"):
+        get_mitigation("nemo").prepare(bundle, PROMPTS, [], SEEDS)
+
+
+def test_models_without_the_layers_are_refused(tokenizer):
+    bundle = tiny_bundle(None, tokenizer=tokenizer, cross_attention=False)
+    with pytest.raises(MemtrainError, match="attn2.to_v") as err:
+        get_mitigation("nemo").prepare(bundle, PROMPTS, REFERENCE, SEEDS)
+    assert "attn2.to_v" in str(err.value) and "tiny-random-sd" in str(err.value)
+    with pytest.raises(MemtrainError, match="ff.net.2.*tiny-random-sd|tiny-random-sd.*ff.net.2"):
+        get_mitigation("wanda").prepare(bundle, PROMPTS, [], SEEDS)
+
+
+def test_ms_ssim_basics():
+    x = torch.rand(2, 4, 64, 64)
+    assert torch.allclose(ms_ssim(x, x), torch.ones(2), atol=1e-5)
+    assert (ms_ssim(x, torch.rand(2, 4, 64, 64)) < 0.5).all()
+    assert ms_ssim_settings(64, 64) == (11, 3)
+    assert ms_ssim_settings(16, 16) == (11, 1)
+    assert ms_ssim_settings(8, 8) == (7, 1)
+
+
+# --- Wanda --------------------------------------------------------------------------------------
+
+def prepared_wanda(bundle, **settings):
+    defaults = dict(sparsity=1 / 32, timesteps=3, num_inference_steps=10, num_seeds=2)
+    wanda = get_mitigation("wanda", **{**defaults, **settings})
+    wanda.prepare(bundle, PROMPTS, [], SEEDS)
+    return wanda
+
+
+def test_wanda_pooled_prunes_exactly_the_sparsity(bundle):
+    wanda = prepared_wanda(bundle, aggregate="pooled")
+    before = unet_state(bundle)
+    reference = images(bundle)
+    with applied(wanda, bundle):
+        changed = changed_params(before, bundle)
+        assert changed and all(name.endswith("ff.net.2.weight") for name in changed)
+        after = bundle.unet.state_dict()
+        for name in changed:
+            zeroed = (after[name] == 0) & (before[name] != 0)
+            assert zeroed.float().mean().item() == pytest.approx(1 / 32, abs=0)
+            assert zeroed.sum(dim=1).unique().tolist() == [after[name].shape[1] // 32]
+            assert torch.equal(after[name][~zeroed], before[name][~zeroed])
+        assert not torch.equal(images(bundle), reference)
+    assert not changed_params(before, bundle)
+    assert torch.equal(images(bundle), reference)
+    assert wanda.describe()["pruned_fraction"] == pytest.approx(1 / 32)
+
+
+def test_wanda_union_over_timesteps(bundle):
+    wanda = prepared_wanda(bundle)  # ConceptPrune: per-timestep masks, OR-ed
+    fractions = wanda.describe()["pruned_fraction_per_layer"]
+    assert len(fractions) == 7  # every transformer block's ff.net.2 (down, mid, up)
+    for fraction in fractions.values():
+        assert 0 < fraction <= 3 / 32  # <= k per row per timestep, 3 timesteps
+    before = unet_state(bundle)
+    with applied(wanda, bundle):
+        after = bundle.unet.state_dict()
+        for name, index in wanda.masks().items():
+            flat = after[f"{name}.weight"].flatten()
+            assert (flat[index] == 0).all()
+            assert int((flat == 0).sum()) == len(index)
+    assert not changed_params(before, bundle)
+
+
+def test_wanda_state_round_trip_and_per_prompt(bundle, tmp_path):
+    wanda = prepared_wanda(bundle, scope="per_prompt")
+    single = wanda.for_prompts(PROMPTS[:1])
+    union = wanda.masks()
+    for name, index in single.masks().items():
+        assert set(index.tolist()) <= set(union[name].tolist())
+    path = tmp_path / "wanda.safetensors"
+    wanda.save(path)
+    loaded = get_mitigation("wanda", **wanda.settings())
+    loaded.load(path)
+    with applied(wanda, bundle):
+        first = unet_state(bundle)
+    with applied(loaded, bundle):
+        assert not changed_params(first, bundle)
+    with pytest.raises(MemtrainError, match="holds the state of mitigation 'wanda'"):
+        get_mitigation("nemo").load(path)
+
+
+def test_apply_twice_is_refused_and_applied_undoes_on_error(bundle):
+    wanda = prepared_wanda(bundle, timesteps=1)
+    before = unet_state(bundle)
+    with pytest.raises(RuntimeError, match="boom"):
+        with applied(wanda, bundle):
+            with pytest.raises(MemtrainError, match="already applied"):
+                wanda.apply(bundle)
+            raise RuntimeError("boom")
+    assert not changed_params(before, bundle)
