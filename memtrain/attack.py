@@ -1,0 +1,381 @@
+"""The Dori attack (paper 004, Sec. 3.1, Alg. 1, App. F): adversarial text embeddings.
+
+For each target latent x_mem an embedding y_adv (77, D) is optimized with Adam so that the
+frozen (possibly mitigated) U-Net's own training loss on x_mem is small: every step draws
+fresh noise eps ~ N(0, I) and timesteps t ~ U{lo..hi-1}, noises x_mem with the training
+(DDPM) schedule and regresses the model's prediction type (epsilon, v or sample). If y_adv
+brings x_mem back within the calibrated budget (50 steps) the image is still memorized.
+
+All targets are optimized together: their noise samples go through one U-Net forward/backward
+per step, each row conditioned on its own target's embedding. The per-target losses are
+summed, never averaged over targets, so row b of the gradient is exactly d loss_b / d y_b;
+Adam is element-wise, so one optimizer on the stacked (B, 77, D) parameter takes the same
+steps as B separate optimizers. Each target draws its noise from its own generator seeded by
+(config.seed, target index), so `attack` and the one-target-at-a-time `attack_loop` see the
+same noise and agree to float tolerance (tests/test_attack.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from memtrain.errors import MemtrainError
+from memtrain.text import TokenLayout, encode_prompts
+
+INITS = ("prompt", "random", "other_prompt")
+# forward(x_t, t, y) -> raw U-Net output, the same contract as memtrain.sampling.sample
+UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AttackConfig:
+    steps: int = 50  # the paper's calibrated budget (App. F.2)
+    lr: float = 0.1
+    noise_samples: int = 8  # (eps, t) draws per target and step
+    init: str = "prompt"  # "prompt" | "random" (N(0, I)) | "other_prompt"
+    other_prompt: str | None = None
+    l2_radius: float | None = None  # project each y_adv onto ||y|| <= radius (App. F.3)
+    seed: int = 0
+    timestep_range: tuple[int, int] | None = None  # [lo, hi) of training timesteps; None = all
+    max_batch: int = 64  # U-Net rows per forward; larger steps are chunked, one Adam step each
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if int(self.steps) < 1:
+            raise MemtrainError(f"attack steps must be >= 1, got {self.steps}")
+        if int(self.noise_samples) < 1:
+            raise MemtrainError(f"attack noise_samples must be >= 1, got {self.noise_samples}")
+        if int(self.max_batch) < 1:
+            raise MemtrainError(f"attack max_batch must be >= 1, got {self.max_batch}")
+        if not float(self.lr) > 0:
+            raise MemtrainError(f"attack lr must be > 0, got {self.lr}")
+        if self.init not in INITS:
+            raise MemtrainError(f"attack init '{self.init}' is not one of {', '.join(INITS)}")
+        if self.init == "other_prompt" and not self.other_prompt:
+            raise MemtrainError("attack init 'other_prompt' needs other_prompt (a non-memorized prompt)")
+        if self.l2_radius is not None and not float(self.l2_radius) > 0:
+            raise MemtrainError(f"attack l2_radius must be > 0 or None, got {self.l2_radius}")
+
+    def timesteps(self, num_train_timesteps: int) -> tuple[int, int]:
+        lo, hi = self.timestep_range or (0, num_train_timesteps)
+        if not 0 <= int(lo) < int(hi) <= num_train_timesteps:
+            raise MemtrainError(
+                f"attack timestep_range {self.timestep_range} must satisfy 0 <= lo < hi <= "
+                f"{num_train_timesteps} (the model's training timesteps)"
+            )
+        return int(lo), int(hi)
+
+
+@dataclass
+class AttackResult:
+    embeddings: torch.Tensor  # (B, 77, D) y_adv, detached, untransformed, float32 on CPU
+    loss_trace: torch.Tensor  # (steps, B): each target's loss at each step; NaN after it stopped
+    layout: TokenLayout  # token layout of the init prompts (what mitigation transforms use)
+    failed: list[int] = field(default_factory=list)  # targets stopped on a non-finite loss/grad
+    reasons: dict[int, str] = field(default_factory=dict)  # target index -> why and when
+
+    @property
+    def final_loss(self) -> torch.Tensor:
+        """(B,) each target's last finite loss (NaN if it never had one)."""
+        last = torch.full((self.loss_trace.shape[1],), float("nan"))
+        for b, column in enumerate(self.loss_trace.T):
+            finite = column[torch.isfinite(column)]
+            if len(finite):
+                last[b] = finite[-1]
+        return last
+
+
+# --- small pieces -------------------------------------------------------------------------------
+
+def target_generator(seed: int, index: int) -> torch.Generator:
+    """Target `index`'s own CPU generator: independent of batch composition and device."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def training_scheduler(bundle) -> DDPMScheduler:
+    """The forward-noising schedule the model was trained with (whatever sampler it ships)."""
+    return DDPMScheduler.from_config(bundle.scheduler.config)
+
+
+def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net regresses in training for its prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise MemtrainError(f"unsupported prediction_type '{kind}' (epsilon, v_prediction, sample)")
+
+
+def _masks(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
+    return layout.sot, layout.prompt, layout.eot, layout.pad
+
+
+def slice_layout(layout: TokenLayout, index: Sequence[int] | slice) -> TokenLayout:
+    return TokenLayout(*(m[index] for m in _masks(layout)))
+
+
+def cat_layouts(layouts: Sequence[TokenLayout]) -> TokenLayout:
+    return TokenLayout(*(torch.cat(ms) for ms in zip(*map(_masks, layouts))))
+
+
+def project_l2(embeddings: torch.Tensor, radius: float) -> torch.Tensor:
+    """Rows (B, L, D) with ||y_b|| > radius scaled back onto the ball (App. F.3)."""
+    norms = embeddings.flatten(1).norm(dim=1).clamp_min(1e-12)
+    scale = (radius / norms).clamp(max=1.0)
+    return embeddings * scale.view(-1, *([1] * (embeddings.dim() - 1)))
+
+
+def default_forward(bundle) -> UNetForward:
+    return lambda x, t, y: bundle.unet(x, t, encoder_hidden_states=y).sample
+
+
+def resolve_forward(bundle, mitigation=None, unet_forward: UNetForward | None = None) -> UNetForward:
+    """An explicit unet_forward wins, then the mitigation's, then the plain U-Net call."""
+    if unet_forward is not None:
+        return unet_forward
+    custom = mitigation.unet_forward(bundle) if mitigation is not None else None
+    return custom or default_forward(bundle)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """eval() and no parameter grads for the block; the previous state is restored after."""
+    was_training = module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def images_to_latents(bundle, images: Sequence) -> torch.Tensor:
+    """PIL images (the targets' training images) -> the latents the attack regresses."""
+    pixels = [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images]
+    return bundle.encode_images(torch.stack(pixels).permute(0, 3, 1, 2) / 127.5 - 1).float().cpu()
+
+
+def attacked_condition(result: AttackResult, mitigation=None) -> torch.Tensor:
+    """The embeddings to sample from: y_adv as the mitigated model sees it. Pair with
+    `uncond=mitigation.unconditional(bundle)` in memtrain.sampling.sample."""
+    if mitigation is None:
+        return result.embeddings
+    with torch.no_grad():
+        return mitigation.transform_embeddings(result.embeddings, result.layout)
+
+
+def initial_embeddings(bundle, init_prompts: Sequence[str], config: AttackConfig,
+                       generators: Sequence[torch.Generator], mitigation=None
+                       ) -> tuple[torch.Tensor, TokenLayout]:
+    """y_adv^(0) (B, 77, D) in float32 and the init prompts' layout (mitigation's tokenizer,
+    so pad/eot transforms act on the adversarial embedding as on the prompt's). The layout is
+    the init (memorized) prompts' for every init mode: the adversarial embedding stands in for
+    that prompt, so the defender's transform treats its positions as that prompt's tokens."""
+    tokenizer = mitigation.tokenizer(bundle) if mitigation is not None else None
+    encoded = encode_prompts(bundle, list(init_prompts), tokenizer=tokenizer)
+    layout = encoded.layout
+    if config.init == "prompt":
+        start = encoded.embeddings
+    elif config.init == "other_prompt":
+        other = encode_prompts(bundle, [config.other_prompt], tokenizer=tokenizer).embeddings
+        start = other.expand(len(init_prompts), -1, -1)
+    else:  # random: drawn first from each target's own stream
+        shape = tuple(encoded.embeddings.shape[1:])
+        start = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return start.detach().float().cpu().clone(), layout.to("cpu")
+
+
+# --- the attack ---------------------------------------------------------------------------------
+
+class DoriAttack:
+    """State of one attack over B targets; `step()` is one Adam step for all live targets.
+
+    `indices` name the targets' RNG streams (default 0..B-1), so a subset run on its own
+    reproduces the same targets inside a larger batch.
+    """
+
+    def __init__(self, bundle, target_latents: torch.Tensor, init_prompts: Sequence[str],
+                 config: AttackConfig | None = None, mitigation=None,
+                 unet_forward: UNetForward | None = None, indices: Sequence[int] | None = None):
+        self.config = config or AttackConfig()
+        self.config.check()
+        if target_latents.dim() != 4:
+            raise MemtrainError(f"target_latents must be (B, C, h, w), got {tuple(target_latents.shape)}")
+        n = target_latents.shape[0]
+        if len(init_prompts) != n:
+            raise MemtrainError(f"{len(init_prompts)} init prompts for {n} target latents")
+        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        if len(self.indices) != n:
+            raise MemtrainError(f"{len(self.indices)} RNG indices for {n} target latents")
+        self.bundle, self.mitigation = bundle, mitigation
+        self.device, self.dtype = bundle.device, bundle.dtype
+        self.scheduler = training_scheduler(bundle)
+        self.t_range = self.config.timesteps(self.scheduler.config.num_train_timesteps)
+        self.forward = resolve_forward(bundle, mitigation, unet_forward)
+        self.generators = [target_generator(self.config.seed, i) for i in self.indices]
+        start, self.layout = initial_embeddings(bundle, init_prompts, self.config,
+                                                self.generators, mitigation)
+        self.latents = target_latents.detach().float().cpu()
+        # Adam state stays in float32 even for half-precision models
+        self.y = torch.nn.Parameter(start.to(self.device))
+        self.optimizer = torch.optim.Adam([self.y], lr=float(self.config.lr))
+        self.live = torch.ones(n, dtype=torch.bool)
+        self.failed: list[int] = []
+        self.reasons: dict[int, str] = {}
+        self.trace: list[torch.Tensor] = []
+
+    def condition(self) -> torch.Tensor:
+        """What the U-Net sees: the mitigation's transform of y_adv (differentiable)."""
+        y = self.y.to(self.dtype)
+        if self.mitigation is None:
+            return y
+        return self.mitigation.transform_embeddings(y, self.layout.to(self.device))
+
+    def _draw(self, live: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows for this step: owner target (R,), noise (R, C, h, w), timesteps (R,)."""
+        k, lo, hi = self.config.noise_samples, *self.t_range
+        owners, noise, times = [], [], []
+        for b in live:
+            g = self.generators[b]
+            times.append(torch.randint(lo, hi, (k,), generator=g))
+            noise.append(torch.randn((k, *self.latents.shape[1:]), generator=g))
+            owners.append(torch.full((k,), b))
+        return torch.cat(owners), torch.cat(noise), torch.cat(times)
+
+    def _chunk_loss(self, owners: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """Per-row training loss (R,) of one chunk, with a graph back to y_adv."""
+        x0 = self.latents[owners]
+        x_t = self.scheduler.add_noise(x0, noise, times)
+        target = regression_target(self.scheduler, x0, noise, times)
+        dev = self.device
+        cond = self.condition()[owners.to(dev)]
+        out = self.forward(x_t.to(dev, self.dtype), times.to(dev), cond)
+        if not out.requires_grad:
+            raise MemtrainError("the U-Net output does not depend on the text embedding "
+                                "(no cross-attention?): there is nothing to attack")
+        return (out.float() - target.to(dev)).pow(2).flatten(1).mean(dim=1)
+
+    def step(self) -> torch.Tensor:
+        """One attack step; returns (B,) losses (NaN for targets already stopped)."""
+        n, k = len(self.indices), self.config.noise_samples
+        losses = torch.full((n,), float("nan"))
+        live = self.live.nonzero().flatten().tolist()
+        if not live:
+            self.trace.append(losses)
+            return losses
+        owners, noise, times = self._draw(live)
+        self.optimizer.zero_grad(set_to_none=False)
+        step_loss = torch.zeros(n)
+        for s in range(0, len(owners), self.config.max_batch):
+            part = slice(s, s + self.config.max_batch)
+            rows = self._chunk_loss(owners[part], noise[part], times[part])
+            # sum over targets (not mean): each target's gradient is its own loss's gradient
+            (rows.sum() / k).backward()
+            step_loss.index_add_(0, owners[part], rows.detach().cpu() / k)
+        losses[live] = step_loss[live]
+        self._stop_non_finite(live, losses)
+        self._update()
+        self.trace.append(losses)
+        return losses
+
+    def _stop_non_finite(self, live: list[int], losses: torch.Tensor) -> None:
+        grad_ok = torch.isfinite(self.y.grad).flatten(1).all(dim=1).cpu()
+        for b in live:
+            if not math.isfinite(float(losses[b])):
+                self._stop(b, f"non-finite loss ({float(losses[b])}) at step {len(self.trace)}")
+            elif not bool(grad_ok[b]):
+                self._stop(b, f"non-finite gradient at step {len(self.trace)}")
+
+    def _stop(self, b: int, reason: str) -> None:
+        self.live[b] = False
+        self.failed.append(b)
+        self.reasons[b] = reason
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        dead = (~self.live).to(self.device)
+        keep = self.y.detach().clone()
+        self.y.grad[dead] = 0
+        self.optimizer.step()
+        if self.config.l2_radius is not None:
+            self.y.copy_(project_l2(self.y, float(self.config.l2_radius)))
+        # Adam's momentum would keep moving a zero-gradient row: stopped rows are pinned
+        self.y[dead] = keep[dead]
+
+    def result(self) -> AttackResult:
+        trace = torch.stack(self.trace) if self.trace else torch.empty(0, len(self.indices))
+        return AttackResult(
+            embeddings=self.y.detach().float().cpu().clone(), loss_trace=trace,
+            layout=self.layout, failed=sorted(self.failed), reasons=dict(self.reasons),
+        )
+
+    def run(self) -> AttackResult:
+        with frozen(self.bundle.unet):
+            for _ in range(self.config.steps):
+                self.step()
+        return self.result()
+
+
+def attack(bundle, target_latents: torch.Tensor, init_prompts: Sequence[str],
+           config: AttackConfig | None = None, mitigation=None,
+           unet_forward: UNetForward | None = None) -> AttackResult:
+    """Optimize one adversarial embedding per target latent, all targets batched.
+
+    Pruning mitigations must already be applied to the weights by the caller; text-path
+    mitigations act through `mitigation.transform_embeddings` inside the forward.
+    """
+    return DoriAttack(bundle, target_latents, init_prompts, config, mitigation, unet_forward).run()
+
+
+def attack_loop(bundle, target_latents: torch.Tensor, init_prompts: Sequence[str],
+                config: AttackConfig | None = None, mitigation=None,
+                unet_forward: UNetForward | None = None) -> AttackResult:
+    """The same attack, one target at a time (the reference for `attack` and the benchmark)."""
+    parts = [
+        DoriAttack(bundle, target_latents[i : i + 1], [init_prompts[i]], config, mitigation,
+                   unet_forward, indices=[i]).run()
+        for i in range(target_latents.shape[0])
+    ]
+    failed = [i for i, p in enumerate(parts) if p.failed]
+    return AttackResult(
+        embeddings=torch.cat([p.embeddings for p in parts]),
+        loss_trace=torch.cat([p.loss_trace for p in parts], dim=1),
+        layout=cat_layouts([p.layout for p in parts]),
+        failed=failed, reasons={i: parts[i].reasons[0] for i in failed},
+    )
+
+
+def diffusion_loss(bundle, target_latents: torch.Tensor, embeddings: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, mitigation=None,
+                   layout: TokenLayout | None = None) -> torch.Tensor:
+    """(B,) training loss of each target under fixed noise (B, K, C, h, w) and timesteps (B, K):
+    a deterministic yardstick for comparing embeddings (e.g. before vs after the attack)."""
+    scheduler = training_scheduler(bundle)
+    b, k = timesteps.shape
+    x0 = target_latents.float().cpu().repeat_interleave(k, dim=0)
+    eps, t = noise.reshape(b * k, *noise.shape[2:]).float(), timesteps.reshape(-1)
+    cond = embeddings.to(bundle.device, bundle.dtype)
+    if mitigation is not None:
+        cond = mitigation.transform_embeddings(cond, layout.to(bundle.device))
+    forward = resolve_forward(bundle, mitigation)
+    with torch.no_grad():
+        out = forward(scheduler.add_noise(x0, eps, t).to(bundle.device, bundle.dtype),
+                      t.to(bundle.device), cond.repeat_interleave(k, dim=0))
+    target = regression_target(scheduler, x0, eps, t).to(out.device)
+    return (out.float() - target).pow(2).flatten(1).mean(dim=1).reshape(b, k).mean(dim=1).cpu()

@@ -1,0 +1,147 @@
+"""Throughput of the Dori attack: batched vs one target at a time, and achieved FLOP/s.
+
+The FLOPs of one attack step are counted with torch's FlopCounterMode (matmuls, convolutions
+and attention of the U-Net forward and backward) and divided by the step's wall time; a large
+fp32 matmul on the same device and thread count gives the attainable reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from memtrain.attack import AttackConfig, DoriAttack, attack, attack_loop, frozen, images_to_latents
+from memtrain.errors import MemtrainError
+
+FALLBACK_PROMPTS = ["a photo of a cat", "a red house by the sea", "a bowl of fruit", "a mountain lake"]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_flops_per_s(n: int = 2048, device: torch.device | str = "cpu", repeats: int = 5) -> float:
+    """Achieved FLOP/s of an n x n fp32 matmul (2 n^3 FLOPs), median of `repeats`."""
+    device = torch.device(device)
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    a @ b  # warm-up: first-call allocations and kernel selection
+    seconds = statistics.median(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n**3 / seconds
+
+
+def attack_step_cost(bundle, latents: torch.Tensor, prompts: list[str], config: AttackConfig,
+                     repeats: int = 3) -> tuple[int, float]:
+    """(FLOPs, median seconds) of one batched attack step over all targets."""
+    state = DoriAttack(bundle, latents, prompts, config)
+    with frozen(bundle.unet):
+        state.step()  # warm-up outside both measurements
+        flops = count_flops(state.step)
+        seconds = statistics.median(timed(state.step, bundle.device) for _ in range(repeats))
+    return flops, seconds
+
+
+def bench_attack(bundle, latents: torch.Tensor, prompts: list[str], config: AttackConfig,
+                 repeats: int = 1) -> dict:
+    """Targets/s of `attack` vs `attack_loop` under one config, plus FLOP/s figures.
+
+    With repeats > 1 the two runs alternate and each keeps its fastest time: on a shared
+    machine the least-disturbed run is the closest to the code's own cost."""
+    device = bundle.device
+    attack(bundle, latents[:1], prompts[:1], dataclasses.replace(config, steps=1))  # warm-up
+    batched, looped = [], []
+    for _ in range(max(1, repeats)):
+        batched.append(timed(lambda: attack(bundle, latents, prompts, config), device))
+        looped.append(timed(lambda: attack_loop(bundle, latents, prompts, config), device))
+    batched_s, loop_s = min(batched), min(looped)
+    step_flops, step_s = attack_step_cost(bundle, latents, prompts, config)
+    total_flops = step_flops * config.steps  # the loop does the same rows, just unbatched
+    n = latents.shape[0]
+    return {
+        "targets": n, "steps": config.steps, "noise_samples": config.noise_samples,
+        "max_batch": config.max_batch, "repeats": max(1, repeats), "threads": torch.get_num_threads(), "device": str(device),
+        "batched_seconds": batched_s, "loop_seconds": loop_s,
+        "batched_targets_per_s": n / batched_s, "loop_targets_per_s": n / loop_s,
+        "batched_flops_per_s": total_flops / batched_s, "loop_flops_per_s": total_flops / loop_s,
+        "step_flops": step_flops, "step_seconds": step_s, "step_flops_per_s": step_flops / step_s,
+        "matmul_flops_per_s": matmul_flops_per_s(device=device),
+        "speedup": loop_s / batched_s,
+    }
+
+
+def format_attack_bench(r: dict, model: str) -> str:
+    g = 1e9
+    rows = [
+        f"model: {model}",
+        f"{r['targets']} targets x {r['steps']} steps x {r['noise_samples']} noise samples, "
+        f"max_batch {r['max_batch']}, best of {r['repeats']}, device {r['device']}, torch threads {r['threads']}",
+        f"{'run':<15}{'seconds':>10}{'targets/s':>12}{'GFLOP/s':>10}",
+        f"{'batched':<15}{r['batched_seconds']:>10.2f}{r['batched_targets_per_s']:>12.3f}"
+        f"{r['batched_flops_per_s'] / g:>10.2f}",
+        f"{'one at a time':<15}{r['loop_seconds']:>10.2f}{r['loop_targets_per_s']:>12.3f}"
+        f"{r['loop_flops_per_s'] / g:>10.2f}",
+        f"attack step (U-Net fwd+bwd, {r['targets'] * r['noise_samples']} rows): "
+        f"{r['step_flops'] / g:.3f} GFLOP in {r['step_seconds'] * 1e3:.1f} ms = "
+        f"{r['step_flops_per_s'] / g:.2f} GFLOP/s",
+        f"matmul 2048x2048 fp32: {r['matmul_flops_per_s'] / g:.2f} GFLOP/s; attack step reaches "
+        f"{100 * r['step_flops_per_s'] / r['matmul_flops_per_s']:.1f}% of it",
+        f"speedup: {r['speedup']:.2f}",
+    ]
+    return "\n".join(rows)
+
+
+# --- resolving what to benchmark ----------------------------------------------------------------
+
+def resolve_attack_model(model: str | None) -> Path:
+    """--model: a model folder or a testbed root (its model/); None: the cached testbed."""
+    if model is None:
+        from memtrain.testbed.build import ensure_testbed
+
+        return ensure_testbed() / "model"
+    path = Path(model).expanduser()
+    if (path / "model" / "model_index.json").is_file():
+        return path / "model"
+    return path
+
+
+def bench_targets(bundle, model_dir: Path, n: int, manifest: str | None = None
+                  ) -> tuple[torch.Tensor, list[str], str]:
+    """n (latent, prompt) targets, cycling the memorized manifest beside a testbed model (or
+    `manifest`); random latents with generic prompts when there is none (timing only)."""
+    from memtrain.data import load_image, read_manifest
+
+    path = Path(manifest) if manifest else model_dir.parent / "manifests" / "memorized.jsonl"
+    if manifest and not path.is_file():
+        raise MemtrainError(f"manifest '{manifest}' not found")
+    if path.is_file():
+        items = read_manifest(path, require_images=True)
+        if not items:
+            raise MemtrainError(f"manifest '{path}' has no items with images")
+        items = [items[k % len(items)] for k in range(n)]
+        latents = images_to_latents(bundle, [load_image(it) for it in items])
+        return latents, [it.prompt for it in items], str(path)
+    shape = (n, bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    prompts = [FALLBACK_PROMPTS[k % len(FALLBACK_PROMPTS)] for k in range(n)]
+    return latents, prompts, "random latents (no manifest)"
