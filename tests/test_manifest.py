@@ -22,19 +22,23 @@ def _png(path, size=(8, 6), mode="RGBA"):
 
 
 def test_round_trip_keeps_fields_extra_and_relative_paths(tmp_path):
-    inside = _png(tmp_path / "images" / "a.png")
+    root = tmp_path / "deep"
+    inside = _png(root / "images" / "a.png")
+    sibling = _png(tmp_path / "images" / "s.png")
     outside = _png(tmp_path.parent / f"{tmp_path.name}_outside" / "b.png")
     items = [
         ManifestItem(id="a", prompt="Caf\u00e9 <i>x</i>", image=str(inside), url="http://u/a",
                      label="VM", source="webster", extra={"max_sscd": 0.9, "urls": ["x", "y"]}),
         ManifestItem(id="b", prompt="", image=str(outside)),
         ManifestItem(id="c", prompt="prompt only"),
+        ManifestItem(id="d", prompt="sibling", image=str(sibling)),
     ]
-    path = write_manifest(tmp_path / "m.jsonl", items)
+    path = write_manifest(root / "m.jsonl", items)
 
     stored = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert stored[0]["image"] == "images/a.png"          # inside the folder: relative
     assert stored[1]["image"] == str(outside)             # outside: stays absolute
+    assert stored[3]["image"] == "../images/s.png"        # sibling folder: moves with its parent
     assert "image" not in stored[2] and "url" not in stored[2]  # None fields are omitted
     assert stored[0]["max_sscd"] == 0.9 and "Caf\u00e9" in path.read_text(encoding="utf-8")
 

@@ -74,7 +74,11 @@ def _relative_image(image: str, base_dir: str | os.PathLike | None) -> str:
     base = Path(os.path.abspath(base_dir))
     try:
         return absolute.relative_to(base).as_posix()
-    except ValueError:  # outside the manifest's folder: keep it absolute so it still resolves
+    except ValueError:
+        pass
+    try:  # a sibling folder (dataset/manifests + dataset/images): "../images/x.png" moves with it
+        return "../" + absolute.relative_to(base.parent).as_posix()
+    except ValueError:  # elsewhere: keep it absolute so it still resolves
         return str(absolute)
 
 

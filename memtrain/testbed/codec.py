@@ -20,8 +20,9 @@ class PixelShuffleCodec(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, factor: int = 2, in_channels: int = 3, scaling_factor: float = 1.0):
         super().__init__()
-        # A buffer so ModelMixin knows a device and dtype even though nothing is learned.
-        self.register_buffer("_anchor", torch.zeros(1), persistent=False)
+        # A (saved) buffer so ModelMixin knows a device and dtype and writes a weights file,
+        # which diffusers' loader expects, even though nothing is learned.
+        self.register_buffer("anchor", torch.zeros(1))
 
     @property
     def latent_channels(self) -> int:
