@@ -1,0 +1,141 @@
+"""Surrogate images (paper 004 Sec. 4.4, App. I.2): content of a memorized prompt, not its pixels.
+
+K images per memorized prompt are generated under an active mitigation (NeMo by default, any
+registered one works) or by a second model that never saw the images. Any surrogate whose
+SSCD_Orig against the training image exceeds the drop threshold is itself a copy and is
+dropped. The kept images are cached under output_dir/surrogates with a manifest (and the
+settings that made them, so a changed recipe regenerates them instead of reusing stale ones).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from memtrain.data import ManifestItem, load_image, read_manifest, write_manifest
+from memtrain.errors import MemtrainError
+from memtrain.train.recipe import SurrogateSpec
+
+log = logging.getLogger(__name__)
+SETTINGS_FILE = "settings.json"
+
+
+def descriptor_for(spec: str):
+    from memtrain.metrics import get_descriptor
+
+    # naming the stand-in in a recipe is the explicit opt-in get_descriptor asks for
+    return get_descriptor(spec, allow_standin=str(spec).lower().startswith("standin"))
+
+
+def _sampler(bundle, spec: SurrogateSpec):
+    settings = bundle.sampler_settings
+    if spec.num_inference_steps is not None:
+        settings.num_inference_steps = spec.num_inference_steps
+    if spec.guidance_scale is not None:
+        settings.guidance_scale = spec.guidance_scale
+    return settings
+
+
+def _generate_with_mitigation(bundle, spec: SurrogateSpec, prompts: list[str],
+                              reference_prompts: list[str], seeds: list[int]):
+    """(N, K, 3, H, W) images in [0, 1], one prompt at a time under its own mitigation."""
+    import torch
+
+    from memtrain.mitigations import applied, get_mitigation
+    from memtrain.sampling import sample
+
+    mitigation = get_mitigation(spec.mitigation, **spec.mitigation_settings)
+    mitigation.prepare(bundle, prompts, reference_prompts, seeds)
+    settings = _sampler(bundle, spec)
+    out = []
+    for prompt in prompts:
+        m = mitigation.for_prompts([prompt])
+        with applied(m, bundle):
+            cond = m.encode(bundle, [prompt]).embeddings
+            images = sample(bundle, cond, seeds, guidance_scale=settings.guidance_scale,
+                            num_inference_steps=settings.num_inference_steps,
+                            scheduler=settings.scheduler, uncond=m.unconditional(bundle),
+                            unet_forward=m.unet_forward(bundle), batch_size=settings.batch_size).images
+        out.append(images[0])
+    return torch.stack(out)
+
+
+def _generate_with_model(spec: SurrogateSpec, prompts: list[str], seeds: list[int], device):
+    from memtrain.models import load_bundle
+    from memtrain.sampling import sample
+
+    other = load_bundle(spec.model, device=device)
+    settings = _sampler(other, spec)
+    return sample(other, prompts, seeds, guidance_scale=settings.guidance_scale,
+                  num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                  batch_size=settings.batch_size).images
+
+
+def _settings_key(spec: SurrogateSpec, model: str, memorized: Sequence[ManifestItem]) -> dict:
+    return {"spec": asdict(spec), "model": str(model), "items": [(m.id, m.prompt) for m in memorized]}
+
+
+def load_cached(folder: Path, key: dict) -> list[ManifestItem] | None:
+    settings, manifest = folder / SETTINGS_FILE, folder / "manifest.jsonl"
+    if not (settings.is_file() and manifest.is_file()):
+        return None
+    if json.loads(settings.read_text()) != json.loads(json.dumps(key)):
+        log.info("surrogate cache in %s was made with other settings: regenerating", folder)
+        return None
+    return list(read_manifest(manifest, require_images=True, strict=True))
+
+
+def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestItem], folder: Path,
+                     model_name: str = "", reference_prompts: Sequence[str] = ()) -> list[ManifestItem]:
+    """Generate, filter by SSCD_Orig and cache surrogates; returns the kept items, each with
+    extra['memorized_id'] and extra['sscd_orig']. Reuses a cache made with the same settings."""
+    from memtrain.report import to_pil
+
+    folder = Path(folder)
+    key = _settings_key(spec, model_name, memorized)
+    cached = load_cached(folder, key)
+    if cached is not None:
+        return cached
+    prompts = [m.prompt for m in memorized]
+    seeds = [spec.seed + k for k in range(spec.per_prompt)]
+    if spec.source == "mitigation":
+        images = _generate_with_mitigation(bundle, spec, prompts, list(reference_prompts), seeds)
+    else:
+        images = _generate_with_model(spec, prompts, seeds, bundle.device)
+    descriptor = descriptor_for(spec.descriptor)
+    train_emb = descriptor.embed([load_image(m) for m in memorized])
+    gen_emb = descriptor.embed(images.flatten(0, 1)).reshape(len(memorized), len(seeds), -1)
+    from memtrain.metrics import sscd_orig
+
+    scores = np.asarray(sscd_orig(gen_emb, train_emb))  # (N, K)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    kept: list[ManifestItem] = []
+    for i, item in enumerate(memorized):
+        for k, seed in enumerate(seeds):
+            score = float(scores[i, k])
+            if score > spec.sscd_drop_threshold:
+                continue  # a copy of the training image: training towards it would re-memorize
+            path = folder / "images" / f"{item.id}_s{seed}.png"
+            to_pil(images[i, k]).save(path)
+            kept.append(ManifestItem(id=f"{item.id}_s{seed}", prompt=item.prompt, image=str(path),
+                                     label="surrogate", source=spec.source,
+                                     extra={"memorized_id": item.id, "sscd_orig": round(score, 4)}))
+    if not kept:
+        raise MemtrainError(
+            f"no usable surrogates: all {scores.size} generated images have SSCD_Orig > "
+            f"{spec.sscd_drop_threshold} (max kept would be {float(scores.min()):.2f}); use a stronger "
+            "mitigation, another surrogates.model, or more surrogates.per_prompt"
+        )
+    missing = sorted({m.id for m in memorized} - {k.extra["memorized_id"] for k in kept})
+    if missing:
+        log.warning("no usable surrogate for %d memorized items (skipped in training): %s",
+                    len(missing), ", ".join(missing))
+    write_manifest(folder / "manifest.jsonl", kept)
+    (folder / SETTINGS_FILE).write_text(json.dumps(key, indent=1))
+    log.info("surrogates: kept %d of %d (SSCD_Orig <= %.2f)", len(kept), scores.size, spec.sscd_drop_threshold)
+    return kept
