@@ -1,0 +1,614 @@
+"""Adversarial fine-tuning with accelerate (paper 004 Alg. 2; diffusers' training examples as
+the model for accelerate usage and checkpoint/resume).
+
+Per epoch and memorized image, Dori crafts y_adv against the current U-Net (odd epochs from
+the prompt embedding, even ones from N(0, I)); it stays fixed for `updates_per_embedding`
+optimizer updates of L = L_adv(surrogate latents, y_adv) + L_DM(utility pairs), both halves in
+one concatenated U-Net forward. With several processes each rank takes a different memorized
+image per step group (rank r: image g * world + r), so DDP averages their gradients.
+
+Every random draw of a micro-step (surrogate pick, utility pick, noise, timesteps) comes from a
+generator seeded by (seed, epoch, group, update, rank), and every attack from one seeded by
+(seed, epoch, image): a resumed run replays exactly the draws the uninterrupted one made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memtrain.errors import MemtrainError
+from memtrain.train.recipe import Recipe, first_difference, flat_items
+
+log = logging.getLogger(__name__)
+STATE_FILE = "memtrain_state.json"
+
+
+# --- small pieces -------------------------------------------------------------------------------
+
+def derived_seed(*parts: int) -> int:
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
+
+
+def generator(*parts: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(derived_seed(*parts))
+
+
+def attack_init(spec_init: str, epoch: int) -> str:
+    """Alg. 2: epochs count from 1; odd -> the prompt embedding, even -> N(0, I)."""
+    if spec_init != "alternate":
+        return spec_init
+    return "prompt" if (epoch + 1) % 2 == 1 else "random"
+
+
+@dataclass
+class Position:
+    """The next micro-step to run: epoch, step group (image slot), update within the image."""
+
+    epoch: int = 0
+    group: int = 0
+    update: int = 0
+
+    def advance(self, groups: int, updates: int) -> "Position":
+        e, g, u = self.epoch, self.group, self.update + 1
+        if u == updates:
+            g, u = g + 1, 0
+        if g == groups:
+            e, g = e + 1, 0
+        return Position(e, g, u)
+
+
+def make_accelerator(recipe: Recipe, project_dir: Path):
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    handlers = []
+    # CPU DDP / DeepSpeed need gloo (offline-facts.md); a single process must not ask for a group
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=None if recipe.report_to == "none" else recipe.report_to,
+        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
+        kwargs_handlers=handlers,
+    )
+
+
+def add_lora(unet, recipe: Recipe) -> None:
+    from peft import LoraConfig
+
+    spec = recipe.train.lora
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank,
+                                init_lora_weights="gaussian", target_modules=list(spec.targets)))
+
+
+def make_optimizer(params, recipe: Recipe):
+    t = recipe.train
+    cls = torch.optim.AdamW
+    if t.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise MemtrainError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes, "
+                                "or set train.use_8bit_adam=false") from None
+        cls = bnb.optim.AdamW8bit
+    return cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+               weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+
+
+def param_checksum(module: torch.nn.Module) -> dict:
+    """Order-stable digest of every parameter: equal on all DDP ranks iff weights agree."""
+    import hashlib
+
+    h = hashlib.sha256()
+    total = 0.0
+    for name, p in sorted(module.named_parameters()):
+        data = p.detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(data.numpy().tobytes())
+        total += float(data.double().sum())
+    return {"sha256": h.hexdigest(), "sum": total}
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints (checkpoint-STEP, no temp folders), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+             and p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def resolve_resume(arg: str | None, root: Path) -> Path | None:
+    if not arg:
+        return None
+    if arg == "latest":
+        found = checkpoint_dirs(root)
+        if not found:
+            log.info("no checkpoint under %s: starting a fresh run", root)
+            return None
+        return found[-1]
+    path = Path(arg)
+    if not (path / STATE_FILE).is_file():
+        raise MemtrainError(f"--resume_from_checkpoint '{arg}' is not a memtrain checkpoint (no {STATE_FILE})")
+    return path
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+class AdvFinetuner:
+    def __init__(self, recipe: Recipe, resume_from_checkpoint: str | None = None):
+        self.recipe = recipe
+        self.out = Path(recipe.output_dir).absolute()
+        self.ckpt_root = self.out / "checkpoints"
+        self.resume_arg = resume_from_checkpoint
+
+    # setup ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from memtrain.attack import images_to_latents, training_scheduler
+        from memtrain.data import load_image, read_manifest
+        from memtrain.models import load_bundle
+        from memtrain.train.data import load_utility, pixel_resolution
+
+        r = self.recipe
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.acc = acc = make_accelerator(r, self.out)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.bundle = load_bundle(r.model, device=acc.device)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
+        # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)
+        if self.weight_dtype != torch.float32:
+            self.bundle.text_encoder.to(dtype=self.weight_dtype)
+            self.bundle.vae.to(dtype=self.weight_dtype)
+        self.scheduler = training_scheduler(self.bundle)
+        self.memorized = list(read_manifest(r.memorized_manifest, require_images=True, strict=True))
+        self.utility = load_utility(r.utility)
+        self.resolution = pixel_resolution(self.bundle)
+        surrogates = self._surrogates()
+        by_id: dict[str, list] = {}
+        for s in surrogates:
+            by_id.setdefault(s.extra["memorized_id"], []).append(s)
+        self.items = [m for m in self.memorized if m.id in by_id]
+        self.target_latents = images_to_latents(self.bundle, [load_image(m) for m in self.items])
+        self.surrogate_latents = [images_to_latents(self.bundle, [load_image(s) for s in by_id[m.id]])
+                                  for m in self.items]
+        self.groups = math.ceil(len(self.items) / self.world)
+        self.utility_order = None
+
+    def _surrogates(self):
+        from memtrain.data import read_manifest
+        from memtrain.train.surrogates import build_surrogates
+
+        folder = self.out / "surrogates"
+        error = None
+        if self.acc.is_main_process:
+            try:
+                build_surrogates(self.bundle, self.recipe.surrogates, self.memorized, folder,
+                                 model_name=self.recipe.model,
+                                 reference_prompts=[p.caption for p in self.utility[:32]])
+            except MemtrainError as err:
+                error = err
+        from memtrain.distributed import raise_if_any_failed
+
+        raise_if_any_failed(error, self.acc)
+        return list(read_manifest(folder / "manifest.jsonl", require_images=True, strict=True))
+
+    def prepare_model(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        r, acc, unet = self.recipe, self.acc, self.bundle.unet
+        if r.train.finetune == "lora":
+            add_lora(unet, r)
+        else:
+            unet.requires_grad_(True)
+        unet.train()
+        if r.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        self.ema = None
+        if r.train.ema.use:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=r.train.ema.decay)
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        optimizer = make_optimizer(params, r)
+        total = self.total_steps()
+        lr_scheduler = get_scheduler(r.train.lr_scheduler, optimizer,
+                                     num_warmup_steps=r.train.lr_warmup_steps * self.world,
+                                     num_training_steps=total * self.world)
+        if acc.state.deepspeed_plugin is not None:  # no dataloader: DeepSpeed needs the micro batch
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+                r.train.surrogate_batch_size + r.train.utility_batch)
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        self.params = params
+
+    def total_steps(self) -> int:
+        t = self.recipe.train
+        micro = t.epochs * self.groups * t.updates_per_embedding
+        steps = math.ceil(micro / t.gradient_accumulation_steps)
+        return min(steps, t.max_steps) if t.max_steps else steps
+
+    # data of one micro-step ----------------------------------------------------------------------
+    def utility_batch(self, pos: Position, g: torch.Generator):
+        """Utility latents and text embeddings: a per-epoch permutation read round-robin."""
+        from memtrain.text import encode_prompts
+        from memtrain.train.data import to_pixels
+
+        r = self.recipe
+        n, bs = len(self.utility), r.train.utility_batch
+        perm = torch.randperm(n, generator=generator(r.seed, pos.epoch, 7)).tolist()
+        step = pos.group * r.train.updates_per_embedding + pos.update
+        start = (step * self.world + self.rank) * bs
+        pairs = [self.utility[perm[(start + j) % n]] for j in range(bs)]
+        pixels = to_pixels([p.image for p in pairs], self.resolution)
+        latents = self.bundle.encode_images(pixels.to(self.weight_dtype)).float().cpu()
+        embeddings = encode_prompts(self.bundle, [p.caption for p in pairs]).embeddings
+        return latents, embeddings
+
+    def surrogate_batch(self, image: int, g: torch.Generator) -> torch.Tensor:
+        pool = self.surrogate_latents[image]
+        pick = torch.randint(0, len(pool), (self.recipe.train.surrogate_batch_size,), generator=g)
+        return pool[pick]
+
+    # one micro-step ------------------------------------------------------------------------------
+    def losses(self, surr: torch.Tensor, y_adv: torch.Tensor, util: torch.Tensor, y_util: torch.Tensor,
+               g: torch.Generator, concat: bool = True):
+        """(loss_adv, loss_dm): the model's own prediction-type target on noised latents."""
+        from memtrain.attack import regression_target
+
+        dev = self.acc.device
+        x0 = torch.cat([surr, util])
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        target = regression_target(self.scheduler, x0, noise, t).to(dev)
+        y = torch.cat([y_adv.expand(len(surr), -1, -1).to(dev), y_util.to(dev)]).to(self.weight_dtype)
+        x_t, t = x_t.to(dev), t.to(dev)
+        n = len(surr)
+        if concat:
+            out = self.model(x_t, t, encoder_hidden_states=y).sample.float()
+            return F.mse_loss(out[:n], target[:n]), F.mse_loss(out[n:], target[n:])
+        out_adv = self.model(x_t[:n], t[:n], encoder_hidden_states=y[:n]).sample.float()
+        loss_adv = F.mse_loss(out_adv, target[:n])
+        out_dm = self.model(x_t[n:], t[n:], encoder_hidden_states=y[n:]).sample.float()
+        return loss_adv, F.mse_loss(out_dm, target[n:])
+
+    def craft(self, epoch: int, image: int) -> tuple[torch.Tensor, float]:
+        """y_adv (1, 77, D) for one memorized image against the current unwrapped U-Net."""
+        from memtrain.attack import AttackConfig, attack
+
+        a = self.recipe.attack
+        config = AttackConfig(steps=a.steps, lr=a.lr, noise_samples=a.noise_samples,
+                              init=attack_init(a.init, epoch), l2_radius=a.l2_radius,
+                              seed=derived_seed(self.recipe.seed, epoch, image), max_batch=a.max_batch)
+        result = attack(self.bundle, self.target_latents[image : image + 1], [self.items[image].prompt], config)
+        return result.embeddings, float(result.final_loss.mean())
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.acc.device)
+        if float(self.acc.reduce(bad, reduction="sum")) > 0:
+            last = checkpoint_dirs(self.ckpt_root)
+            keep = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
+            raise MemtrainError(f"non-finite training loss ({float(loss)}) at optimizer step {step + 1}: "
+                                f"stopped without updating; {keep}")
+
+    # checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, pos: Position, y_adv: torch.Tensor | None) -> None:
+        """Save into a temp folder, then rename: `latest` is never a half-written checkpoint."""
+        acc, final = self.acc, self.ckpt_root / f"checkpoint-{step}"
+        tmp = self.ckpt_root / f".tmp-checkpoint-{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if y_adv is not None:  # mid-image: the resumed run must reuse this epoch's embedding
+            torch.save(y_adv, tmp / f"adv_rank{self.rank}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
+                     "world_size": self.world, "recipe": self.recipe.to_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self.prune_checkpoints()
+            log.info("saved %s", final)
+        acc.wait_for_everyone()
+
+    def prune_checkpoints(self) -> None:
+        limit = self.recipe.checkpointing.total_limit
+        found = checkpoint_dirs(self.ckpt_root)
+        if limit is not None and len(found) > limit:
+            for old in found[: len(found) - limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> tuple[int, Position, torch.Tensor | None]:
+        path = resolve_resume(self.resume_arg, self.ckpt_root)
+        if path is None:
+            return 0, Position(), None
+        state = json.loads((path / STATE_FILE).read_text())
+        diff = first_difference(state["recipe"], self.recipe.to_dict())
+        if diff:
+            raise MemtrainError(f"cannot resume from {path}: the recipe differs at {diff}")
+        if state["world_size"] != self.world:
+            raise MemtrainError(f"cannot resume from {path}: it ran on {state['world_size']} processes, "
+                                f"this run has {self.world}")
+        self.acc.load_state(str(path))
+        adv = path / f"adv_rank{self.rank}.pt"
+        y_adv = torch.load(adv) if adv.is_file() else None
+        log.info("resumed from %s (step %d)", path, state["global_step"])
+        return state["global_step"], Position(state["epoch"], state["group"], state["update"]), y_adv
+
+    # the loop --------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        from memtrain.report import finish_trackers, init_trackers
+
+        self.setup()
+        self.prepare_model()
+        r, acc = self.recipe, self.acc
+        step, pos, y_adv = self.resume()
+        init_trackers(acc, r.tracker_project, flat_items(r.to_dict()), self.out)
+        if r.audit.closing:
+            utility_before(self)
+        total = self.total_steps()
+        S, t_spec = r.train.updates_per_embedding, r.train
+        while pos.epoch < t_spec.epochs and step < total:
+            epoch = pos.epoch
+            while pos.epoch == epoch and step < total:
+                image = (pos.group * self.world + self.rank) % len(self.items)
+                attack_loss = float("nan")
+                if y_adv is None or pos.update == 0:
+                    y_adv, attack_loss = self.craft(epoch, image)
+                t0 = time.perf_counter()
+                g = generator(r.seed, epoch, pos.group, pos.update, self.rank)
+                with acc.accumulate(self.model):
+                    util, y_util = self.utility_batch(pos, g)
+                    surr = self.surrogate_batch(image, g)
+                    if t_spec.concat_forward:
+                        loss_adv, loss_dm = self.losses(surr, y_adv, util, y_util, g)
+                        loss = loss_adv + loss_dm
+                        self.check_finite(loss, step)
+                        acc.backward(loss)
+                    else:
+                        loss_adv, loss_dm = self.losses(surr, y_adv, util, y_util, g, concat=False)
+                        loss = loss_adv + loss_dm
+                        self.check_finite(loss, step)
+                        acc.backward(loss)
+                    if acc.sync_gradients and t_spec.max_grad_norm:
+                        acc.clip_grad_norm_(self.params, t_spec.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                pos = pos.advance(self.groups, S)
+                if acc.sync_gradients:
+                    step += 1
+                    if self.ema is not None:
+                        self.ema.step(self.params)
+                    dt = time.perf_counter() - t0
+                    logs = {"loss/adv": loss_adv.item(), "loss/dm": loss_dm.item(), "loss/total": loss.item(),
+                            "lr": self.lr_scheduler.get_last_lr()[0], "epoch": epoch + 1,
+                            "throughput/samples_per_s": (len(surr) + len(util)) * self.world / max(dt, 1e-9)}
+                    if math.isfinite(attack_loss):
+                        logs["loss/attack"] = attack_loss
+                    acc.log(logs, step=step)
+                    every = r.checkpointing.steps
+                    if every and step % every == 0:
+                        self.save_checkpoint(step, pos, y_adv if pos.update else None)
+                if pos.update == 0:
+                    y_adv = None
+            if pos.epoch > epoch and r.audit.epoch_end:
+                epoch_audit(self, epoch, step)
+        acc.wait_for_everyone()
+        model_dir = self.save_final()
+        if r.debug_rank_checksums:
+            self.write_checksum()
+        if r.audit.closing:
+            closing_audit(self, model_dir)
+        finish_trackers(acc)
+        acc.wait_for_everyone()
+        return model_dir
+
+    # outputs ---------------------------------------------------------------------------------------
+    def write_checksum(self) -> None:
+        folder = self.out / "debug"
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"rank": self.rank, "world_size": self.world, **param_checksum(self.acc.unwrap_model(self.model))}
+        (folder / f"rank{self.rank}_checksum.json").write_text(json.dumps(info))
+
+    def save_final(self) -> Path:
+        """output_dir/model: the whole bundle (full) or a save_lora_weights file (LoRA)."""
+        acc, target = self.acc, self.out / "model"
+        unet = acc.unwrap_model(self.model)
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        if acc.is_main_process:
+            tmp = self.out / ".model.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.recipe.train.finetune == "lora":
+                from diffusers import StableDiffusionPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                                                          safe_serialization=True)
+            else:
+                self.bundle.unet = unet
+                if self.weight_dtype != torch.float32:
+                    self.bundle.text_encoder.to(dtype=torch.float32)
+                    self.bundle.vae.to(dtype=torch.float32)
+                self.bundle.save(tmp)
+                sampler = Path(self.bundle.path) / "memtrain.json"
+                if sampler.is_file():
+                    shutil.copy(sampler, tmp / "memtrain.json")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        acc.wait_for_everyone()
+        return target
+
+
+def train(recipe: Recipe, resume_from_checkpoint: str | None = None) -> Path:
+    """Run adversarial fine-tuning; returns output_dir/model."""
+    return AdvFinetuner(recipe, resume_from_checkpoint).train()
+
+
+# --- audits (main process; the others wait) -----------------------------------------------------
+
+def _sampler(trainer: AdvFinetuner):
+    settings = trainer.bundle.sampler_settings
+    a = trainer.recipe.audit
+    if a.num_inference_steps is not None:
+        settings.num_inference_steps = a.num_inference_steps
+    if a.guidance_scale is not None:
+        settings.guidance_scale = a.guidance_scale
+    return settings
+
+
+def memorization_figures(trainer: AdvFinetuner, epoch: int) -> tuple[dict, dict]:
+    """MR from the memorized prompts and from fresh Dori embeddings, plus their image grids."""
+    from memtrain.attack import frozen
+    from memtrain.data import load_image
+    from memtrain.measure import measure
+    from memtrain.report import image_grid, reference_rows
+    from memtrain.train.surrogates import descriptor_for
+
+    a = trainer.recipe.audit
+    n = min(len(trainer.items), a.max_items or len(trainer.items))
+    items = trainer.items[:n]
+    seeds = list(range(a.seeds))
+    descriptor = descriptor_for(trainer.recipe.surrogates.descriptor)
+    train_images = [load_image(m) for m in items]
+    settings = _sampler(trainer)
+    figures, grids = {}, {}
+    with frozen(trainer.bundle.unet):
+        adv = torch.cat([trainer.craft(epoch, i)[0] for i in range(n)])
+        for name, cond in (("prompt", [m.prompt for m in items]), ("attack", adv)):
+            m = measure(trainer.bundle, cond, seeds, descriptor, settings, train_images=train_images)
+            for key, value in m.figures().items():
+                figures[f"{name}/{key}"] = value
+            grids[name] = image_grid(reference_rows(train_images, [list(row) for row in m.images]), cell=64)
+    return figures, grids
+
+
+def epoch_audit(trainer: AdvFinetuner, epoch: int, step: int) -> None:
+    from memtrain.report import log_to_trackers
+
+    acc = trainer.acc
+    if acc.is_main_process:
+        figures, grids = memorization_figures(trainer, epoch)
+        folder = trainer.out / "audit" / "epochs"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, grid in grids.items():
+            grid.save(folder / f"epoch{epoch + 1}_{name}.png")
+        (folder / f"epoch{epoch + 1}.json").write_text(json.dumps(figures, indent=1))
+        log_to_trackers(acc, {f"audit/{k}": v for k, v in figures.items()},
+                        images={f"audit/{k}": [v] for k, v in grids.items()}, step=step)
+        log.info("epoch %d audit: %s", epoch + 1, {k: v for k, v in figures.items() if "mr" in k})
+    acc.wait_for_everyone()
+
+
+def heldout_loss(trainer: AdvFinetuner) -> float | dict:
+    """Mean denoising loss on held-out pairs under fixed noise and timesteps."""
+    from memtrain.attack import diffusion_loss, images_to_latents
+    from memtrain.data import load_image, read_manifest
+    from memtrain.metrics import not_computed
+    from memtrain.text import encode_prompts
+
+    a = trainer.recipe.audit
+    path = Path(a.heldout_manifest) if a.heldout_manifest else Path(trainer.recipe.memorized_manifest).with_name("held_out.jsonl")
+    if not path.is_file():
+        return not_computed(f"no held-out manifest ({path}); set audit.heldout_manifest")
+    items = list(read_manifest(path, require_images=True))
+    bundle = trainer.bundle
+    latents = images_to_latents(bundle, [load_image(m) for m in items])
+    emb = encode_prompts(bundle, [m.prompt for m in items]).embeddings.float()
+    g = generator(trainer.recipe.seed, 4242)
+    k = a.heldout_noise_samples
+    noise = torch.randn((len(items), k, *latents.shape[1:]), generator=g)
+    t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(items), k), generator=g)
+    return float(diffusion_loss(bundle, latents, emb, noise, t).mean())
+
+
+def utility_generations_kid(trainer: AdvFinetuner) -> float | dict:
+    """KID (inception features) of generations on utility prompts vs the utility images."""
+    from memtrain.metrics import inception_features, kid, not_computed
+    from memtrain.sampling import sample
+
+    a = trainer.recipe.audit
+    if not a.kid:
+        return not_computed("audit.kid is false")
+    pairs = trainer.utility[: a.kid_prompts]
+    if len(pairs) < 2:
+        return not_computed("KID needs at least 2 utility prompts")
+    settings = _sampler(trainer)
+    try:
+        images = sample(trainer.bundle, [p.caption for p in pairs], [0], guidance_scale=settings.guidance_scale,
+                        num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                        batch_size=settings.batch_size).images[:, 0]
+        real = inception_features([p.image for p in pairs], num_threads=1)
+        gen = inception_features(images, num_threads=1)
+    except Exception as err:  # no Inception weights installed, ...
+        return not_computed(f"inception features unavailable ({type(err).__name__}: {str(err)[:120]})")
+    return float(kid(gen, real, subsets=10, subset_size=len(pairs))[0])
+
+
+def utility_before(trainer: AdvFinetuner) -> None:
+    """Held-out loss and KID of the model before fine-tuning (kept across a resume)."""
+    from memtrain.attack import frozen
+    from memtrain.report import write_json
+
+    acc, path = trainer.acc, trainer.out / "audit" / "before.json"
+    if acc.is_main_process and not path.is_file():
+        with frozen(trainer.bundle.unet):
+            write_json(path, {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)})
+    acc.wait_for_everyone()
+
+
+def external_audit_hook(model_dir: Path, out_dir: Path) -> dict | None:
+    """Hook for memtrain.audit (written separately): None until it offers `audit_model_dir`."""
+    try:
+        from memtrain import audit as audit_module
+    except ImportError:
+        return None
+    fn = getattr(audit_module, "audit_model_dir", None)
+    return fn(model_dir, out_dir) if fn else None
+
+
+def closing_audit(trainer: AdvFinetuner, model_dir: Path) -> None:
+    """output_dir/audit/report.json: memorization after training and the utility block."""
+    from memtrain.attack import frozen
+    from memtrain.report import write_json
+
+    acc = trainer.acc
+    if acc.is_main_process:
+        before = json.loads((trainer.out / "audit" / "before.json").read_text())
+        with frozen(trainer.bundle.unet):
+            figures, grids = memorization_figures(trainer, trainer.recipe.train.epochs)
+            after = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
+        folder = trainer.out / "audit"
+        for name, grid in grids.items():
+            grid.save(folder / f"final_{name}.png")
+        report = {
+            "model": str(model_dir), "recipe": trainer.recipe.to_dict(), "memorization": figures,
+            "utility": {"heldout_loss_before": before["heldout_loss"], "heldout_loss_after": after["heldout_loss"],
+                        "kid_before": before["kid"], "kid_after": after["kid"]},
+            "external_audit": external_audit_hook(model_dir, folder / "external"),
+        }
+        write_json(folder / "report.json", report)
+    acc.wait_for_everyone()
