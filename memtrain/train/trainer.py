@@ -305,7 +305,7 @@ class AdvFinetuner:
         if float(self.acc.reduce(bad, reduction="sum")) > 0:
             last = checkpoint_dirs(self.ckpt_root)
             keep = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
-            raise MemtrainError(f"non-finite training loss ({float(loss)}) at optimizer step {step + 1}: "
+            raise MemtrainError(f"non-finite training loss ({loss.item()}) at optimizer step {step + 1}: "
                                 f"stopped without updating; {keep}")
 
     # checkpoints -----------------------------------------------------------------------------------

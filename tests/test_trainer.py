@@ -1,0 +1,220 @@
+"""Adversarial fine-tuning end to end on a tiny SD1.x-shaped model (CPU, seconds per run):
+2-process DDP keeps ranks identical, a SIGKILLed run resumed from `latest` ends bit-identical
+to an uninterrupted one, W&B offline holds losses and grids, bad inputs are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from memtrain.data import ManifestItem, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "adv_finetune.py"
+
+
+def _images(folder: Path, prefix: str, n: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"{prefix}_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory) -> Path:
+    """A tiny model folder plus memorized/utility/held_out manifests of random 16 px images."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(REPO / "tests"))
+    from _tiny_sd import tiny_bundle
+
+    root = tmp_path_factory.mktemp("adv_ft")
+    tiny_bundle(root / "tok").save(root / "model")
+    for name, n, seed in (("memorized", 2, 0), ("utility", 4, 1), ("held_out", 2, 2)):
+        paths = _images(root / "images", name, n, seed)
+        write_manifest(root / "manifests" / f"{name}.jsonl",
+                       [ManifestItem(id=f"{name}_{i}", prompt=f"a {name} picture number {i}", image=str(p))
+                        for i, p in enumerate(paths)])
+    return root
+
+
+def tiny_recipe(root: Path, out: Path, **sections) -> Path:
+    recipe = {
+        "model": str(root / "model"), "memorized_manifest": str(root / "manifests" / "memorized.jsonl"),
+        "output_dir": str(out),
+        "utility": {"format": "manifest", "path": str(root / "manifests" / "utility.jsonl")},
+        "train": {"epochs": 2, "updates_per_embedding": 3, "surrogate_batch_size": 2, "learning_rate": 1e-3,
+                  "max_steps": 6},
+        "attack": {"steps": 2, "noise_samples": 2, "lr": 0.01},
+        "surrogates": {"mitigation": "pad_eot", "per_prompt": 2, "descriptor": "standin",
+                       "num_inference_steps": 2, "guidance_scale": 2.0},
+        "checkpointing": {"steps": 2, "total_limit": 2},
+        "audit": {"epoch_end": False, "closing": False, "seeds": 1, "max_items": 2, "kid": False,
+                  "num_inference_steps": 2},
+        "debug_rank_checksums": True,
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def env(**extra) -> dict:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+         "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    e.pop("WORLD_SIZE", None)
+    e.update(extra)
+    return e
+
+
+def run(args: list[str], timeout: int = 300, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def single(recipe: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(SCRIPT), str(recipe), *extra], timeout=timeout)
+
+
+def checksum(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / "debug" / f"rank{rank}_checksum.json").read_text())
+
+
+def test_ddp_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
+    out = tmp_path / "ddp"
+    recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3}, checkpointing={"steps": 0})
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(SCRIPT), str(recipe)], timeout=420, ACCELERATE_USE_CPU="true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = checksum(out, 0), checksum(out, 1)
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["sha256"] == b["sha256"] and a["sum"] == b["sum"]
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_setup, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "full"
+    proc = single(tiny_recipe(tiny_setup, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_checkpoints_are_complete_and_limited(uninterrupted):
+    names = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert names == ["checkpoint-4", "checkpoint-6"]  # total_limit 2, no temp folders left
+    state = json.loads((uninterrupted / "checkpoints" / "checkpoint-4" / "memtrain_state.json").read_text())
+    assert (state["epoch"], state["group"], state["update"]) == (0, 1, 1)  # mid-image: y_adv saved
+    assert (uninterrupted / "checkpoints" / "checkpoint-4" / "adv_rank0.pt").is_file()
+
+
+def test_sigkill_then_resume_latest_is_bit_identical(tiny_setup, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    recipe = tiny_recipe(tiny_setup, out)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(recipe)], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "checkpoints" / "checkpoint-2" / "memtrain_state.json"
+    deadline = time.time() + 300
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists()
+    resumed = single(recipe, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert checksum(out)["sha256"] == checksum(uninterrupted)["sha256"]
+    unet = Path("model/unet/diffusion_pytorch_model.safetensors")
+    assert (out / unet).read_bytes() == (uninterrupted / unet).read_bytes()
+
+
+def test_resume_with_changed_recipe_names_the_key(tiny_setup, uninterrupted, tmp_path):
+    recipe = tiny_recipe(tiny_setup, uninterrupted, train={"learning_rate": 5e-4})
+    proc = single(recipe, "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 2
+    assert "train.learning_rate" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_resume_from_missing_path_is_an_error(tiny_setup, tmp_path):
+    proc = single(tiny_recipe(tiny_setup, tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "not a memtrain checkpoint" in proc.stderr
+
+
+def test_wandb_offline_holds_losses_and_grids(tiny_setup, tmp_path):
+    out = tmp_path / "wb"
+    recipe = tiny_recipe(tiny_setup, out, report_to="wandb", train={"epochs": 1, "max_steps": None},
+                         audit={"epoch_end": True, "closing": True}, checkpointing={"steps": 0})
+    proc = single(recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+    for key in (b"loss/adv", b"loss/dm", b"loss/attack", b"throughput/samples_per_s", b"audit/attack/mr"):
+        assert key in data, key
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
+    report = json.loads((out / "audit" / "report.json").read_text())
+    assert set(report["utility"]) == {"heldout_loss_before", "heldout_loss_after", "kid_before", "kid_after"}
+    assert isinstance(report["utility"]["heldout_loss_after"], float)
+    assert report["utility"]["kid_after"]["status"] == "not computed"
+
+
+def test_no_usable_surrogates_is_one_line(tiny_setup, tmp_path):
+    recipe = tiny_recipe(tiny_setup, tmp_path / "nosur", surrogates={"sscd_drop_threshold": -2.0})
+    proc = single(recipe)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no usable surrogates")
+
+
+def test_bad_recipe_key_is_one_line(tiny_setup, tmp_path):
+    proc = single(tiny_recipe(tiny_setup, tmp_path / "bad"), "train.epoch=1")
+    assert proc.returncode == 2 and "unknown recipe key 'train.epoch'" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch):
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from memtrain.errors import MemtrainError
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner
+
+    out = tmp_path / "nan"
+    recipe = load_recipe(tiny_recipe(tiny_setup, out))
+    calls = {"n": 0}
+    original = AdvFinetuner.losses
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        adv, dm = original(self, *args, **kwargs)
+        return (adv * float("nan"), dm) if calls["n"] == 3 else (adv, dm)
+
+    monkeypatch.setattr(AdvFinetuner, "losses", poisoned)
+    try:
+        with pytest.raises(MemtrainError, match=r"non-finite training loss .* at optimizer step 3.*checkpoint-2"):
+            AdvFinetuner(recipe).train()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert not (out / "model").exists()
+    torch.set_num_threads(1)
