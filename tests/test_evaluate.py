@@ -213,7 +213,12 @@ def test_one_process_with_wandb_equals_two_processes(dev_testbed, small_manifest
     assert (a["num_processes"], b["num_processes"]) == (1, 2)
     # same work units -> same batches -> the same numbers, not just close ones
     assert {k: b[k] for k in TOP_LEVEL} == {k: a[k] for k in TOP_LEVEL}
-    assert b["items"] == a["items"] and b["a_clip"] == a["a_clip"]
+    # A_CLIP runs the CLIP towers under this process's thread count (the launched ranks use one
+    # thread), and float reductions differ in the last digits between thread counts.
+    strip = lambda items: [{k: v for k, v in it.items() if k != "a_clip"} for it in items]  # noqa: E731
+    assert strip(b["items"]) == strip(a["items"])
+    assert [it["a_clip"] for it in b["items"]] == pytest.approx([it["a_clip"] for it in a["items"]], rel=1e-4)
+    assert b["a_clip"] == pytest.approx(a["a_clip"], rel=1e-4)
     # W&B offline run folder inside the output, with the grid images as media
     runs = list((tmp_path / "one" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

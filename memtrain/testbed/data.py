@@ -31,15 +31,19 @@ MEMORIZED_PHOTOS = [
     ("chelsea", "an orange tabby cat looking to the side"),
     ("rocket", "a rocket on the launch pad under a blue sky"),
     ("coins", "old coins lying in rows on a dark table"),
-    ("moon", "grey surface of the moon with craters"),
-    ("clock", "a wall clock photographed at an angle"),
     ("immunohistochemistry", "a stained tissue sample under the microscope"),
-    ("hubble_deep_field", "galaxies of the hubble deep field on black space"),
+    ("retina", "a retina photograph with red blood vessels"),
+    ("stereo_motorcycle", "a red motorcycle parked in a workshop"),
+    ("horse", "black silhouette of a horse on white"),
 ]
+# Low-contrast grey photos (moon, clock) and the near-black deep field were tried as memorized
+# pairs: the tiny model's residual grain swamps their faint structure and SSCD stays near 0.1
+# even when the copy is plain to the eye, so they serve as crop sources instead.
 # Sources for random crops (unique / held-out / utility); none of them is memorized.
 CROP_SOURCES = {
-    "retina": "a retina photograph",
-    "stereo_motorcycle": "a workshop with a motorcycle",
+    "moon": "grey surface of the moon",
+    "clock": "a wall clock",
+    "hubble_deep_field": "galaxies in black space",
     "brick": "a brick wall",
     "gravel": "gravel stones",
     "grass": "a patch of grass",
