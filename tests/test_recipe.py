@@ -117,3 +117,18 @@ def test_first_difference_ignores_resume_free_keys():
     assert first_difference(a, b) is None
     c = build({"train": {"learning_rate": 2e-5}}).to_dict()
     assert first_difference(a, c).startswith("train.learning_rate")
+
+
+def test_testbed_model_fills_its_manifests(tmp_path):
+    from memtrain.train.recipe import with_testbed_paths
+
+    recipe = recipe_from_dict({"output_dir": "out"})
+    assert recipe.model == "testbed" and recipe.memorized_manifest is None
+    filled = with_testbed_paths(recipe, tmp_path)
+    assert filled.model == str(tmp_path / "model")
+    assert filled.memorized_manifest == str(tmp_path / "manifests" / "memorized.jsonl")
+    assert filled.utility.path == str(tmp_path / "manifests" / "utility.jsonl")
+    assert filled.audit.heldout_manifest == str(tmp_path / "manifests" / "held_out.jsonl")
+    # another model needs its own manifests
+    with pytest.raises(MemtrainError, match="'memorized_manifest' is required"):
+        recipe_from_dict({"output_dir": "out", "model": "m", "utility": {"path": "u"}})

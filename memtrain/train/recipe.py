@@ -26,7 +26,7 @@ class UtilitySpec:
     """Non-memorized image-caption pairs for L_DM (LAION in the paper)."""
 
     format: Literal["manifest", "parquet", "imagefolder", "webdataset"] = "manifest"
-    path: str = ""  # manifest .jsonl, parquet file/glob, imagefolder dir, or .tar glob
+    path: str = ""  # manifest .jsonl, parquet file/glob, imagefolder dir, or .tar glob ("" on the testbed: its utility split)
     image_column: str = "image"
     caption_column: str = "text"  # manifest: the item's prompt
     max_items: int | None = None
@@ -123,11 +123,14 @@ class AuditSpec:
     guidance_scale: float | None = None
 
 
+TESTBED = "testbed"
+
+
 @dataclass
 class Recipe:
-    model: str
-    memorized_manifest: str
     output_dir: str
+    model: str = TESTBED  # a diffusers SD folder or hub id; "testbed": the cached testbed (built if absent)
+    memorized_manifest: str | None = None  # required unless model is the testbed (then: its memorized split)
     utility: UtilitySpec = field(default_factory=UtilitySpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     attack: AttackSpec = field(default_factory=AttackSpec)
@@ -228,8 +231,28 @@ def _check_values(recipe: Recipe) -> None:
         raise MemtrainError(f"recipe key 'checkpointing.steps' must be >= 0, got {recipe.checkpointing.steps}")
     if recipe.surrogates.source == "model" and not recipe.surrogates.model:
         raise MemtrainError("recipe key 'surrogates.model' is required when surrogates.source is 'model'")
-    if not recipe.utility.path:
-        raise MemtrainError("recipe key 'utility.path' is required (the non-memorized training pairs)")
+    if recipe.model != TESTBED:
+        if not recipe.memorized_manifest:
+            raise MemtrainError("recipe key 'memorized_manifest' is required when model is not the testbed")
+        if not recipe.utility.path:
+            raise MemtrainError("recipe key 'utility.path' is required (the non-memorized training pairs)")
+
+
+def with_testbed_paths(recipe: Recipe, root: str | Path) -> Recipe:
+    """The recipe with model 'testbed' pointing at a built testbed folder: its model and, where the
+    recipe leaves them empty, its memorized, utility and held-out manifests."""
+    root = Path(root)
+    manifests = root / "manifests"
+    utility = recipe.utility
+    if not utility.path:
+        utility = dataclasses.replace(utility, format="manifest", path=str(manifests / "utility.jsonl"))
+    audit = recipe.audit
+    if not audit.heldout_manifest:
+        audit = dataclasses.replace(audit, heldout_manifest=str(manifests / "held_out.jsonl"))
+    return dataclasses.replace(
+        recipe, model=str(root / "model"), utility=utility, audit=audit,
+        memorized_manifest=recipe.memorized_manifest or str(manifests / "memorized.jsonl"),
+    )
 
 
 # --- overrides and loading ----------------------------------------------------------------------

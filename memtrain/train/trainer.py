@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from memtrain.errors import MemtrainError
-from memtrain.train.recipe import Recipe, first_difference, flat_items
+from memtrain.train.recipe import TESTBED, Recipe, first_difference, flat_items, with_testbed_paths
 
 log = logging.getLogger(__name__)
 STATE_FILE = "memtrain_state.json"
@@ -165,10 +165,16 @@ class AdvFinetuner:
         from memtrain.models import load_bundle
         from memtrain.train.data import load_utility, pixel_resolution
 
-        r = self.recipe
         self.out.mkdir(parents=True, exist_ok=True)
-        self.acc = acc = make_accelerator(r, self.out)
+        self.acc = acc = make_accelerator(self.recipe, self.out)
         self.rank, self.world = acc.process_index, acc.num_processes
+        if self.recipe.model == TESTBED:
+            from memtrain.testbed.build import ensure_testbed
+
+            with acc.main_process_first():  # one process builds the cache, the others then reuse it
+                root = ensure_testbed(seed=0, progress=acc.is_main_process)
+            self.recipe = with_testbed_paths(self.recipe, root)
+        r = self.recipe
         self.bundle = load_bundle(r.model, device=acc.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
         # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)

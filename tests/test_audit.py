@@ -1,0 +1,354 @@
+"""The audit (paper 004 Table 1) end to end on a tiny random testbed built in seconds: report
+layout, verdict rule, exact undo, NaN targets, bad input, 1 vs 2 processes and W&B offline.
+The slow test runs the default audit on the real memorizing testbed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the 2 cores are shared with a long job
+
+from _tiny_sd import tiny_bundle  # noqa: E402
+from memtrain.audit import (  # noqa: E402
+    VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, verdict, verify_restored, weights_checksum,
+)
+from memtrain.data import ManifestItem, write_manifest  # noqa: E402
+from memtrain.errors import MemtrainError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+       "TOKENIZERS_PARALLELISM": "false"}
+RESULT_KEYS = {"mitigation", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict", "failed_targets",
+               "unmitigated", "prompt", "attack", "control", "utility", "description", "weights_restored"}
+TINY_RECIPE = """
+seeds: 2
+chunk_targets: 2
+reference_prompts: 4
+utility_prompts: 3
+attack: {steps: 2, lr: 0.01, noise_samples: 2, init: random}
+sampler: {num_inference_steps: 3}
+mitigations:
+  nemo: {tau_mem: 0.0, num_seeds: 2, num_inference_steps: 3, refinement_budget: 3}
+  wanda: {num_inference_steps: 3, guidance_scale: 3.0, timesteps: 1}
+grid_items: 2
+grid_cell: 32
+"""
+
+
+# ----------------------------------------------------------------------------- a tiny testbed
+
+
+def _photo(name: str, size: int):
+    import skimage.data
+    from PIL import Image
+
+    arr = getattr(skimage.data, name)()
+    return Image.fromarray(arr).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _blobs(seed: int, size: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(3, 4, 4, generator=g)
+    big = torch.nn.functional.interpolate(small[None], size=size, mode="bilinear")[0]
+    return Image.fromarray((big.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+
+def _manifest(root: Path, name: str, entries: list[tuple[str, str, object]]) -> Path:
+    items = []
+    for item_id, prompt, image in entries:
+        path = root / "images" / f"{item_id}.png"
+        image.save(path)
+        items.append(ManifestItem(id=item_id, prompt=prompt, image=str(path), label=name))
+    return write_manifest(root / "manifests" / f"{name}.jsonl", items)
+
+
+@pytest.fixture(scope="module")
+def tiny_testbed(tmp_path_factory) -> Path:
+    """The testbed layout (model/, manifests/, clip/, testbed_card.json) around a random tiny
+    SD1.x-shaped model: 16 px images, 3-step sampler. Nothing memorizes: it tests plumbing."""
+    from transformers import CLIPModel
+
+    from memtrain.testbed.clip import tiny_clip_config
+    from memtrain.testbed.tokenizer import build_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("audit") / "testbed"
+    (root / "images").mkdir(parents=True)
+    tokenizer = build_clip_tokenizer(root / "tok")
+    bundle = tiny_bundle(None, tokenizer=tokenizer)
+    bundle.save(root / "model")
+    sampler = {"scheduler": "ddim", "num_inference_steps": 3, "guidance_scale": 3.0, "batch_size": 16}
+    (root / "model" / "memtrain.json").write_text(json.dumps({"sampler": sampler}))
+    size = 16
+    _manifest(root, "memorized", [(f"mem_{n}", f"a photo of the {n}", _photo(n, size))
+                                  for n in ("astronaut", "camera", "coffee", "rocket")])
+    _manifest(root, "held_out", [(f"held_{k}", f"a blob scene number {k}", _blobs(k, size)) for k in range(4)])
+    _manifest(root, "unique", [(f"uniq_{k}", f"a red square number {k}", _blobs(10 + k, size)) for k in range(4)])
+    _manifest(root, "utility", [(f"util_{k}", f"a green circle number {k}", _blobs(20 + k, size)) for k in range(3)])
+    torch.manual_seed(0)
+    CLIPModel(tiny_clip_config(32, 1, size, tokenizer.eos_token_id)).save_pretrained(root / "clip")
+    tokenizer.save_pretrained(str(root / "clip"))
+    (root / "testbed_card.json").write_text(json.dumps({"tiny": True}))
+    (root / "recipe.yaml").write_text(TINY_RECIPE)
+    return root
+
+
+def _config(root: Path, out: Path, mitigations: list[str], **kw) -> AuditConfig:
+    base = dict(mitigations=mitigations, model=str(root / "model"), recipe=str(root / "recipe.yaml"),
+                output_dir=str(out), metric="standin", allow_standin=True, progress=False)
+    return AuditConfig(**{**base, **kw})
+
+
+def _run_script(args: list[str], launcher: list[str] | None = None, env: dict | None = None,
+                timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(REPO / "scripts" / "audit.py"), *args]
+    return subprocess.run(cmd, env={**os.environ, **ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO))
+
+
+def _script_args(root: Path, out: Path, *mitigations: str) -> list[str]:
+    return ["--mitigation", *mitigations, "--model", str(root / "model"), "--recipe", str(root / "recipe.yaml"),
+            "--output_dir", str(out), "--metric", "standin", "--allow_standin", "--no_progress"]
+
+
+# ----------------------------------------------------------------------------- verdict
+
+
+@pytest.mark.parametrize("name, rates, expected", [
+    ("none", (0.9, 0.9, 1.0, 0.0), "baseline"),
+    ("nemo", (0.9, 0.1, 0.9, 0.0), "conceals"),  # the paper's NeMo row
+    ("wanda", (0.98, 0.0, 0.72, 0.0), "conceals"),  # the paper's Wanda row
+    ("x", (0.9, 0.4, 0.9, 0.0), "conceals"),  # above 0.3 but below half the unmitigated MR
+    ("x", (0.9, 0.1, 0.1, 0.0), "removes"),  # attack within the margin of the control
+    ("x", (0.9, 0.5, 0.3, 0.2), "removes"),
+    ("x", (0.9, 0.8, 0.9, 0.0), "ineffective"),  # prompts still replicate
+    ("x", (0.05, 0.0, 0.0, 0.0), "inconclusive"),  # nothing memorized to begin with
+    ("x", (0.9, 0.1, {"status": "not computed"}, 0.0), "inconclusive"),
+])
+def test_verdict_branches(name, rates, expected):
+    assert verdict(name, *rates) == expected and expected in VERDICTS
+
+
+def test_verdict_constants_are_settings():
+    rates = ("x", 0.9, 0.1, 0.05, 0.0)
+    assert verdict(*rates) == "removes"  # within the default margin 0.1 of the control
+    assert verdict(*rates, rule=VerdictRule(control_margin=0.0)) == "conceals"
+    strict = VerdictRule(control_margin=0.0, concealed_mr=0.05, clearly_below=0.0)
+    assert verdict(*rates, rule=strict) == "ineffective"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_recipes_load_and_reject_bad_keys(tmp_path):
+    sd = load_audit_recipe(REPO / "recipes" / "audit_sd14.yaml")
+    assert (sd.attack.steps, sd.attack.lr, sd.attack.noise_samples, sd.attack.init) == (50, 0.1, 8, "prompt")
+    tb = load_audit_recipe(REPO / "recipes" / "audit_testbed.yaml")
+    assert (tb.attack.steps, tb.attack.lr, tb.attack.init, tb.seeds) == (50, 0.01, "random", 10)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attack: {step: 3}\n")
+    with pytest.raises(MemtrainError, match=r"unknown recipe key 'attack.step'"):
+        load_audit_recipe(bad)
+    bad.write_text("seeds: two\n")
+    with pytest.raises(MemtrainError, match=r"'seeds' must be int"):
+        load_audit_recipe(bad)
+    bad.write_text("attack: {steps: 0}\n")
+    with pytest.raises(MemtrainError, match=r"attack steps must be >= 1"):
+        load_audit_recipe(bad)
+    bad.write_text("mitigations: {nemoo: {}}\n")
+    with pytest.raises(MemtrainError, match=r"mitigations.nemoo"):
+        load_audit_recipe(bad)
+
+
+# ----------------------------------------------------------------------------- undo
+
+
+def test_undo_restores_weights_bit_for_bit(tiny_testbed):
+    from memtrain.mitigations import applied, get_mitigation
+    from memtrain.models import load_bundle
+
+    bundle = load_bundle(tiny_testbed / "model")
+    before = weights_checksum(bundle)
+    prompts = ["a photo of the astronaut", "a photo of the camera"]
+    for name, settings in (("wanda", {"num_inference_steps": 3, "timesteps": 1}),
+                           ("nemo", {"tau_mem": 0.0, "num_seeds": 2, "num_inference_steps": 3,
+                                     "refinement_budget": 3}),
+                           ("pad_eot", {})):
+        m = get_mitigation(name, **settings)
+        m.prepare(bundle, prompts, ["a red square", "a blue circle", "a green thing"], [0, 1])
+        with applied(m, bundle):
+            if name == "wanda":  # something was pruned, so the check below has teeth
+                assert weights_checksum(bundle) != before
+        assert verify_restored(bundle, before, name) == before
+    with torch.no_grad():
+        next(bundle.unet.parameters()).view(-1)[0] += 1e-7
+    with pytest.raises(RuntimeError, match="did not restore"):
+        verify_restored(bundle, before, "broken")
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+@pytest.fixture
+def nan_probe():
+    """A mitigation that poisons the first row of every attack batch with NaN (the attack's
+    embedding needs a gradient; the prompt path does not), registered for one test."""
+    from memtrain.mitigations import Mitigation, register_mitigation
+    from memtrain.mitigations import base
+
+    @register_mitigation
+    @dataclasses.dataclass(eq=False)
+    class NanProbe(Mitigation):
+        name = "nan_probe"
+        changes = "test only: NaN in the first attacked row"
+
+        def transform_embeddings(self, embeddings, layout):
+            if not embeddings.requires_grad:
+                return embeddings
+            poison = torch.ones_like(embeddings)
+            poison[0] = float("nan")
+            return embeddings * poison
+
+    yield "nan_probe"
+    base._REGISTRY.pop("nan_probe")
+
+
+def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
+    out = tmp_path / "audit"
+    doc = audit(_config(tiny_testbed, out, ["none", "wanda", nan_probe], max_targets=3))
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved) == {"results", "metric_backend", "model", "settings", "versions", "num_processes"}
+    assert saved["num_processes"] == 1 and saved["metric_backend"].startswith("standin")
+    assert set(saved["versions"]) >= {"torch", "diffusers", "memtrain"}
+    assert [r["mitigation"] for r in saved["results"]] == ["none", "wanda", "nan_probe"]
+    for r in saved["results"]:
+        assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
+        assert r["verdict"] in VERDICTS and r["weights_restored"] is True
+        for stage in ("prompt", "attack", "control"):
+            fig = r[stage]
+            assert {"n", "mr", "sscd_orig_median", "sscd_orig_mean", "sscd_orig_std", "d_sscd", "a_clip"} <= set(fig)
+        assert {"sscd_gen_median", "sscd_gen_mean"} <= set(r["prompt"])
+        assert r["prompt"]["n"] == 3 and r["control"]["n"] + r["control"]["n_failed"] == 3
+        assert r["mr_unmitigated"] == saved["results"][0]["mr_unmitigated"]  # (a) computed once
+        assert r["utility"]["fid"]["value"] >= 0 and r["utility"]["fid"]["n_generated"] == 3
+        assert r["prompt"]["a_clip"]["backend"].startswith("testbed-clip")
+    none, wanda, probe = saved["results"]
+    assert none["verdict"] == "baseline" and none["failed_targets"] == []
+    assert none["prompt"]["sscd_gen_median"] == pytest.approx(1.0)  # the unmitigated path, again
+    assert wanda["description"]["name"] == "wanda" and "pruned_fraction" in wanda["description"]
+    # NaN: the first target of each chunk (chunks of 2) and the first control image stop, the rest go on
+    failed = {(f["id"], f["stage"]) for f in probe["failed_targets"]}
+    assert failed == {("mem_astronaut", "attack"), ("mem_coffee", "attack"), ("held_0", "control"),
+                      ("held_2", "control")}
+    assert probe["attack"]["n"] == 1 and probe["attack"]["n_failed"] == 2
+    assert all("non-finite" in f["reason"] for f in probe["failed_targets"])
+    text = (out / "report.md").read_text()
+    for row in ("no mitigation (prompts)", "wanda (prompts)", "wanda + attack", "control: held-out + attack (wanda)"):
+        assert f"| {row} |" in text
+    assert "## Findings" in text and "## Failed targets" in text and "mem_coffee" in text
+    assert "stand-in" in text and "SSCD_Orig mean ± std" in text and "grids/wanda_000.png" in text
+    assert sorted(p.name for p in (out / "grids").glob("*.png")) == sorted(
+        f"{m}{kind}_000.png" for m in ("none", "wanda", "nan_probe") for kind in ("", "_control"))
+    assert doc["results"][0]["verdict"] == "baseline"
+    assert not any(".partial-" in p.name for p in tmp_path.iterdir())
+
+
+def test_mitigation_that_does_not_fit_the_model(tiny_testbed, tmp_path):
+    """NeMo and Wanda need cross-attention / transformer blocks: refused before anything is written."""
+    from memtrain.models import load_bundle
+    from _tiny_sd import tiny_unet
+
+    model = tmp_path / "plain"
+    bundle = load_bundle(tiny_testbed / "model")
+    bundle.unet = tiny_unet(cross_attention=False, channels=bundle.latent_channels)
+    bundle.save(model)
+    cfg = _config(tiny_testbed, tmp_path / "out", ["nemo"], model=str(model),
+                  manifest=str(tiny_testbed / "manifests" / "memorized.jsonl"),
+                  control_manifest=str(tiny_testbed / "manifests" / "held_out.jsonl"),
+                  reference_manifest=str(tiny_testbed / "manifests" / "unique.jsonl"))
+    with pytest.raises(MemtrainError, match="cannot be pruned by NeMo"):
+        audit(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- bad input (exit 2)
+
+
+def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
+    out = tmp_path / "out"
+    r = _run_script(_script_args(tiny_testbed, out, "none", "nemoo"))
+    assert r.returncode == 2 and "unknown mitigation 'nemoo'" in r.stderr
+    assert all(name in r.stderr for name in ("nemo", "wanda", "pad_eot", "pad_mask", "none"))
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = _run_script([*_script_args(tiny_testbed, out, "none"), "--manifest", str(empty)])
+    assert r.returncode == 2 and "manifest is empty" in r.stderr
+
+    r = _run_script([*_script_args(tiny_testbed, out, "none"), "--attack_steps", "0"])
+    assert r.returncode == 2 and "attack steps must be >= 1" in r.stderr
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = _run_script(_script_args(tiny_testbed, out, "none"))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------- processes, W&B
+
+
+def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
+    mitigations = ("none", "nemo", "pad_eot")
+    one = _run_script([*_script_args(tiny_testbed, tmp_path / "one", *mitigations), "--report_to", "wandb"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # ACCELERATE_USE_CPU: without it --multi_gpu on a CPU machine silently runs 1 process
+    two = _run_script(_script_args(tiny_testbed, tmp_path / "two", *mitigations), launcher=launcher,
+                      env={"ACCELERATE_USE_CPU": "true"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert (a["num_processes"], b["num_processes"]) == (1, 2)
+    # fixed chunks of 2 targets and global attack streams: the same numbers, not just close ones
+    drop = ("weights_checksum",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in b["results"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in a["results"]]
+    runs = list((tmp_path / "one" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list((runs[0] / "files" / "media" / "images").glob("*.png"))
+    assert "-> baseline" in one.stdout and "wrote" in one.stdout
+
+
+# ----------------------------------------------------------------------------- the real testbed
+
+
+@pytest.mark.slow
+def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
+    """The default audit (testbed recipe) of the five mitigations. NeMo/Wanda/pad outcomes are
+    whatever they are: only the layout and the unmitigated model's memorization are checked."""
+    names = ["none", "nemo", "wanda", "pad_eot", "pad_mask"]
+    out = tmp_path / "audit"
+    doc = audit(AuditConfig(mitigations=names, model=str(testbed_dir), output_dir=str(out), progress=False))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["metric_backend"] == doc["metric_backend"] and not saved["settings"]["metric_is_standin"]
+    assert [r["mitigation"] for r in saved["results"]] == names
+    for r in saved["results"]:
+        assert RESULT_KEYS <= set(r) and r["verdict"] in VERDICTS and r["weights_restored"]
+        assert r["prompt"]["n"] == saved["settings"]["n_targets"]
+    none = saved["results"][0]
+    assert none["verdict"] == "baseline" and none["mr_unmitigated"] >= 0.5
+    assert (out / "report.md").is_file() and list((out / "grids").glob("*.png"))
