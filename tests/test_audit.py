@@ -329,7 +329,8 @@ def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in a["results"]]
     runs = list((tmp_path / "one" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    assert list((runs[0] / "files" / "media" / "images").glob("*.png"))
+    # grid images are logged under keys "grids/<kind>": W&B nests the media folder by key
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     assert "-> baseline" in one.stdout and "wrote" in one.stdout
 
 
