@@ -905,6 +905,7 @@ def audit(cfg: AuditConfig, accelerator=None) -> dict:
     def start_outputs() -> None:
         if staged is not None:
             staged.open()
+        if staged is not None and owns:  # a caller's accelerator brings its own trackers
             accelerator.project_configuration.logging_dir = str(staged.tmp / "tensorboard")
             report.init_trackers(accelerator, cfg.project, {**dataclasses.asdict(cfg), "mitigations": ",".join(cfg.mitigations)},
                                  staged.tmp)
@@ -929,12 +930,14 @@ def audit(cfg: AuditConfig, accelerator=None) -> dict:
         }
         if staged is not None:
             write_outputs(staged.tmp, doc, inputs, baseline, results, recipe, accelerator)
-            report.finish_trackers(accelerator)
+            if owns:
+                report.finish_trackers(accelerator)
             staged.commit()
         dist.wait(accelerator)
     except BaseException:
         if staged is not None:
-            report.finish_trackers(accelerator)
+            if owns:
+                report.finish_trackers(accelerator)
             staged.abort()
         raise
     if owns:

@@ -162,8 +162,14 @@ def test_resume_from_missing_path_is_an_error(tiny_setup, tmp_path):
 
 def test_wandb_offline_holds_losses_and_grids(tiny_setup, tmp_path):
     out = tmp_path / "wb"
+    audit_recipe = tmp_path / "tiny_audit.yaml"  # the closing full audit, kept tiny
+    audit_recipe.write_text(yaml.safe_dump({
+        "seeds": 1, "utility_prompts": 2, "reference_prompts": 2,
+        "attack": {"steps": 2, "lr": 0.01, "noise_samples": 2, "init": "random"},
+        "sampler": {"num_inference_steps": 2}}))
     recipe = tiny_recipe(tiny_setup, out, report_to="wandb", train={"epochs": 1, "max_steps": None},
-                         audit={"epoch_end": True, "closing": True}, checkpointing={"steps": 0})
+                         audit={"epoch_end": True, "closing": True, "full_recipe": str(audit_recipe)},
+                         checkpointing={"steps": 0})
     proc = single(recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -173,7 +179,12 @@ def test_wandb_offline_holds_losses_and_grids(tiny_setup, tmp_path):
         assert key in data, key
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     report = json.loads((out / "audit" / "report.json").read_text())
-    assert set(report["utility"]) == {"heldout_loss_before", "heldout_loss_after", "kid_before", "kid_after"}
+    assert set(report["utility"]) == {"heldout_loss_before", "heldout_loss_after", "heldout_loss_ratio",
+                                      "kid_before", "kid_after"}
+    # the full closing audit: prompts, attack and the held-out control through memtrain.audit
+    assert {"mr_prompt", "mr_attack", "mr_control"} <= set(report)
+    full = json.loads((out / "audit" / "full" / "report.json").read_text())
+    assert full["results"][0]["mr_attack"] == report["mr_attack"]
     assert isinstance(report["utility"]["heldout_loss_after"], float)
     assert report["utility"]["kid_after"]["status"] == "not computed"
 

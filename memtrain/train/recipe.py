@@ -121,6 +121,12 @@ class AuditSpec:
     kid_prompts: int = 16
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    # closing audit of the fine-tuned model with memtrain.audit (prompts, full-strength attack,
+    # held-out control): its recipe (None: recipes/audit_testbed.yaml on the testbed, else
+    # audit_sd14.yaml) and optional target limit
+    full: bool = True
+    full_recipe: str | None = None
+    full_max_targets: int | None = None
 
 
 TESTBED = "testbed"

@@ -174,6 +174,8 @@ class AdvFinetuner:
             with acc.main_process_first():  # one process builds the cache, the others then reuse it
                 root = ensure_testbed(seed=0, progress=acc.is_main_process)
             self.recipe = with_testbed_paths(self.recipe, root)
+        model_parent = Path(self.recipe.model).parent
+        self.testbed_root = model_parent if (model_parent / "testbed_card.json").is_file() else None
         r = self.recipe
         self.bundle = load_bundle(r.model, device=acc.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
@@ -586,14 +588,30 @@ def utility_before(trainer: AdvFinetuner) -> None:
     acc.wait_for_everyone()
 
 
-def external_audit_hook(model_dir: Path, out_dir: Path) -> dict | None:
-    """Hook for memtrain.audit (written separately): None until it offers `audit_model_dir`."""
-    try:
-        from memtrain import audit as audit_module
-    except ImportError:
+def full_audit(trainer: AdvFinetuner, model_dir: Path) -> dict | None:
+    """memtrain.audit of the fine-tuned model (mitigation 'none'): MR on the prompts, under the
+    audit recipe's full-strength attack and on the held-out control, on every process (the
+    targets are split across ranks). Its report goes to output_dir/audit/full/."""
+    from memtrain.audit import AuditConfig, audit, default_recipe_path
+
+    r, a = trainer.recipe, trainer.recipe.audit
+    if not a.full:
         return None
-    fn = getattr(audit_module, "audit_model_dir", None)
-    return fn(model_dir, out_dir) if fn else None
+    root = trainer.testbed_root
+    config = AuditConfig(
+        mitigations=["none"], model=str(model_dir), manifest=r.memorized_manifest,
+        control_manifest=a.heldout_manifest, output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
+        recipe=a.full_recipe or str(default_recipe_path(root is not None)), max_targets=a.full_max_targets,
+        reference_manifest=str(root / "manifests" / "unique.jsonl") if root else None,
+        utility_manifest=r.utility.path if r.utility.format == "manifest" else None,
+        clip_model=str(root / "clip") if root else None,
+        metric=None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
+        allow_standin=r.surrogates.descriptor == "standin", progress=False,
+    )
+    doc = audit(config, accelerator=trainer.acc)
+    result = doc["results"][0]
+    return {"mr_prompt": result["mr_prompt"], "mr_attack": result["mr_attack"], "mr_control": result["mr_control"],
+            "metric_backend": doc["metric_backend"], "report": str(trainer.out / "audit" / "full" / "report.json")}
 
 
 def closing_audit(trainer: AdvFinetuner, model_dir: Path) -> None:
@@ -614,7 +632,14 @@ def closing_audit(trainer: AdvFinetuner, model_dir: Path) -> None:
             "model": str(model_dir), "recipe": trainer.recipe.to_dict(), "memorization": figures,
             "utility": {"heldout_loss_before": before["heldout_loss"], "heldout_loss_after": after["heldout_loss"],
                         "kid_before": before["kid"], "kid_after": after["kid"]},
-            "external_audit": external_audit_hook(model_dir, folder / "external"),
         }
+    acc.wait_for_everyone()
+    full = full_audit(trainer, model_dir)
+    if acc.is_main_process:
+        if full is not None:
+            report.update(full)
+        loss_before, loss_after = report["utility"]["heldout_loss_before"], report["utility"]["heldout_loss_after"]
+        if isinstance(loss_before, float) and isinstance(loss_after, float):
+            report["utility"]["heldout_loss_ratio"] = loss_after / loss_before
         write_json(folder / "report.json", report)
     acc.wait_for_everyone()
