@@ -594,13 +594,19 @@ def full_audit(trainer: AdvFinetuner, model_dir: Path) -> dict | None:
     targets are split across ranks). Its report goes to output_dir/audit/full/."""
     from memtrain.audit import AuditConfig, audit, default_recipe_path
 
+    from memtrain.metrics import not_computed
+
     r, a = trainer.recipe, trainer.recipe.audit
     if not a.full:
         return None
+    control = Path(a.heldout_manifest) if a.heldout_manifest else Path(r.memorized_manifest).with_name("held_out.jsonl")
+    if not control.is_file():
+        return {"full_audit": not_computed(f"no held-out manifest ({control}) for the attack's control: "
+                                           "set audit.heldout_manifest")}
     root = trainer.testbed_root
     config = AuditConfig(
         mitigations=["none"], model=str(model_dir), manifest=r.memorized_manifest,
-        control_manifest=a.heldout_manifest, output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
+        control_manifest=str(control), output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
         recipe=a.full_recipe or str(default_recipe_path(root is not None)), max_targets=a.full_max_targets,
         reference_manifest=str(root / "manifests" / "unique.jsonl") if root else None,
         utility_manifest=r.utility.path if r.utility.format == "manifest" else None,
