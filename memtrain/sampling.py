@@ -8,6 +8,8 @@ papers 002 and 003 switch or invert guidance this way.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,6 +35,20 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Deterministic N(0, I) noise for one image, generated on CPU so every device agrees."""
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(shape, generator=generator)
+
+
+def step_generators(seeds) -> list[torch.Generator]:
+    """One CPU generator per image for the noise that stochastic schedulers (DDPM, SDE solvers)
+    add at each step, so that noise, like the initial noise, depends only on the image's seed and
+    not on which batch the image falls in. Offset from the initial-noise stream."""
+    return [torch.Generator(device="cpu").manual_seed(int(seed) + 7_919_000_000) for seed in seeds]
+
+
+def scheduler_step(scheduler, output: torch.Tensor, t, x: torch.Tensor, generators: list[torch.Generator]):
+    """scheduler.step with per-image generators where the scheduler draws noise."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return scheduler.step(output, t, x, generator=generators).prev_sample
+    return scheduler.step(output, t, x).prev_sample
 
 
 def _eps_from_output(scheduler, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
@@ -108,6 +124,7 @@ def sample(
         chunk = jobs[start : start + batch_size]
         idx = torch.tensor([i for i, _ in chunk])
         x = torch.stack([initial_noise(seeds[s], shape) for _, s in chunk]).to(device, dtype)
+        generators = step_generators([seeds[s] for _, s in chunk])
         y_cond = embeddings[idx.to(device)]
         y_uncond = uncond.expand(len(chunk), -1, -1)
         sched = bundle.make_scheduler(scheduler)
@@ -132,7 +149,7 @@ def sample(
                 eps = eps_uncond + scale_t * (eps_cond - eps_uncond)
                 chunk_xt.append(x.float().cpu())
                 chunk_x0.append(_x0_from_eps(sched, eps, x, t).float().cpu())
-            x = sched.step(guided, t, x).prev_sample
+            x = scheduler_step(sched, guided, t, x, generators)
         if start == 0:
             timesteps_used = [int(t) for t in sched.timesteps]
         images = (bundle.decode_latents(x).float().cpu() / 2 + 0.5).clamp(0, 1)

@@ -40,7 +40,7 @@ from memtrain.errors import MemtrainError
 from memtrain.mitigations.base import (
     PruningMitigation, json_tensor, register_mitigation, tensor_json,
 )
-from memtrain.sampling import initial_noise
+from memtrain.sampling import initial_noise, scheduler_step, step_generators
 from memtrain.text import encode_prompts
 
 AGGREGATES = ("union", "pooled")
@@ -190,6 +190,7 @@ class Wanda(PruningMitigation):
         scheduler.set_timesteps(int(self.num_inference_steps), device=bundle.device)
         x = torch.stack([initial_noise(s, shape) for s in seeds]).to(bundle.device, bundle.dtype)
         x = x * scheduler.init_noise_sigma
+        generators = step_generators(seeds)
         context = torch.cat([uncond.expand(len(seeds), -1, -1), y])
         for step, t in enumerate(scheduler.timesteps[:steps]):
             state["step"] = step
@@ -197,7 +198,7 @@ class Wanda(PruningMitigation):
             out = bundle.unet(x_in, t, encoder_hidden_states=context).sample
             out_uncond, out_cond = out.chunk(2)
             guided = out_uncond + self.guidance_scale * (out_cond - out_uncond)
-            x = scheduler.step(guided, t, x).prev_sample
+            x = scheduler_step(scheduler, guided, t, x, generators)
 
     # pruning -----------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
