@@ -339,9 +339,11 @@ def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
 
 @pytest.mark.slow
 def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
-    """The default audit (testbed recipe) of the five mitigations. NeMo/Wanda/pad outcomes are
+    """The default audit (testbed recipe) on the real testbed. Mitigation outcomes are
     whatever they are: only the layout and the unmitigated model's memorization are checked."""
-    names = ["none", "nemo", "wanda", "pad_eot", "pad_mask"]
+    # two mitigations (an embedding one) keep CI short; nemo/wanda on the tiny model above, and the
+    # README command audits all five on the real testbed
+    names = ["none", "pad_eot"]
     out = tmp_path / "audit"
     # 4 targets x 4 seeds keeps the CI run in minutes; the README command audits all 10 x 10
     doc = audit(AuditConfig(mitigations=names, model=str(testbed_dir), output_dir=str(out), progress=False,
