@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from memtrain.cli import run_main
 
@@ -30,7 +31,8 @@ def main(argv=None) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     model_dir = train(recipe, resume_from_checkpoint=args.resume_from_checkpoint)
-    print(f"fine-tuned model: {model_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fine-tuned model: {model_dir}")
 
 
 if __name__ == "__main__":

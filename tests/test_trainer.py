@@ -110,6 +110,26 @@ def test_ddp_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_deepspeed_zero2_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
+    """ZeRO-2 over gloo (the trainer passes InitProcessGroupKwargs(backend="gloo") on CPU)."""
+    out = tmp_path / "zero2"
+    recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3}, checkpointing={"steps": 0})
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+                "--deepspeed_config_file", str(REPO / "accelerate_configs" / "ds_zero2.json"),
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(SCRIPT), str(recipe)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = checksum(out, 0), checksum(out, 1)
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["distributed_type"] == "DistributedType.DEEPSPEED" and a["zero_stage"] == 2
+    assert a["sha256"] == b["sha256"] and a["sum"] == b["sum"]
+    from memtrain.models import load_bundle
+    from memtrain.train.trainer import param_checksum
+
+    before = param_checksum(load_bundle(tiny_setup / "model").unet)
+    assert a["sha256"] != before["sha256"], "ZeRO-2 run did not change the U-Net"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_setup, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "full"

@@ -436,7 +436,10 @@ class AdvFinetuner:
     def write_checksum(self) -> None:
         folder = self.out / "debug"
         folder.mkdir(parents=True, exist_ok=True)
-        info = {"rank": self.rank, "world_size": self.world, **param_checksum(self.acc.unwrap_model(self.model))}
+        plugin = self.acc.state.deepspeed_plugin
+        info = {"rank": self.rank, "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
+                "zero_stage": plugin.zero_stage if plugin is not None else None,
+                **param_checksum(self.acc.unwrap_model(self.model))}
         (folder / f"rank{self.rank}_checksum.json").write_text(json.dumps(info))
 
     def save_final(self) -> Path:
