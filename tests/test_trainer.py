@@ -250,3 +250,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_setup, tmp_path, mon
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert not (out / "model").exists()
     torch.set_num_threads(1)
+
+
+def test_disk_full_while_saving_keeps_latest_intact(tiny_setup, tmp_path, monkeypatch):
+    """ENOSPC in the middle of the second checkpoint: the partial folder goes, checkpoint-2 stays
+    `latest`, and the error says so in one line."""
+    import errno
+
+    import accelerate
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from memtrain.errors import MemtrainError
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner, checkpoint_dirs, resolve_resume
+
+    out = tmp_path / "full_disk"
+    recipe = load_recipe(tiny_recipe(tiny_setup, out))
+    original = accelerate.Accelerator.save_state
+    calls = {"n": 0}
+
+    def filling_disk(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # write part of a file, then the disk is full
+            (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", filling_disk)
+    try:
+        with pytest.raises(MemtrainError) as err:
+            AdvFinetuner(recipe).train()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+        torch.set_num_threads(1)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "saving checkpoint-4 failed (No space left on device)" in message
+    assert "'latest' is still checkpoint-2" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert resolve_resume("latest", out / "checkpoints") == checkpoint_dirs(out / "checkpoints")[-1]
+    assert not (out / "model").exists()

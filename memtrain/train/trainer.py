@@ -321,20 +321,29 @@ class AdvFinetuner:
         """Save into a temp folder, then rename: `latest` is never a half-written checkpoint."""
         acc, final = self.acc, self.ckpt_root / f"checkpoint-{step}"
         tmp = self.ckpt_root / f".tmp-checkpoint-{step}"
-        if acc.is_main_process:
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            if y_adv is not None:  # mid-image: the resumed run must reuse this epoch's embedding
+                torch.save(y_adv, tmp / f"adv_rank{self.rank}.pt")
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
+                         "world_size": self.world, "recipe": self.recipe.to_dict()}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+        except OSError as e:  # disk full, quota, permissions: drop the partial folder, keep the rest
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if y_adv is not None:  # mid-image: the resumed run must reuse this epoch's embedding
-            torch.save(y_adv, tmp / f"adv_rank{self.rank}.pt")
-        acc.wait_for_everyone()
+            kept = checkpoint_dirs(self.ckpt_root)
+            raise MemtrainError(
+                f"saving checkpoint-{step} failed ({e.strerror or e}); the partial folder was removed and "
+                f"'latest' is still {kept[-1].name if kept else 'no checkpoint'}: free space, then rerun with "
+                f"--resume_from_checkpoint latest") from e
         if acc.is_main_process:
-            state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
-                     "world_size": self.world, "recipe": self.recipe.to_dict()}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
             self.prune_checkpoints()
             log.info("saved %s", final)
         acc.wait_for_everyone()
@@ -450,26 +459,32 @@ class AdvFinetuner:
             self.ema.copy_to(self.params)
         if acc.is_main_process:
             tmp = self.out / ".model.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            if self.recipe.train.finetune == "lora":
-                from diffusers import StableDiffusionPipeline
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft.utils import get_peft_model_state_dict
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if self.recipe.train.finetune == "lora":
+                    from diffusers import StableDiffusionPipeline
+                    from diffusers.utils import convert_state_dict_to_diffusers
+                    from peft.utils import get_peft_model_state_dict
 
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-                StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
-                                                          safe_serialization=True)
-            else:
-                self.bundle.unet = unet
-                if self.weight_dtype != torch.float32:
-                    self.bundle.text_encoder.to(dtype=torch.float32)
-                    self.bundle.vae.to(dtype=torch.float32)
-                self.bundle.save(tmp)
-                sampler = Path(self.bundle.path) / "memtrain.json"
-                if sampler.is_file():
-                    shutil.copy(sampler, tmp / "memtrain.json")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+                    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                    StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                                                              safe_serialization=True)
+                else:
+                    self.bundle.unet = unet
+                    if self.weight_dtype != torch.float32:
+                        self.bundle.text_encoder.to(dtype=torch.float32)
+                        self.bundle.vae.to(dtype=torch.float32)
+                    self.bundle.save(tmp)
+                    sampler = Path(self.bundle.path) / "memtrain.json"
+                    if sampler.is_file():
+                        shutil.copy(sampler, tmp / "memtrain.json")
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+            except OSError as e:  # a full disk must not leave a half model where the last one was
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise MemtrainError(f"saving the fine-tuned model to {target} failed ({e.strerror or e}); "
+                                    "the partial folder was removed and the checkpoints are kept: free space, "
+                                    "then rerun with --resume_from_checkpoint latest") from e
         acc.wait_for_everyone()
         return target
 
