@@ -18,6 +18,7 @@ from memtrain.metrics import (
     not_computed,
     pairwise_cosine,
     paper002_score,
+    sscd_cross,
     sscd_gen,
     sscd_orig,
     summarize,
@@ -38,6 +39,16 @@ def test_sscd_orig_hand_values():
         [E[2], -E[1], E[1] * 5.0],  # input 1: orthogonal, opposite, un-normalized copy
     ])
     np.testing.assert_allclose(sscd_orig(gen, train), [[1, 0, np.sqrt(0.5)], [0, -1, 1]], atol=1e-12)
+
+
+def test_sscd_cross_scores_every_training_image():
+    train = np.stack([E[0], E[1]])  # [M=2, D=3]
+    gen = np.stack([[E[1], unit(1, 1, 0) * 3.0]])  # one input, two seeds: a copy of image 1, a blend
+    cross = sscd_cross(gen, train)
+    assert cross.shape == (1, 2, 2)
+    np.testing.assert_allclose(cross, [[[0, 1], [np.sqrt(0.5), np.sqrt(0.5)]]], atol=1e-12)
+    # its own image (row 0) alone would miss that seed 0 copies another memorized image
+    np.testing.assert_allclose(sscd_orig(gen, train[:1]), [[0, np.sqrt(0.5)]], atol=1e-12)
 
 
 def test_sscd_gen_pairs_same_seed():

@@ -18,6 +18,7 @@ from memtrain.metrics.scores import (
     pairwise_cosine,
     paper002_score,
     sscd_gen,
+    sscd_cross,
     sscd_orig,
     summarize,
 )
@@ -38,6 +39,6 @@ __all__ = [
     "OnnxSSCD", "PAPER002_THRESHOLD", "StandInDescriptor", "TorchScriptSSCD", "clipscore_from_cosine",
     "cosine_matrix", "diversity_dsscd", "fid", "fid_from_stats", "get_alignment_scorer", "get_descriptor",
     "inception_features", "inception_model_path", "kid", "lpips_diversity", "memorization_rate",
-    "not_computed", "pairwise_cosine", "paper002_score", "resize_for_sscd", "sscd_gen", "sscd_orig",
+    "not_computed", "pairwise_cosine", "paper002_score", "resize_for_sscd", "sscd_cross", "sscd_gen", "sscd_orig",
     "summarize", "to_uint8_images",
 ]

@@ -36,6 +36,16 @@ def sscd_orig(gen_emb: Any, train_emb: Any) -> np.ndarray:
     return np.einsum("nsd,nd->ns", _unit(gen), _unit(train))
 
 
+def sscd_cross(gen_emb: Any, train_emb: Any) -> np.ndarray:
+    """Cosine of every generation [N,S,D] with every training image [M,D] -> [N,S,M] (is a
+    generation a copy of any image of the set, not only of its own input's?)."""
+    gen = _as_array(gen_emb, 3, "gen_emb")
+    train = _as_array(train_emb, 2, "train_emb")
+    if gen.shape[2] != train.shape[1]:
+        raise ValueError(f"gen_emb {gen.shape} and train_emb {train.shape} disagree on the embedding size")
+    return np.einsum("nsd,md->nsm", _unit(gen), _unit(train))
+
+
 def sscd_gen(gen_emb: Any, ref_gen_emb: Any) -> np.ndarray:
     """SSCD_Gen: cosine of each generation with the unmitigated model's generation for the same
     input and seed. Both [N,S,D] with matching seeds -> [N,S]."""

@@ -2,8 +2,9 @@
 
 K images per memorized prompt are generated under an active mitigation (NeMo by default, any
 registered one works) or by a second model that never saw the images. Any surrogate whose
-SSCD_Orig against the training image exceeds the drop threshold is itself a copy and is
-dropped. The kept images are cached under output_dir/surrogates with a manifest (and the
+SSCD against its own training image, or against any other memorized image, exceeds the drop
+threshold is itself a copy and is dropped (a mitigated model often swaps one memorized image
+for another; training towards that one would re-memorize it). The kept images are cached under output_dir/surrogates with a manifest (and the
 settings that made them, so a changed recipe regenerates them instead of reusing stale ones).
 """
 
@@ -110,25 +111,27 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
     descriptor = descriptor_for(spec.descriptor)
     train_emb = descriptor.embed([load_image(m) for m in memorized])
     gen_emb = descriptor.embed(images.flatten(0, 1)).reshape(len(memorized), len(seeds), -1)
-    from memtrain.metrics import sscd_orig
+    from memtrain.metrics import sscd_cross, sscd_orig
 
-    scores = np.asarray(sscd_orig(gen_emb, train_emb))  # (N, K)
+    scores = np.asarray(sscd_orig(gen_emb, train_emb))  # (N, K) against its own image
+    worst = sscd_cross(gen_emb, train_emb).max(-1)  # (N, K) against any memorized image
     (folder / "images").mkdir(parents=True, exist_ok=True)
     kept: list[ManifestItem] = []
     for i, item in enumerate(memorized):
         for k, seed in enumerate(seeds):
             score = float(scores[i, k])
-            if score > spec.sscd_drop_threshold:
-                continue  # a copy of the training image: training towards it would re-memorize
+            if float(worst[i, k]) > spec.sscd_drop_threshold:
+                continue  # a copy of a memorized image: training towards it would re-memorize
             path = folder / "images" / f"{item.id}_s{seed}.png"
             to_pil(images[i, k]).save(path)
             kept.append(ManifestItem(id=f"{item.id}_s{seed}", prompt=item.prompt, image=str(path),
                                      label="surrogate", source=spec.source,
-                                     extra={"memorized_id": item.id, "sscd_orig": round(score, 4)}))
+                                     extra={"memorized_id": item.id, "sscd_orig": round(score, 4),
+                                            "sscd_max_memorized": round(float(worst[i, k]), 4)}))
     if not kept:
         raise MemtrainError(
-            f"no usable surrogates: all {scores.size} generated images have SSCD_Orig > "
-            f"{spec.sscd_drop_threshold} (max kept would be {float(scores.min()):.2f}); use a stronger "
+            f"no usable surrogates: all {scores.size} generated images have SSCD > "
+            f"{spec.sscd_drop_threshold} with a memorized image (lowest {float(worst.min()):.2f}); use a stronger "
             "mitigation, another surrogates.model, or more surrogates.per_prompt"
         )
     missing = sorted({m.id for m in memorized} - {k.extra["memorized_id"] for k in kept})
@@ -137,5 +140,5 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
                     len(missing), ", ".join(missing))
     write_manifest(folder / "manifest.jsonl", kept)
     (folder / SETTINGS_FILE).write_text(json.dumps(key, indent=1))
-    log.info("surrogates: kept %d of %d (SSCD_Orig <= %.2f)", len(kept), scores.size, spec.sscd_drop_threshold)
+    log.info("surrogates: kept %d of %d (SSCD with every memorized image <= %.2f)", len(kept), scores.size, spec.sscd_drop_threshold)
     return kept
