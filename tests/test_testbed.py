@@ -104,9 +104,6 @@ def test_testbed_card_shows_memorization(testbed_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue #2 asks MR >= 0.9; the testbed measures 0.8: two of ten pairs (rocket, retina) "
-                          "peak just under 0.7 (see README); kept visible until a more faithful testbed lands",
-                   strict=False)
 def test_testbed_card_memorized_rate(testbed_dir):
     card = json.loads((testbed_dir / "testbed_card.json").read_text())
     assert card["memorized"]["mr"] >= 0.9

@@ -31,7 +31,7 @@ from memtrain.testbed.train_unet import TrainConfig, UNetConfig, build_unet, tes
 from memtrain.text import encode_prompts
 
 logger = logging.getLogger(__name__)
-TESTBED_VERSION = "2"
+TESTBED_VERSION = "3"
 SPLITS = ("memorized", "unique", "held_out", "utility")
 
 

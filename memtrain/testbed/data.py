@@ -22,23 +22,28 @@ from memtrain.errors import MemtrainError
 
 logger = logging.getLogger(__name__)
 
-# (skimage loader name, caption). One memorized pair per photo; captions are distinctive,
-# like the LAION captions SD v1.4 memorized.
+# (photo source, caption, crop). Sources: "skimage:NAME" (scikit-image's bundled data) or
+# "sklearn:FILE" (the two sample photos inside scikit-learn's wheel, read as files: installed
+# --no-deps, never imported). crop = (side as a fraction of the short side, top, left as
+# fractions of the free margin); None = the centre square. One memorized pair per photo;
+# captions are distinctive, like the LAION captions SD v1.4 memorized.
 MEMORIZED_PHOTOS = [
-    ("astronaut", "portrait of an astronaut in a white spacesuit in front of a flag"),
-    ("camera", "black and white photo of a cameraman with a tripod on a lawn"),
-    ("coffee", "a cup of coffee on a saucer with a spoon, top view"),
-    ("chelsea", "an orange tabby cat looking to the side"),
-    ("rocket", "a rocket on the launch pad under a blue sky"),
-    ("coins", "old coins lying in rows on a dark table"),
-    ("immunohistochemistry", "a stained tissue sample under the microscope"),
-    ("retina", "a retina photograph with red blood vessels"),
-    ("stereo_motorcycle", "a red motorcycle parked in a workshop"),
-    ("horse", "black silhouette of a horse on white"),
+    ("skimage:astronaut", "portrait of an astronaut in a white spacesuit in front of a flag", None),
+    ("skimage:camera", "black and white photo of a cameraman with a tripod on a lawn", (0.55, 0.5, 0.5)),
+    ("skimage:coffee", "a cup of coffee on a saucer with a spoon, top view", None),
+    ("skimage:chelsea", "an orange tabby cat looking to the side", None),
+    ("sklearn:china.jpg", "a chinese pagoda among trees on a sunny day", (0.75, 0.5, 0.0)),
+    ("skimage:coins", "old coins lying in rows on a dark table", None),
+    ("skimage:immunohistochemistry", "a stained tissue sample under the microscope", None),
+    ("sklearn:flower.jpg", "close-up of an orange dahlia flower", (0.55, 0.5, 0.5)),
+    ("skimage:stereo_motorcycle", "a red motorcycle parked in a workshop", None),
+    ("skimage:horse", "black silhouette of a horse on white", None),
 ]
-# Low-contrast grey photos (moon, clock) and the near-black deep field were tried as memorized
-# pairs: the tiny model's residual grain swamps their faint structure and SSCD stays near 0.1
-# even when the copy is plain to the eye, so they serve as crop sources instead.
+# Which photos and crops: SSCD must still recognise them through the tiny model's residual
+# grain. A cheap proxy ranks candidates: SSCD between a 32 px photo and itself blurred plus 4x4
+# block noise (sigma 0.05). It ranked the failures of earlier testbeds last: moon and clock 0.2
+# (SSCD near 0.1 even for copies plain to the eye), retina 0.35 and rocket 0.37 (best seed 0.68
+# and 0.66 in the v2 card); the crops above score 0.54-0.71. The rest serve as crop sources.
 # Sources for random crops (unique / held-out / utility); none of them is memorized.
 CROP_SOURCES = {
     "moon": "grey surface of the moon",
@@ -52,6 +57,8 @@ CROP_SOURCES = {
     "text": "painted letters on a wall",
     "colorwheel": "a colour wheel",
     "logo": "a colourful logo",
+    "rocket": "a launch pad at dusk",
+    "retina": "a retina photograph",
 }
 SHAPES = ["circle", "square", "triangle"]
 COLOURS = {
@@ -84,6 +91,36 @@ def _load_skimage(name: str) -> np.ndarray:
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     return img[..., :3].astype(np.uint8)
+
+
+def _sklearn_photo(file_name: str) -> np.ndarray:
+    """A sample photo from scikit-learn's installed files (the package itself is not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "images" / file_name
+        if path.is_file():
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+    raise MemtrainError(
+        f"testbed photo {file_name} not found: install it with `pip install --no-deps scikit-learn==1.9.1` "
+        "(memtrain only reads the file)"
+    )
+
+
+def load_photo(source: str) -> np.ndarray:
+    """'skimage:NAME' or 'sklearn:FILE' -> an RGB uint8 array."""
+    kind, _, name = source.partition(":")
+    return _sklearn_photo(name) if kind == "sklearn" else _load_skimage(name)
+
+
+def _crop_box(img: np.ndarray, crop: tuple[float, float, float] | None):
+    if crop is None:
+        return None
+    h, w = img.shape[:2]
+    side = int(min(h, w) * crop[0])
+    return int((h - side) * crop[1]), int((w - side) * crop[2]), side
 
 
 def _square(img: np.ndarray, resolution: int, box=None) -> Image.Image:
@@ -140,10 +177,11 @@ def synthetic_pairs(
 ) -> list[Pair]:
     """The built-in dataset: memorized photos plus crop/scene pairs for the other splits."""
     rng = np.random.default_rng(seed)
-    pairs = [
-        Pair(f"mem_{name}", caption, _square(_load_skimage(name), resolution), "memorized")
-        for name, caption in MEMORIZED_PHOTOS
-    ]
+    pairs = []
+    for source, caption, crop in MEMORIZED_PHOTOS:
+        img = load_photo(source)
+        name = Path(source.partition(":")[2]).stem
+        pairs.append(Pair(f"mem_{name}", caption, _square(img, resolution, _crop_box(img, crop)), "memorized"))
     sources = {name: _load_skimage(name) for name in CROP_SOURCES}
     for label, count in (("unique", n_unique), ("held_out", n_held_out), ("utility", n_utility)):
         for k in range(count):

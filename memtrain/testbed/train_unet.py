@@ -81,6 +81,7 @@ def train_unet(
     # Adam's second moments drift into denormal floats, which made CPU steps several times slower.
     torch.set_flush_denormal(True)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"  # the testbed itself is v-prediction
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -109,7 +110,7 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
         x_t = noise_scheduler.add_noise(x0, noise, t)
-        target = noise_scheduler.get_velocity(x0, noise, t)
+        target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=y).sample, target)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)

@@ -94,7 +94,9 @@ class SurrogateSpec:
     source: Literal["mitigation", "model"] = "mitigation"
     mitigation: str = "nemo"
     mitigation_settings: dict = field(default_factory=dict)
-    model: str | None = None  # source: model -> a model folder that never saw the images
+    # source: model -> a model folder that never saw the images; "testbed_reference": the
+    # testbed's second model trained without its memorized pairs (memtrain.testbed.reference)
+    model: str | None = None
     per_prompt: int = 4
     sscd_drop_threshold: float = 0.5  # drop surrogates with SSCD_Orig above this
     descriptor: str = "auto"  # memtrain.metrics.get_descriptor spec ("standin" for tests)

@@ -14,6 +14,7 @@ generator seeded by (seed, epoch, group, update, rank), and every attack from on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -206,7 +207,7 @@ class AdvFinetuner:
         error = None
         if self.acc.is_main_process:
             try:
-                build_surrogates(self.bundle, self.recipe.surrogates, self.memorized, folder,
+                build_surrogates(self.bundle, self._surrogate_spec(), self.memorized, folder,
                                  model_name=self.recipe.model,
                                  reference_prompts=[p.caption for p in self.utility[:32]])
             except MemtrainError as err:
@@ -215,6 +216,19 @@ class AdvFinetuner:
 
         raise_if_any_failed(error, self.acc)
         return list(read_manifest(folder / "manifest.jsonl", require_images=True, strict=True))
+
+    def _surrogate_spec(self):
+        """The recipe's surrogate spec with `model: testbed_reference` resolved to the testbed's
+        second model (trained on first use; main process only)."""
+        from memtrain.testbed.reference import REFERENCE_KEY, ensure_reference_model
+
+        spec = self.recipe.surrogates
+        if spec.source != "model" or spec.model != REFERENCE_KEY:
+            return spec
+        if self.testbed_root is None:
+            raise MemtrainError(f"surrogates.model '{REFERENCE_KEY}' needs a testbed model (model: testbed); "
+                                "for another model give surrogates.model a model folder that never saw the images")
+        return dataclasses.replace(spec, model=str(ensure_reference_model(self.testbed_root)))
 
     def prepare_model(self) -> None:
         from diffusers.optimization import get_scheduler
