@@ -71,6 +71,13 @@ def test_int_is_accepted_for_float():
     assert build({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
 
 
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 (PyYAML) reads `1e-3` as a string; users type it that way on the command line
+    assert build(overrides=["train.learning_rate=1e-3"]).train.learning_rate == 1e-3
+    with pytest.raises(MemtrainError, match="train.learning_rate"):
+        build(overrides=["train.learning_rate=fast"])
+
+
 def test_overrides_dotted_and_typed():
     r = build(overrides=["train.epochs=2", "train.lora.targets=[to_q, to_v]", "attack.l2_radius=null",
                          "surrogates.mitigation=pad_eot", "train.ema.use=true"])

@@ -5,7 +5,7 @@ never saw the image". On the testbed no mitigation stops the copies (measured: p
 pad_mask, NeMo and Wanda surrogates stay copies of one memorized image or another), so the
 fine-tuning recipe asks this model instead: the testbed's own tokenizer, frozen text encoder,
 codec, scheduler and U-Net shape, trained from scratch on the unique and utility pairs only.
-Built on first use (about 2 minutes on 2 CPU cores), cached beside the testbed's model.
+Built on first use (600 steps, about 3 minutes on 2 CPU cores), cached beside the testbed's model.
 """
 
 from __future__ import annotations

@@ -194,6 +194,11 @@ def _convert(value: Any, tp, key: str) -> Any:
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise MemtrainError(
             f"recipe key '{key}' must be {_type_name(tp)}, got {type(value).__name__} ({value!r})"
