@@ -227,6 +227,7 @@ class AuditConfig:
 
     mitigations: list[str]
     model: str | None = None  # default: the cached testbed
+    lora: str | None = None  # U-Net LoRA weights fused into the model before auditing
     manifest: str | None = None  # memorized targets (default: testbed memorized)
     control_manifest: str | None = None  # held-out images (default: testbed held_out)
     reference_manifest: str | None = None  # non-memorized prompts (default: testbed unique)
@@ -878,7 +879,7 @@ def audit(cfg: AuditConfig, accelerator=None) -> dict:
     process). Bad input raises MemtrainError before anything is written."""
     from memtrain.evaluate import alignment_scorer, EvaluateConfig, versions
     from memtrain.metrics import get_descriptor
-    from memtrain.models import load_bundle
+    from memtrain.models import fuse_lora_weights, load_bundle
     from memtrain.train.data import pixel_resolution
 
     start = time.time()
@@ -894,6 +895,8 @@ def audit(cfg: AuditConfig, accelerator=None) -> dict:
     scorer, clip_reason = alignment_scorer(EvaluateConfig(clip_model=cfg.clip_model), inputs.testbed_root)
     dist.run_checked(lambda: _check_images(inputs.targets + inputs.control), accelerator)
     bundle = load_bundle(inputs.model_dir, device=accelerator.device)
+    if cfg.lora:
+        fuse_lora_weights(bundle, cfg.lora)
     settings = _sampler_settings(bundle, recipe)
     ctx = Context(bundle, descriptor, scorer, clip_reason, settings, seeds, recipe, attack_config, accelerator,
                   cfg.progress, pixel_resolution(bundle))
@@ -922,7 +925,7 @@ def audit(cfg: AuditConfig, accelerator=None) -> dict:
             notes.insert(0, f"copy descriptor is the stand-in '{descriptor.name}', NOT SSCD")
         doc = {
             "metric_backend": descriptor.name,
-            "model": {"source": cfg.model or "testbed (cached)", "path": inputs.model_dir,
+            "model": {"source": cfg.model or "testbed (cached)", "path": inputs.model_dir, "lora": cfg.lora,
                       "testbed": inputs.testbed_root is not None},
             "settings": _settings_doc(cfg, recipe, inputs, ctx, notes, time.time() - start),
             "versions": versions(),

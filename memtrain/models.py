@@ -183,3 +183,20 @@ def load_bundle(
     scheduler = DDIMScheduler.from_config(scheduler_config)
     bundle = ModelBundle(unet, text_encoder, tokenizer, vae, scheduler, source=str(model), path=str(path))
     return bundle.to(device=device).eval()
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # StableDiffusionPipeline.save_lora_weights' name
+
+
+def fuse_lora_weights(bundle: ModelBundle, lora: str | Path) -> None:
+    """Fuse U-Net LoRA weights (adv_finetune's output with `finetune: lora`) into the bundle, so
+    the U-Net is a plain one again: mitigations, the attack and checksums see ordinary weights."""
+    path = Path(lora)
+    weights = path / LORA_WEIGHTS if path.is_dir() else path
+    if not weights.is_file():
+        raise MemtrainError(f"LoRA weights '{lora}' not found: give the folder holding {LORA_WEIGHTS} "
+                            "(output_dir/model of an adv_finetune run with finetune: lora)")
+    bundle.unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix="unet")
+    bundle.unet.fuse_lora()
+    bundle.unet.unload_lora()
+

@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mitigation", dest="mitigations", nargs="+", required=True, metavar="NAME",
                    help="mitigations to audit (none, nemo, wanda, pad_eot, pad_mask, ...)")
     p.add_argument("--model", help="diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
+    p.add_argument("--lora", help="U-Net LoRA weights to fuse into --model first (adv_finetune's output_dir/model "
+                                   "of a finetune: lora run)")
     p.add_argument("--manifest", help="memorized targets (id, prompt, image); default: the testbed's memorized set")
     p.add_argument("--control_manifest", help="held-out images for the false-positive control; default: testbed held_out")
     p.add_argument("--reference_manifest", help="non-memorized prompts (NeMo statistics); default: testbed unique")

@@ -293,3 +293,32 @@ def test_disk_full_while_saving_keeps_latest_intact(tiny_setup, tmp_path, monkey
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert resolve_resume("latest", out / "checkpoints") == checkpoint_dirs(out / "checkpoints")[-1]
     assert not (out / "model").exists()
+
+
+def test_lora_run_saves_loadable_weights_that_change_only_lora_targets(tiny_setup, tmp_path):
+    import torch
+
+    from memtrain.models import LORA_WEIGHTS, fuse_lora_weights, load_bundle
+
+    out = tmp_path / "lora"
+    recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3, "finetune": "lora"}, checkpointing={"steps": 0})
+    proc = single(recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "model").iterdir()) == [LORA_WEIGHTS]
+    base = load_bundle(tiny_setup / "model")
+    tuned = load_bundle(tiny_setup / "model")
+    fuse_lora_weights(tuned, out / "model")  # diffusers' load_lora_adapter, then fused
+    before, after = base.unet.state_dict(), tuned.unet.state_dict()
+    assert set(before) == set(after)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "the LoRA run changed nothing"
+    targets = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    assert all(k.endswith(targets) for k in changed), [k for k in changed if not k.endswith(targets)]
+
+
+def test_fusing_missing_lora_weights_is_one_line(tiny_setup, tmp_path):
+    from memtrain.errors import MemtrainError
+    from memtrain.models import fuse_lora_weights, load_bundle
+
+    with pytest.raises(MemtrainError, match="LoRA weights .* not found"):
+        fuse_lora_weights(load_bundle(tiny_setup / "model"), tmp_path)

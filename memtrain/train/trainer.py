@@ -636,8 +636,10 @@ def full_audit(trainer: AdvFinetuner, model_dir: Path) -> dict | None:
         return {"full_audit": not_computed(f"no held-out manifest ({control}) for the attack's control: "
                                            "set audit.heldout_manifest")}
     root = trainer.testbed_root
+    lora = r.train.finetune == "lora"  # model_dir then holds only the LoRA weights: fuse them into the base
     config = AuditConfig(
-        mitigations=["none"], model=str(model_dir), manifest=r.memorized_manifest,
+        mitigations=["none"], model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
+        manifest=r.memorized_manifest,
         control_manifest=str(control), output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
         recipe=a.full_recipe or str(default_recipe_path(root is not None)), max_targets=a.full_max_targets,
         reference_manifest=str(root / "manifests" / "unique.jsonl") if root else None,
