@@ -322,3 +322,21 @@ def test_fusing_missing_lora_weights_is_one_line(tiny_setup, tmp_path):
 
     with pytest.raises(MemtrainError, match="LoRA weights .* not found"):
         fuse_lora_weights(load_bundle(tiny_setup / "model"), tmp_path)
+
+
+@pytest.mark.parametrize("case", ["missing_utility", "memorized_without_images", "wrong_type"])
+def test_bad_data_is_one_line_and_writes_no_model(tiny_setup, tmp_path, case):
+    out = tmp_path / case
+    if case == "missing_utility":
+        recipe, extra, expect = tiny_recipe(tiny_setup, out, utility={"path": str(tmp_path / "nowhere.jsonl")}), (), "nowhere.jsonl"
+    elif case == "memorized_without_images":
+        manifest = tmp_path / "no_images.jsonl"
+        write_manifest(manifest, [ManifestItem(id="m0", prompt="a picture", image=str(tmp_path / "gone.png"))])
+        recipe, extra, expect = tiny_recipe(tiny_setup, out, memorized_manifest=str(manifest)), (), "gone.png"
+    else:
+        recipe, extra, expect = tiny_recipe(tiny_setup, out), ("train.epochs=two",), "train.epochs"
+    proc = single(recipe, *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expect in last
+    assert not (out / "model").exists()
