@@ -199,4 +199,3 @@ def fuse_lora_weights(bundle: ModelBundle, lora: str | Path) -> None:
     bundle.unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix="unet")
     bundle.unet.fuse_lora()
     bundle.unet.unload_lora()
-

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from memtrain.cli import run_main
 
@@ -27,11 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from memtrain.train.recipe import load_recipe
+    from memtrain.distributed import is_main_process
     from memtrain.train.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     model_dir = train(recipe, resume_from_checkpoint=args.resume_from_checkpoint)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"fine-tuned model: {model_dir}")
 
 

@@ -41,9 +41,10 @@ MEMORIZED_PHOTOS = [
 ]
 # Which photos and crops: SSCD must still recognise them through the tiny model's residual
 # grain. A cheap proxy ranks candidates: SSCD between a 32 px photo and itself blurred plus 4x4
-# block noise (sigma 0.05). It ranked the failures of earlier testbeds last: moon and clock 0.2
-# (SSCD near 0.1 even for copies plain to the eye), retina 0.35 and rocket 0.37 (best seed 0.68
-# and 0.66 in the v2 card); the crops above score 0.54-0.71. The rest serve as crop sources.
+# block noise. It ranked the failures of earlier testbeds last: moon and clock about 0.2 (SSCD
+# near 0.1 even for copies plain to the eye), retina 0.35 and rocket 0.37 (best seed 0.68 and
+# 0.66 in the v2 card); the three crops above score 0.54 (camera), 0.61 (pagoda), 0.67 (flower).
+# The rest serve as crop sources.
 # Sources for random crops (unique / held-out / utility); none of them is memorized.
 CROP_SOURCES = {
     "moon": "grey surface of the moon",

@@ -1,8 +1,9 @@
 """A second testbed model that never saw the memorized pairs: the surrogate source.
 
 Paper 004 (App. I) draws surrogate images "under an active mitigation or from a model that
-never saw the image". On the testbed no mitigation stops the copies (measured: pad_eot,
-pad_mask, NeMo and Wanda surrogates stay copies of one memorized image or another), so the
+never saw the image". On the testbed the mitigations do not stop the copies (measured: pad_eot,
+pad_mask and Wanda at 10% left most prompts with only copies of one memorized image or
+another), so the
 fine-tuning recipe asks this model instead: the testbed's own tokenizer, frozen text encoder,
 codec, scheduler and U-Net shape, trained from scratch on the unique and utility pairs only.
 Built on first use (600 steps, about 3 minutes on 2 CPU cores), cached beside the testbed's model.

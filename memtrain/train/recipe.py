@@ -98,7 +98,7 @@ class SurrogateSpec:
     # testbed's second model trained without its memorized pairs (memtrain.testbed.reference)
     model: str | None = None
     per_prompt: int = 4
-    sscd_drop_threshold: float = 0.5  # drop surrogates with SSCD_Orig above this
+    sscd_drop_threshold: float = 0.5  # drop surrogates with SSCD above this against any memorized image
     descriptor: str = "auto"  # memtrain.metrics.get_descriptor spec ("standin" for tests)
     seed: int = 1000
     num_inference_steps: int | None = None  # None -> the model's sampler settings

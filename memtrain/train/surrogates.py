@@ -4,8 +4,9 @@ K images per memorized prompt are generated under an active mitigation (NeMo by 
 registered one works) or by a second model that never saw the images. Any surrogate whose
 SSCD against its own training image, or against any other memorized image, exceeds the drop
 threshold is itself a copy and is dropped (a mitigated model often swaps one memorized image
-for another; training towards that one would re-memorize it). The kept images are cached under output_dir/surrogates with a manifest (and the
-settings that made them, so a changed recipe regenerates them instead of reusing stale ones).
+for another; training towards that one would re-memorize it). The kept images are cached under
+output_dir/surrogates with a manifest (and the settings that made them, so a changed recipe
+regenerates them instead of reusing stale ones).
 """
 
 from __future__ import annotations
@@ -140,5 +141,6 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
                     len(missing), ", ".join(missing))
     write_manifest(folder / "manifest.jsonl", kept)
     (folder / SETTINGS_FILE).write_text(json.dumps(key, indent=1))
-    log.info("surrogates: kept %d of %d (SSCD with every memorized image <= %.2f)", len(kept), scores.size, spec.sscd_drop_threshold)
+    log.info("surrogates: kept %d of %d (SSCD with every memorized image <= %.2f)",
+             len(kept), scores.size, spec.sscd_drop_threshold)
     return kept
