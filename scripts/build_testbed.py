@@ -21,6 +21,8 @@ def main() -> None:
     parser.add_argument("--duplicate_spec", help='JSON {"id": K, ...} setting duplication by pair id')
     parser.add_argument("--metric", default=None, help="SSCD backend: onnx (default), a TorchScript path, or standin")
     parser.add_argument("--allow_standin", action="store_true", help="permit the named stand-in descriptor")
+    parser.add_argument("--device", default="cpu", help="train the U-Net and measure the card here, e.g. cuda "
+                        "(default cpu: the reproducible build the README's figures come from)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args()
@@ -40,6 +42,7 @@ def main() -> None:
         card = build_testbed(
             out, seed=args.seed, data_dir=args.data_dir, duplicate_spec=spec, metric=args.metric,
             allow_standin=args.allow_standin, overwrite=args.overwrite, progress=not args.no_progress,
+            device=args.device,
         )
         print(f"testbed built at {out}")
     print(card_summary(card))

@@ -65,6 +65,12 @@ def test_standin_needs_flag(tmp_path):
     assert_clean_failure(run_build("--output_dir", str(out), "--metric", "standin"), out, "stand")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cuda_device_without_gpu(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(run_build("--output_dir", str(out), "--device", "cuda"), out, "--device cpu")
+
+
 def test_existing_output_dir_is_kept(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

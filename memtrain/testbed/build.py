@@ -116,9 +116,10 @@ def _grid(rows: list[tuple[Image.Image, torch.Tensor]], scale: int = 2) -> Image
     return grid.resize((cols * w * scale, len(rows) * h * scale), Image.Resampling.NEAREST)
 
 
-def testbed_card(model_dir: Path, root: Path, cfg: TestbedConfig, descriptor, progress: bool = True):
+def testbed_card(model_dir: Path, root: Path, cfg: TestbedConfig, descriptor, progress: bool = True,
+                 device: str = "cpu"):
     """Measure memorization on the memorized, unique and held-out splits (10 seeds each)."""
-    bundle = load_bundle(model_dir)
+    bundle = load_bundle(model_dir, device=device)
     settings = bundle.sampler_settings
     seeds = list(range(cfg.card_seeds))
     card, grid_rows = {}, []
@@ -143,8 +144,13 @@ def build_testbed(
     allow_standin: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
-    """Build a memorizing testbed into output_dir; returns its card."""
+    """Build a memorizing testbed into output_dir; returns its card.
+
+    device trains the U-Net and measures the card there (the tiny CLIP stays on the CPU); the
+    default CPU build is the reproducible one the README's figures come from.
+    """
     from memtrain.metrics import get_descriptor
 
     cfg = config or TestbedConfig()
@@ -152,6 +158,8 @@ def build_testbed(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MemtrainError(f"output dir '{out}' exists and is not empty: choose another or pass --overwrite")
     descriptor = get_descriptor(metric, allow_standin=allow_standin)  # fail before hours of work
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MemtrainError(f"device '{device}' asked for but torch sees no CUDA GPU: use --device cpu")
     start = time.time()
     torch.manual_seed(seed)
     if data_dir is not None:
@@ -188,17 +196,19 @@ def build_testbed(
         text = encode_prompts(bundle, [p.prompt for p in train_pairs]).embeddings
         uncond = encode_prompts(bundle, [""]).embeddings[0]
         index = torch.cat([torch.full((p.duplicate,), k) for k, p in enumerate(train_pairs)])
-        bundle.unet = train_unet(unet, bundle.scheduler, latents, text, uncond, index, cfg.train, seed, progress=progress)
+        ema = train_unet(unet.to(device), bundle.scheduler, latents, text, uncond, index, cfg.train, seed, progress=progress)
+        bundle.unet = ema.to("cpu")
         bundle.save(tmp / "model")
         (tmp / "model" / SAMPLER_FILE).write_text(json.dumps({"sampler": cfg.sampler.to_dict()}, indent=2))
         train_seconds = time.time() - start
-        card, grid = testbed_card(tmp / "model", tmp, cfg, descriptor, progress=progress)
+        card, grid = testbed_card(tmp / "model", tmp, cfg, descriptor, progress=progress, device=device)
         grid.save(tmp / "grid.png")
         card = {
             "metric_backend": descriptor.name,
             "build_seconds": round(time.time() - start, 1),
             "train_seconds": round(train_seconds, 1),
             "seed": seed,
+            "device": str(device),
             "sampler": cfg.sampler.to_dict(),
             "seeds_per_input": cfg.card_seeds,
             **card,

@@ -76,7 +76,8 @@ def train_unet(
 
     latents (N, C, h, w) and text_embeddings (N, L, D) are precomputed once (the text encoder is
     frozen); sample_index lists pair indices with duplicates repeated, so drawing uniformly
-    from it reproduces the duplication.
+    from it reproduces the duplication. Training runs on the U-Net's device; every random draw
+    is made on the CPU generator, so the batches are the same on any device.
     """
     # Adam's second moments drift into denormal floats, which made CPU steps several times slower.
     torch.set_flush_denormal(True)
@@ -87,6 +88,7 @@ def train_unet(
     generator = torch.Generator().manual_seed(seed)
     total = cfg.steps
     start = time.time()
+    device = next(unet.parameters()).device
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -109,6 +111,7 @@ def train_unet(
         y[drop] = uncond_embedding
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
+        x0, y, noise, t = x0.to(device), y.to(device), noise.to(device), t.to(device)
         x_t = noise_scheduler.add_noise(x0, noise, t)
         target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=y).sample, target)
