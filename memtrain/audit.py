@@ -56,6 +56,9 @@ VERDICTS = ("baseline", "removes", "conceals", "ineffective", "inconclusive")
 # ----------------------------------------------------------------------------- verdict
 
 
+SEARCH_SPACE_CHECKS = ("ineffective", "always", "never")
+
+
 @dataclass(frozen=True)
 class VerdictRule:
     """The documented constants of the verdict (all memorization rates, 0..1)."""
@@ -163,6 +166,10 @@ class AuditRecipe:
     utility_prompts: int | None = 16  # FID/KID prompts (None: the whole utility manifest)
     chunk_targets: int = 16  # targets per work unit (one batched attack each); fixed => same figures for any world size
     prune_per_prompt: bool = False  # prune per memorized prompt (NeMo's protocol) instead of their union
+    # Re-measure the prompts with a pruning mitigation's whole search space zeroed: is memorization
+    # outside the layers it prunes, or did its selection miss it? "ineffective" (only for that
+    # verdict), "always" or "never".
+    search_space_check: str = "ineffective"
     attack: AttackSettings = field(default_factory=AttackSettings)
     sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
     mitigations: dict = field(default_factory=dict)  # name -> settings for get_mitigation
@@ -182,6 +189,9 @@ def _check_recipe(recipe: AuditRecipe) -> None:
             raise MemtrainError(f"recipe key '{key}' must be >= 1, got {value}")
     if not 0 < recipe.threshold <= 1:
         raise MemtrainError(f"recipe key 'threshold' must be in (0, 1], got {recipe.threshold}")
+    if recipe.search_space_check not in SEARCH_SPACE_CHECKS:
+        raise MemtrainError(f"recipe key 'search_space_check' must be one of {', '.join(SEARCH_SPACE_CHECKS)}, "
+                            f"got {recipe.search_space_check!r}")
     if recipe.grid_items < 0:
         raise MemtrainError(f"recipe key 'grid_items' must be >= 0, got {recipe.grid_items}")
     for name, settings in recipe.mitigations.items():
@@ -615,7 +625,48 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
     restored = verify_restored(ctx.bundle, checksum, name)
     rows = {stage: dist.gather_in_order(local, ctx.accelerator)
             for stage, local in (("prompt", local_prompt), ("attack", local_attack), ("control", local_control))}
-    return assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
+    result = assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
+    check = ctx.recipe.search_space_check
+    if check == "always" or (check == "ineffective" and result["verdict"] == "ineffective"):  # same on every rank
+        from memtrain.mitigations import search_space_ablation
+
+        ablation = search_space_ablation(mitigation, ctx.bundle.unet)
+        if ablation is not None:
+            result["search_space_ablation"] = run_search_space_ablation(ctx, ablation, target_chunks, baseline,
+                                                                        checksum, name)
+    return result
+
+
+def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: Baseline, checksum: str,
+                              name: str) -> dict:
+    """The memorized prompts with every weight the mitigation could prune set to zero: the most
+    any selection of that method could hide on this model."""
+    from memtrain.mitigations import applied
+
+    ctx.log(f"audit: {name}: prompts with its whole search space zeroed")
+
+    def chunk_scores(chunk):
+        cond = ablation.encode(ctx.bundle, [it.prompt for _, it in chunk]).embeddings
+        return score(ctx, chunk, cond, _images(chunk), None, ablation)
+
+    with applied(ablation, ctx.bundle):
+        items = _run_chunks(ctx, target_chunks, chunk_scores)
+    verify_restored(ctx.bundle, checksum, name)
+    fig = stage_figures(items, ctx)
+    mr, rule = fig["mr"], ctx.recipe.verdict
+    base = baseline.figures["mr"]
+    hides = isinstance(mr, (int, float)) and (mr <= rule.concealed_mr or mr <= rule.clearly_below * base)
+    fmt = report.format_value
+    n_weights = ablation.num_weights(ctx.bundle.unet)
+    if hides:
+        reading = (f"zeroing all {n_weights} weights it may prune ({len(ablation.layers)} layers) brings the prompt "
+                   f"MR to {fmt(mr)}: these layers can hide the images, but its selection did not find the weights that do")
+    else:
+        reading = (f"even with all {n_weights} weights it may prune zeroed ({len(ablation.layers)} layers) the prompts "
+                   f"replicate at MR {fmt(mr)}: memorization on this model does not live in these layers, so no "
+                   f"selection among them can hide the images")
+    return {"layers": list(ablation.layers), "weights_zeroed": n_weights, "mr": mr,
+            "sscd_orig_median": fig["sscd_orig_median"], "n": fig["n"], "reading": reading}
 
 
 def assemble_result(ctx: Context, mitigation, rows: dict, baseline: Baseline, fid, kid, notes,
@@ -709,6 +760,8 @@ def findings(results: Sequence[dict], rule: VerdictRule) -> str:
              f"prompts (median SSCD_Orig {fmt(base.get('sscd_orig_median'))})."]
     for r in results:
         sentence = f"`{r['mitigation']}` ({r['verdict']}): {r['verdict_reason']}."
+        if "search_space_ablation" in r:
+            sentence += f" Search-space check: {r['search_space_ablation']['reading']}."
         fid, fid0 = r["utility"]["fid"], r["utility"]["fid_unmitigated"]
         if r["mitigation"] != "none" and not report.is_not_computed(fid) and not report.is_not_computed(fid0):
             sentence += f" FID {fmt(fid['value'])} vs {fmt(fid0['value'])} unmitigated (small set: compare only within this report)."
@@ -791,8 +844,10 @@ def markdown(doc: dict, results: Sequence[dict], grids: dict, root: Path, rule: 
     md.heading("Mitigations")
     for r in results:
         md.heading(f"{r['mitigation']}", level=3)
+        check = r.get("search_space_ablation")
         md.key_values({**_describe_rows(r["description"]), "pruning scope": r["pruning"],
-                       "weights restored after undo": r["weights_restored"]})
+                       "weights restored after undo": r["weights_restored"],
+                       **({"prompt MR with its whole search space zeroed": check["mr"]} if check else {})})
     if grids:
         md.heading("Grids")
         md.paragraph("Target rows: training image | no mitigation | mitigated prompt | mitigated + attack. Control rows: "
@@ -964,6 +1019,10 @@ def summary(doc: dict) -> str:
     for r in doc["results"]:
         lines.append(f"  {r['mitigation']:<10} MR unmitigated={fmt(r['mr_unmitigated'])} prompt={fmt(r['mr_prompt'])} "
                      f"attack={fmt(r['mr_attack'])} control={fmt(r['mr_control'])} -> {r['verdict']}")
+        if "search_space_ablation" in r:
+            check = r["search_space_ablation"]
+            lines.append(f"  {'':<10} its whole search space zeroed ({check['weights_zeroed']} weights): "
+                         f"prompt MR={fmt(check['mr'])}")
     lines += [f"  note: {n}" for n in doc["settings"]["notes"]]
     lines.append(f"wrote {doc['settings']['output_dir']}")
     return "\n".join(lines)

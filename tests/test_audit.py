@@ -19,7 +19,7 @@ torch.set_num_threads(1)  # the 2 cores are shared with a long job
 
 from _tiny_sd import tiny_bundle  # noqa: E402
 from memtrain.audit import (  # noqa: E402
-    VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, verdict, verify_restored, weights_checksum,
+    VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, summary, verdict, verify_restored, weights_checksum,
 )
 from memtrain.data import ManifestItem, write_manifest  # noqa: E402
 from memtrain.errors import MemtrainError  # noqa: E402
@@ -168,6 +168,9 @@ def test_recipes_load_and_reject_bad_keys(tmp_path):
     bad.write_text("mitigations: {nemoo: {}}\n")
     with pytest.raises(MemtrainError, match=r"mitigations.nemoo"):
         load_audit_recipe(bad)
+    bad.write_text("search_space_check: maybe\n")
+    with pytest.raises(MemtrainError, match=r"'search_space_check' must be one of ineffective, always, never"):
+        load_audit_recipe(bad)
 
 
 # ----------------------------------------------------------------------------- undo
@@ -261,6 +264,31 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
         f"{m}{kind}_000.png" for m in ("none", "wanda", "nan_probe") for kind in ("", "_control"))
     assert doc["results"][0]["verdict"] == "baseline"
     assert not any(".partial-" in p.name for p in tmp_path.iterdir())
+
+
+def test_search_space_check(tiny_testbed, tmp_path):
+    """`search_space_check: always`: each pruning mitigation's prompts are measured again with every
+    weight it may prune zeroed; text-path mitigations have no search space; weights come back."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY_RECIPE + "search_space_check: always\n")
+    out = tmp_path / "audit"
+    doc = audit(_config(tiny_testbed, out, ["none", "wanda", "pad_mask"], recipe=str(recipe), max_targets=3))
+    none, wanda, pad_mask = doc["results"]
+    assert "search_space_ablation" not in none and "search_space_ablation" not in pad_mask
+    check = wanda["search_space_ablation"]
+    from memtrain.models import load_bundle
+
+    unet = load_bundle(tiny_testbed / "model").unet
+    ff = {n: m for n, m in unet.named_modules() if n.endswith("ff.net.2")}
+    assert check["layers"] == sorted(ff) and check["weights_zeroed"] == sum(m.weight.numel() for m in ff.values())
+    assert check["n"] == 3 and 0.0 <= check["mr"] <= 1.0
+    assert ("can hide" in check["reading"]) != ("does not live in these layers" in check["reading"])
+    assert wanda["weights_restored"] is True
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["results"][1]["search_space_ablation"] == check
+    text = (out / "report.md").read_text()
+    assert "Search-space check: " in text and "| prompt MR with its whole search space zeroed |" in text
+    assert "whole search space zeroed" in summary(doc)
 
 
 def test_mitigation_that_does_not_fit_the_model(tiny_testbed, tmp_path):

@@ -327,3 +327,36 @@ def test_apply_twice_is_refused_and_applied_undoes_on_error(bundle):
                 wanda.apply(bundle)
             raise RuntimeError("boom")
     assert not changed_params(before, bundle)
+
+
+# --- search-space ablation (the audit's check for an ineffective pruning mitigation) ------------
+
+@pytest.mark.parametrize("name,suffix,scope", [
+    ("nemo", "attn2.to_v", {}), ("nemo", "attn2.to_v", {"layers": "all"}), ("wanda", "ff.net.2", {}),
+])
+def test_search_space_ablation_zeroes_exactly_the_search_space(bundle, name, suffix, scope):
+    from memtrain.mitigations import search_space_ablation
+
+    mitigation = get_mitigation(name, **scope)  # no prepare needed: the search space is structural
+    layers = mitigation.search_space(bundle.unet)
+    expected = {n for n, m in bundle.unet.named_modules() if n.endswith(suffix)}
+    if name == "nemo" and not scope:
+        expected = {n for n in expected if not n.startswith("up_blocks")}
+    assert set(layers) == expected and expected
+    ablation = search_space_ablation(mitigation, bundle.unet)
+    before = unet_state(bundle)
+    reference = images(bundle)
+    with applied(ablation, bundle):
+        assert changed_params(before, bundle) == {f"{layer}.weight" for layer in expected}
+        assert all(bool((bundle.unet.get_submodule(layer).weight == 0).all()) for layer in expected)
+        assert ablation.num_weights(bundle.unet) == sum(before[f"{layer}.weight"].numel() for layer in expected)
+        assert not torch.equal(images(bundle), reference)
+    assert not changed_params(before, bundle)
+    assert torch.equal(images(bundle), reference)
+
+
+def test_text_path_mitigations_have_no_search_space(bundle):
+    from memtrain.mitigations import search_space_ablation
+
+    for name in ("none", "pad_eot", "pad_mask"):
+        assert search_space_ablation(get_mitigation(name), bundle.unet) is None

@@ -5,8 +5,8 @@ Registered names: none, pad_eot, pad_mask (text-embedding path, paper 000), nemo
 """
 
 from memtrain.mitigations.base import (
-    Mitigation, NoMitigation, PruningMitigation, applied, available_mitigations, get_mitigation,
-    register_mitigation,
+    Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
+    get_mitigation, register_mitigation, search_space_ablation,
 )
 from memtrain.mitigations.nemo import NeMo
 from memtrain.mitigations.pad_eot import PadEot, PadMask
@@ -14,5 +14,6 @@ from memtrain.mitigations.wanda import Wanda
 
 __all__ = [
     "Mitigation", "NoMitigation", "PruningMitigation", "PadEot", "PadMask", "NeMo", "Wanda",
-    "applied", "available_mitigations", "get_mitigation", "register_mitigation",
+    "SearchSpaceAblation", "applied", "available_mitigations", "get_mitigation", "register_mitigation",
+    "search_space_ablation",
 ]

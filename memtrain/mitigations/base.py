@@ -129,6 +129,11 @@ class Mitigation:
         branch."""
         return encode_prompts(bundle, [""], tokenizer=self.tokenizer(bundle)).embeddings
 
+    def search_space(self, unet) -> dict[str, torch.nn.Module]:
+        """The U-Net layers whose weights this mitigation chooses from ({} for text-path ones).
+        Zeroing all of them bounds what any selection of the method could remove."""
+        return {}
+
     def unet_forward(self, bundle) -> Callable | None:
         """A replacement U-Net call for `sample(unet_forward=...)`; None keeps the plain call.
         Extension point for mitigations acting inside the forward pass."""
@@ -206,6 +211,31 @@ class PruningMitigation(Mitigation):
         for param, index, values in reversed(self._saved):
             param.data.view(-1)[index] = values
         self._saved.clear()
+
+
+@dataclasses.dataclass(eq=False)
+class SearchSpaceAblation(PruningMitigation):
+    """Every weight of a pruning mitigation's search space set to zero (not registered: a
+    diagnostic). If the prompts still replicate with all of it gone, memorization on this model
+    does not live there, so no selection inside it can hide the images."""
+
+    name = "search_space_ablation"
+    changes = "U-Net weights: every weight of the named layers is set to zero"
+    layers: tuple = ()
+
+    def pruning_targets(self, unet):
+        modules = dict(unet.named_modules())
+        return [(name, "weight", torch.arange(modules[name].weight.numel())) for name in self.layers]
+
+    def num_weights(self, unet) -> int:
+        modules = dict(unet.named_modules())
+        return sum(modules[name].weight.numel() for name in self.layers)
+
+
+def search_space_ablation(mitigation: Mitigation, unet) -> SearchSpaceAblation | None:
+    """The ablation of `mitigation`'s whole search space, or None when it edits no weights."""
+    layers = mitigation.search_space(unet)
+    return SearchSpaceAblation(layers=tuple(layers)) if layers else None
 
 
 @contextlib.contextmanager

@@ -437,6 +437,9 @@ class NeMo(PruningMitigation):
                 union.setdefault(layer, set()).update(rows)
         return {layer: sorted(rows) for layer, rows in union.items() if rows}
 
+    def search_space(self, unet) -> dict[str, torch.nn.Module]:
+        return value_layers(unet, self.layers)
+
     def pruning_targets(self, unet):
         modules = dict(unet.named_modules())
         targets = []

@@ -210,6 +210,9 @@ class Wanda(PruningMitigation):
                 union[name] = index if name not in union else torch.cat([union[name], index])
         return {name: torch.unique(index) for name, index in union.items()}
 
+    def search_space(self, unet) -> dict[str, torch.nn.Module]:
+        return ffn_output_layers(unet)
+
     def pruning_targets(self, unet):
         modules = dict(unet.named_modules())
         targets = []
