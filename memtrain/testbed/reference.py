@@ -30,8 +30,8 @@ def reference_model_dir(testbed_root: str | Path) -> Path:
 
 
 def ensure_reference_model(testbed_root: str | Path, steps: int = 600, seed: int = 0,
-                           progress: bool = True) -> Path:
-    """testbed_root/reference_model (diffusers layout), trained first if it is not there."""
+                           progress: bool = True, device: str | torch.device = "cpu") -> Path:
+    """testbed_root/reference_model (diffusers layout), trained first (on `device`) if it is not there."""
     from diffusers import UNet2DConditionModel
 
     from memtrain.attack import images_to_latents
@@ -61,7 +61,8 @@ def ensure_reference_model(testbed_root: str | Path, steps: int = 600, seed: int
     uncond = encode_prompts(bundle, [""]).embeddings[0]
     index = torch.arange(len(items))
     cfg = TrainConfig(steps=steps, batch_size=16, lr=1e-3)
-    bundle.unet = train_unet(unet, bundle.scheduler, latents, text, uncond, index, cfg, seed, progress=progress)
+    ema = train_unet(unet.to(device), bundle.scheduler, latents, text, uncond, index, cfg, seed, progress=progress)
+    bundle.unet = ema.to("cpu")
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

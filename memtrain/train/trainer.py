@@ -228,7 +228,7 @@ class AdvFinetuner:
         if self.testbed_root is None:
             raise MemtrainError(f"surrogates.model '{REFERENCE_KEY}' needs a testbed model (model: testbed); "
                                 "for another model give surrogates.model a model folder that never saw the images")
-        return dataclasses.replace(spec, model=str(ensure_reference_model(self.testbed_root)))
+        return dataclasses.replace(spec, model=str(ensure_reference_model(self.testbed_root, device=self.acc.device)))
 
     def prepare_model(self) -> None:
         from diffusers.optimization import get_scheduler
