@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-from memtrain.cli import run_main
+from memtrain.core.cli import run_main
+from memtrain.core.run import is_main_process
+from memtrain.testbed.resolver import resolve_recipe
+from memtrain.train.recipe import load_recipe
+from memtrain.train.trainer import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,12 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @run_main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from memtrain.train.recipe import load_recipe
-    from memtrain.distributed import is_main_process
-    from memtrain.train.trainer import train
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    model_dir = train(recipe, resume_from_checkpoint=args.resume_from_checkpoint)
+    recipe, defaults = resolve_recipe(load_recipe(args.recipe, args.overrides))
+    model_dir = train(recipe, resume_from_checkpoint=args.resume_from_checkpoint, defaults=defaults)
     if is_main_process():
         print(f"fine-tuned model: {model_dir}")
 

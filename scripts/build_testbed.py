@@ -6,14 +6,13 @@
 import argparse
 import json
 
-from memtrain.cli import run_main
-from memtrain.errors import MemtrainError
+from memtrain.core.cli import run_main
+from memtrain.core.errors import MemtrainError
+from memtrain.testbed.build import build_or_reuse, card_summary
 
 
 @run_main
 def main() -> None:
-    from memtrain.testbed.build import build_testbed, card_summary, default_testbed_dir, is_built
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", help="build here (default: the cache, reused when already built)")
     parser.add_argument("--seed", type=int, default=0)
@@ -33,18 +32,10 @@ def main() -> None:
             spec = json.loads(args.duplicate_spec)
         except json.JSONDecodeError:
             raise MemtrainError(f"--duplicate_spec is not valid JSON: {args.duplicate_spec!r}") from None
-    out = args.output_dir or default_testbed_dir(args.seed)
-    cached = args.output_dir is None and args.data_dir is None and not args.overwrite
-    if cached and is_built(out):
-        card = json.loads((out / "testbed_card.json").read_text())
-        print(f"testbed already built at {out} (cached)")
-    else:
-        card = build_testbed(
-            out, seed=args.seed, data_dir=args.data_dir, duplicate_spec=spec, metric=args.metric,
-            allow_standin=args.allow_standin, overwrite=args.overwrite, progress=not args.no_progress,
-            device=args.device,
-        )
-        print(f"testbed built at {out}")
+    card, message = build_or_reuse(args.output_dir, seed=args.seed, data_dir=args.data_dir, duplicate_spec=spec,
+                                   metric=args.metric, allow_standin=args.allow_standin, overwrite=args.overwrite,
+                                   progress=not args.no_progress, device=args.device)
+    print(message)
     print(card_summary(card))
 
 

@@ -12,18 +12,10 @@ are listed in the report); exit 2 with a one-line error for bad input.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from pathlib import Path
 
-try:
-    import memtrain  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from memtrain.core.cli import run_main
 from memtrain.data.fetch import fetch_images
 from memtrain.data.releases import FORMATS
-from memtrain.errors import MemtrainError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,22 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@run_main
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        report = fetch_images(args.manifest, args.output_dir, workers=args.workers,
-                              timeout=args.timeout, retries=args.retries,
-                              max_bytes=args.max_bytes, backoff=args.backoff, fmt=args.format,
-                              verify_tls=not args.insecure, progress=not args.no_progress)
-    except MemtrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = fetch_images(args.manifest, args.output_dir, workers=args.workers, timeout=args.timeout,
+                          retries=args.retries, max_bytes=args.max_bytes, backoff=args.backoff, fmt=args.format,
+                          verify_tls=not args.insecure, progress=not args.no_progress)
     print(f"fetched {report['fetched']} of {report['total']} "
           f"({report['skipped_existing']} already present), {len(report['dead'])} dead; "
           f"manifest {report['manifest']}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,15 +12,15 @@ import torch
 
 torch.set_num_threads(1)  # the 2 cores are shared with a long job
 
-from _tiny_sd import tiny_bundle  # noqa: E402
+from factories import tiny_bundle  # noqa: E402
 from memtrain.attack import (  # noqa: E402
     AttackConfig, DoriAttack, attack, attack_loop, attacked_condition, diffusion_loss, frozen,
     images_to_latents,
 )
-from memtrain.errors import MemtrainError  # noqa: E402
+from memtrain.core.errors import MemtrainError  # noqa: E402
 from memtrain.mitigations import get_mitigation  # noqa: E402
-from memtrain.testbed.tokenizer import build_clip_tokenizer  # noqa: E402
-from memtrain.text import encode_prompts  # noqa: E402
+from memtrain.core.tokenizer import build_clip_tokenizer  # noqa: E402
+from memtrain.core.text import encode_prompts  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night", "two dogs"]
 QUICK = AttackConfig(steps=4, lr=0.05, noise_samples=3, seed=7)
@@ -201,7 +201,7 @@ def test_nan_target_is_stopped_and_reported(bundle):
 
 # --- the real check on the memorizing testbed (slow) --------------------------------------------
 
-# The testbed recipe (notes/offline-facts.md: from N(0, I), lr 0.01 beat 0.1 on these models).
+# The testbed recipe (docs/measurements.md: from N(0, I), lr 0.01 beat 0.1 on these models).
 TESTBED_ATTACK = AttackConfig(steps=50, lr=0.01, init="random", noise_samples=8)
 TESTBED_SEEDS = list(range(10))
 ATTACK_MR_MIN = 0.5  # memorized targets come back under attack
@@ -209,8 +209,8 @@ CONTROL_MR_MAX = 0.1  # the false-positive control: held-out targets do not
 
 
 def _attack_mr(bundle, descriptor, items, config: AttackConfig) -> float:
-    from memtrain.data import load_image
-    from memtrain.measure import measure
+    from memtrain.core.manifest import load_image
+    from memtrain.eval.measure import measure
 
     images = [load_image(it) for it in items]
     result = attack(bundle, images_to_latents(bundle, images), [it.prompt for it in items], config)
@@ -223,9 +223,9 @@ def _attack_mr(bundle, descriptor, items, config: AttackConfig) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [TESTBED_ATTACK], ids=["testbed-recipe"])
 def test_attack_restores_memorized_but_not_held_out(testbed_dir, config):
-    from memtrain.data import read_manifest
+    from memtrain.core.manifest import read_manifest
     from memtrain.metrics import get_descriptor
-    from memtrain.models import load_bundle
+    from memtrain.core.bundle import load_bundle
 
     bundle = load_bundle(testbed_dir / "model")
     descriptor = get_descriptor()

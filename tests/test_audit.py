@@ -17,12 +17,12 @@ import torch
 
 torch.set_num_threads(1)  # the 2 cores are shared with a long job
 
-from _tiny_sd import tiny_bundle  # noqa: E402
-from memtrain.audit import (  # noqa: E402
+from factories import tiny_bundle  # noqa: E402
+from memtrain.eval.audit import (  # noqa: E402
     VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, summary, verdict, verify_restored, weights_checksum,
 )
 from memtrain.data import ManifestItem, write_manifest  # noqa: E402
-from memtrain.errors import MemtrainError  # noqa: E402
+from memtrain.core.errors import MemtrainError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -80,7 +80,7 @@ def tiny_testbed(tmp_path_factory) -> Path:
     from transformers import CLIPModel
 
     from memtrain.testbed.clip import tiny_clip_config
-    from memtrain.testbed.tokenizer import build_clip_tokenizer
+    from memtrain.core.tokenizer import build_clip_tokenizer
 
     root = tmp_path_factory.mktemp("audit") / "testbed"
     (root / "images").mkdir(parents=True)
@@ -178,7 +178,7 @@ def test_recipes_load_and_reject_bad_keys(tmp_path):
 
 def test_undo_restores_weights_bit_for_bit(tiny_testbed):
     from memtrain.mitigations import applied, get_mitigation
-    from memtrain.models import load_bundle
+    from memtrain.core.bundle import load_bundle
 
     bundle = load_bundle(tiny_testbed / "model")
     before = weights_checksum(bundle)
@@ -276,7 +276,7 @@ def test_search_space_check(tiny_testbed, tmp_path):
     none, wanda, pad_mask = doc["results"]
     assert "search_space_ablation" not in none and "search_space_ablation" not in pad_mask
     check = wanda["search_space_ablation"]
-    from memtrain.models import load_bundle
+    from memtrain.core.bundle import load_bundle
 
     unet = load_bundle(tiny_testbed / "model").unet
     ff = {n: m for n, m in unet.named_modules() if n.endswith("ff.net.2")}
@@ -293,8 +293,8 @@ def test_search_space_check(tiny_testbed, tmp_path):
 
 def test_mitigation_that_does_not_fit_the_model(tiny_testbed, tmp_path):
     """NeMo and Wanda need cross-attention / transformer blocks: refused before anything is written."""
-    from memtrain.models import load_bundle
-    from _tiny_sd import tiny_unet
+    from memtrain.core.bundle import load_bundle
+    from factories import tiny_unet
 
     model = tmp_path / "plain"
     bundle = load_bundle(tiny_testbed / "model")

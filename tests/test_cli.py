@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from memtrain.cli import cpu_threads_for_single_process
+from memtrain.core.cli import cpu_threads_for_single_process
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import torch
 torch.set_num_threads(1)
 
 from memtrain.data import read_manifest, write_manifest  # noqa: E402
-from memtrain.errors import MemtrainError  # noqa: E402
-from memtrain.evaluate import EvaluateConfig, bench_main, evaluate  # noqa: E402
+from memtrain.core.errors import MemtrainError  # noqa: E402
+from memtrain.eval.evaluate import EvaluateConfig, bench_main, evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_LEVEL = ("n", "mr", "median_sscd", "sscd_orig_median", "sscd_orig_mean", "sscd_orig_std", "d_sscd")
@@ -32,7 +32,7 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": 
 def dev_testbed(tmp_path_factory) -> Path:
     """A small, barely trained testbed (same layout as the real one: model/, manifests/, clip/,
     testbed_card.json) with a 4-step default sampler so every evaluation takes seconds."""
-    from memtrain.measure import SamplerSettings
+    from memtrain.core.sampling import SamplerSettings
     from memtrain.testbed.build import TestbedConfig, build_testbed
     from memtrain.testbed.train_unet import TrainConfig, UNetConfig
 
@@ -283,7 +283,7 @@ def test_missing_image_is_skipped_and_reported(dev_testbed, small_manifest, tmp_
 
 
 def test_failure_leaves_nothing_and_overwrite_replaces(dev_testbed, small_manifest, tmp_path, monkeypatch):
-    import memtrain.evaluate as ev
+    import memtrain.eval.evaluate as ev
 
     out = tmp_path / "out"
     out.mkdir()

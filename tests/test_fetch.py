@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from memtrain.data import ManifestError, ManifestItem, fetch_images, load_image, read_manifest
-from memtrain.data import write_manifest
+from memtrain.core.manifest import write_manifest
 from memtrain.data.fetch import file_stem
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "fetch_images.py"

@@ -7,7 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-from memtrain.data import ManifestError, ManifestItem, load_image, read_manifest, write_manifest
+from memtrain.core.manifest import ManifestError, ManifestItem, load_image, read_manifest, write_manifest
 
 
 def _write_lines(path, lines):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny_sd import tiny_bundle
-from memtrain.errors import MemtrainError
+from factories import tiny_bundle
+from memtrain.core.errors import MemtrainError
 from memtrain.mitigations import applied, available_mitigations, get_mitigation
 from memtrain.mitigations.nemo import ms_ssim, ms_ssim_settings
-from memtrain.sampling import sample
-from memtrain.testbed.tokenizer import build_clip_tokenizer
-from memtrain.text import encode_prompts
+from memtrain.core.sampling import SamplerSettings, sample
+from memtrain.core.tokenizer import build_clip_tokenizer
+from memtrain.core.text import encode_prompts
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
 REFERENCE = ["a red car", "a house by the sea", "two dogs on a beach", "a bowl of fruit"]
@@ -49,7 +49,7 @@ def changed_params(before: dict, bundle) -> set[str]:
 
 def images(bundle, mitigation=None):
     cond = mitigation.encode(bundle, PROMPTS[:1]) if mitigation else PROMPTS[:1]
-    return sample(bundle, cond, [0, 1], guidance_scale=3.0, num_inference_steps=3).images
+    return sample(bundle, cond, [0, 1], settings=SamplerSettings(guidance_scale=3.0, num_inference_steps=3)).images
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -63,8 +63,10 @@ def test_registry_lists_and_builds():
 def test_registry_errors_name_the_choices():
     with pytest.raises(MemtrainError, match="unknown mitigation 'nope'.*nemo.*pad_eot.*wanda"):
         get_mitigation("nope")
-    with pytest.raises(MemtrainError, match="no setting colour.*fraction"):
+    with pytest.raises(MemtrainError, match="unknown recipe key 'mitigations.pad_mask.colour'"):
         get_mitigation("pad_mask", colour=1)
+    with pytest.raises(MemtrainError, match="'mitigations.nemo.num_seeds' must be int"):
+        get_mitigation("nemo", num_seeds="ten")  # typed before any model loads
     with pytest.raises(MemtrainError, match="eot_replacement"):
         get_mitigation("pad_eot", eot_replacement="mean")
     with pytest.raises(MemtrainError, match="fraction"):

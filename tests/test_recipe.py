@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 from memtrain.train.recipe import first_difference, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,15 +127,22 @@ def test_first_difference_ignores_resume_free_keys():
 
 
 def test_testbed_model_fills_its_manifests(tmp_path):
-    from memtrain.train.recipe import with_testbed_paths
+    from memtrain.testbed.resolver import resolve_recipe
 
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    (tmp_path / "testbed_card.json").write_text("{}")
+    (tmp_path / "manifests").mkdir()
+    for role in ("memorized", "held_out", "unique", "utility"):
+        (tmp_path / "manifests" / f"{role}.jsonl").write_text("")
     recipe = recipe_from_dict({"output_dir": "out"})
     assert recipe.model == "testbed" and recipe.memorized_manifest is None
-    filled = with_testbed_paths(recipe, tmp_path)
-    assert filled.model == str(tmp_path / "model")
+    filled, defaults = resolve_recipe(recipe_from_dict({"output_dir": "out", "model": str(tmp_path)}))
+    assert filled.model == str(tmp_path / "model") == defaults.model_dir
     assert filled.memorized_manifest == str(tmp_path / "manifests" / "memorized.jsonl")
     assert filled.utility.path == str(tmp_path / "manifests" / "utility.jsonl")
     assert filled.audit.heldout_manifest == str(tmp_path / "manifests" / "held_out.jsonl")
+    assert defaults.manifest("unique") == str(tmp_path / "manifests" / "unique.jsonl")
     # another model needs its own manifests
     with pytest.raises(MemtrainError, match="'memorized_manifest' is required"):
-        recipe_from_dict({"output_dir": "out", "model": "m", "utility": {"path": "u"}})
+        resolve_recipe(recipe_from_dict({"output_dir": "out", "model": "m", "utility": {"path": "u"}}))

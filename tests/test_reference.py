@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from memtrain.data import ManifestItem, write_manifest
-from memtrain.errors import MemtrainError
+from memtrain.core.manifest import ManifestItem, write_manifest
+from memtrain.core.errors import MemtrainError
 
 
 def _testbed_like(root: Path) -> Path:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _tiny_sd import tiny_bundle
+    from factories import tiny_bundle
 
     tiny_bundle(root / "tok").save(root / "model")
     rng = np.random.default_rng(0)
@@ -36,7 +36,7 @@ def _testbed_like(root: Path) -> Path:
 
 
 def test_reference_model_trains_without_memorized_pairs(tmp_path):
-    from memtrain.models import load_bundle
+    from memtrain.core.bundle import load_bundle
     from memtrain.testbed.reference import ensure_reference_model
     from memtrain.train.trainer import param_checksum
 
@@ -58,7 +58,7 @@ def test_reference_model_trains_without_memorized_pairs(tmp_path):
 
 
 def test_reference_model_refuses_a_split_that_reuses_a_memorized_image(tmp_path):
-    from memtrain.data import read_manifest
+    from memtrain.core.manifest import read_manifest
     from memtrain.testbed.reference import ensure_reference_model
 
     root = _testbed_like(tmp_path / "tb")

@@ -10,9 +10,9 @@ from PIL import Image
 
 torch.set_num_threads(1)
 
-from memtrain import distributed as dist  # noqa: E402
-from memtrain import report  # noqa: E402
-from memtrain.errors import MemtrainError  # noqa: E402
+from memtrain.core import run as dist  # noqa: E402
+from memtrain.core import files, report, run  # noqa: E402
+from memtrain.core.errors import MemtrainError  # noqa: E402
 from memtrain.metrics import not_computed  # noqa: E402
 
 # ----------------------------------------------------------------------------- distributed
@@ -59,7 +59,7 @@ def test_run_checked_raises_user_errors_and_passes_results():
 def test_to_jsonable_converts_numpy_torch_paths_and_nan(tmp_path):
     data = {"a": np.float32(0.5), "b": np.arange(3), "c": torch.tensor([1.5]), "d": tmp_path,
             "e": float("nan"), "f": (np.int64(2), np.bool_(True)), 3: not_computed("no weights")}
-    path = report.write_json(tmp_path / "sub" / "m.json", data)
+    path = files.write_json(tmp_path / "sub" / "m.json", data)
     back = json.loads(path.read_text())
     assert back == {"a": 0.5, "b": [0, 1, 2], "c": [1.5], "d": str(tmp_path), "e": None, "f": [2, True],
                     "3": {"value": None, "status": "not computed", "reason": "no weights"}}
@@ -167,20 +167,20 @@ class _FakeAccelerator:
 def test_log_to_trackers_scalars_images_table_then_finish():
     acc = _FakeAccelerator()
     tracker = acc.trackers[0]
-    report.log_to_trackers(acc, {"mr": 0.5, "a_clip": not_computed("none")},
+    run.log_to_trackers(acc, {"mr": 0.5, "a_clip": not_computed("none")},
                            images={"grids": [np.zeros((4, 4, 3), np.uint8)]},
                            table=(["id", "clip"], [["a", not_computed("none")], ["b", np.float32(0.5)]]))
     assert acc.logged == [({"mr": 0.5}, 0)]
     assert isinstance(tracker.images["grids"][0], Image.Image)
     assert tracker.tables["items"] == (["id", "clip"], [["a", "not computed (none)"], ["b", 0.5]])
-    report.finish_trackers(acc)
+    run.finish_trackers(acc)
     assert tracker.finished and acc.trackers == []
 
 
 def test_log_to_trackers_is_a_noop_without_trackers():
     acc = _FakeAccelerator()
     acc.trackers = []
-    report.log_to_trackers(acc, {"mr": 1.0})
+    run.log_to_trackers(acc, {"mr": 1.0})
     assert acc.logged == []
 
 
@@ -189,7 +189,7 @@ def test_log_to_trackers_is_a_noop_without_trackers():
 
 def test_staged_output_commits_atomically(tmp_path):
     out = tmp_path / "run"
-    with report.StagedOutput(out) as tmp:
+    with files.StagedOutput(out) as tmp:
         (tmp / "metrics.json").write_text("{}")
         assert not out.exists()  # nothing visible until the end
     assert (out / "metrics.json").is_file()
@@ -199,7 +199,7 @@ def test_staged_output_commits_atomically(tmp_path):
 def test_staged_output_failure_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
-        with report.StagedOutput(out) as tmp:
+        with files.StagedOutput(out) as tmp:
             (tmp / "half.json").write_text("{")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
@@ -208,15 +208,15 @@ def test_staged_output_failure_leaves_nothing(tmp_path):
 def test_existing_output_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    report.check_output_dir(out, overwrite=False)  # empty: nothing to lose
+    files.check_output_dir(out, overwrite=False)  # empty: nothing to lose
     (out / "old.txt").write_text("keep")
     with pytest.raises(MemtrainError, match="already exists"):
-        report.StagedOutput(out)
+        files.StagedOutput(out)
     assert (out / "old.txt").read_text() == "keep"
-    with report.StagedOutput(out, overwrite=True) as tmp:
+    with files.StagedOutput(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # the old output survives until the new one is complete
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(MemtrainError, match="is a file"):
-        report.check_output_dir(tmp_path / "file", overwrite=True)
+        files.check_output_dir(tmp_path / "file", overwrite=True)

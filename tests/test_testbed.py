@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memtrain.data import read_manifest
+from memtrain.core.manifest import read_manifest
 from tests.conftest import REPO
 
 SCRIPT = str(REPO / "scripts" / "build_testbed.py")

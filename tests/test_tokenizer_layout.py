@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from memtrain.testbed.tokenizer import build_clip_tokenizer
-from memtrain.text import token_layout, tokenize
+from memtrain.core.tokenizer import build_clip_tokenizer
+from memtrain.core.text import token_layout, tokenize
 
 
 @pytest.fixture(scope="module")

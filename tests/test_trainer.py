@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from memtrain.data import ManifestItem, write_manifest
+from memtrain.core.manifest import ManifestItem, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "adv_finetune.py"
@@ -40,7 +40,7 @@ def tiny_setup(tmp_path_factory) -> Path:
     import sys as _sys
 
     _sys.path.insert(0, str(REPO / "tests"))
-    from _tiny_sd import tiny_bundle
+    from factories import tiny_bundle
 
     root = tmp_path_factory.mktemp("adv_ft")
     tiny_bundle(root / "tok").save(root / "model")
@@ -123,7 +123,7 @@ def test_deepspeed_zero2_two_processes_on_cpu_keep_ranks_identical(tiny_setup, t
     assert a["world_size"] == b["world_size"] == 2
     assert a["distributed_type"] == "DistributedType.DEEPSPEED" and a["zero_stage"] == 2
     assert a["sha256"] == b["sha256"] and a["sum"] == b["sum"]
-    from memtrain.models import load_bundle
+    from memtrain.core.bundle import load_bundle
     from memtrain.train.trainer import param_checksum
 
     before = param_checksum(load_bundle(tiny_setup / "model").unet)
@@ -201,7 +201,7 @@ def test_wandb_offline_holds_losses_and_grids(tiny_setup, tmp_path):
     report = json.loads((out / "audit" / "report.json").read_text())
     assert set(report["utility"]) == {"heldout_loss_before", "heldout_loss_after", "heldout_loss_ratio",
                                       "kid_before", "kid_after"}
-    # the full closing audit: prompts, attack and the held-out control through memtrain.audit
+    # the full closing audit: prompts, attack and the held-out control through memtrain.eval.audit
     assert {"mr_prompt", "mr_attack", "mr_control"} <= set(report)
     full = json.loads((out / "audit" / "full" / "report.json").read_text())
     assert full["results"][0]["mr_attack"] == report["mr_attack"]
@@ -225,7 +225,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_setup, tmp_path, mon
     import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from memtrain.errors import MemtrainError
+    from memtrain.core.errors import MemtrainError
     from memtrain.train.recipe import load_recipe
     from memtrain.train.trainer import AdvFinetuner
 
@@ -261,7 +261,7 @@ def test_disk_full_while_saving_keeps_latest_intact(tiny_setup, tmp_path, monkey
     import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from memtrain.errors import MemtrainError
+    from memtrain.core.errors import MemtrainError
     from memtrain.train.recipe import load_recipe
     from memtrain.train.trainer import AdvFinetuner, checkpoint_dirs, resolve_resume
 
@@ -298,7 +298,7 @@ def test_disk_full_while_saving_keeps_latest_intact(tiny_setup, tmp_path, monkey
 def test_lora_run_saves_loadable_weights_that_change_only_lora_targets(tiny_setup, tmp_path):
     import torch
 
-    from memtrain.models import LORA_WEIGHTS, fuse_lora_weights, load_bundle
+    from memtrain.core.bundle import LORA_WEIGHTS, fuse_lora_weights, load_bundle
 
     out = tmp_path / "lora"
     recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3, "finetune": "lora"}, checkpointing={"steps": 0})
@@ -317,8 +317,8 @@ def test_lora_run_saves_loadable_weights_that_change_only_lora_targets(tiny_setu
 
 
 def test_fusing_missing_lora_weights_is_one_line(tiny_setup, tmp_path):
-    from memtrain.errors import MemtrainError
-    from memtrain.models import fuse_lora_weights, load_bundle
+    from memtrain.core.errors import MemtrainError
+    from memtrain.core.bundle import fuse_lora_weights, load_bundle
 
     with pytest.raises(MemtrainError, match="LoRA weights .* not found"):
         fuse_lora_weights(load_bundle(tiny_setup / "model"), tmp_path)

@@ -2,7 +2,7 @@
 robust, resumable image fetcher. Importing this package needs no torch."""
 
 from memtrain.data.fetch import FetchOptions, decode_check, download, fetch_images, file_stem
-from memtrain.data.manifest import (KNOWN_KEYS, Manifest, ManifestError, ManifestItem,
+from memtrain.core.manifest import (KNOWN_KEYS, Manifest, ManifestError, ManifestItem,
                                     load_image, read_manifest, write_manifest)
 from memtrain.data.releases import (FORMATS, detect_format, load_membench, load_nemo,
                                     load_prompts, load_release, load_webster, normalize_label,

@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memtrain.data.manifest import (ManifestError, ManifestItem, atomic_write_bytes,
-                                    atomic_write_text, write_manifest)
+from PIL import Image
+from tqdm import tqdm
+
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import atomic_write_bytes, atomic_write_text
+from memtrain.core.manifest import ManifestError, ManifestItem, write_manifest
 from memtrain.data.releases import load_release
-from memtrain.errors import MemtrainError
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +143,6 @@ def _read_body(resp, opts: FetchOptions) -> bytes:
 
 def decode_check(data: bytes) -> str:
     """Verify and fully decode image bytes; return the file extension for their format."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
@@ -293,8 +294,6 @@ def fetch_images(manifest: str | os.PathLike, output_dir: str | os.PathLike, *,
 
 def _run_pool(todo: list[ManifestItem], stems: dict[str, str], images_dir: Path,
               opts: FetchOptions, progress: bool) -> dict[str, tuple]:
-    from tqdm import tqdm
-
     results: dict[str, tuple] = {}
     if not todo:
         return results

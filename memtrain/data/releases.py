@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from memtrain.data.manifest import ManifestError, ManifestItem, read_manifest
+from memtrain.core.manifest import ManifestError, ManifestItem, read_manifest
 
 log = logging.getLogger(__name__)
 

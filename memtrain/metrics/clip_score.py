@@ -13,6 +13,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from memtrain.core.text import tokenize
 from memtrain.metrics.sscd import MetricBackendError, to_uint8_images
 
 
@@ -54,43 +55,66 @@ class _TorchThreads:
         torch.set_num_threads(self.prev)
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 class ClipScorer:
-    """A_CLIP with a transformers CLIPModel + CLIPProcessor folder the user supplies (offline)."""
+    """A_CLIP with a transformers CLIPModel folder the user supplies (offline).
+
+    A folder with an image processor (preprocessor_config.json) is fed through CLIPProcessor,
+    as CLIP ViT-L/14 expects. A CLIPModel folder without one (memtrain's testbed CLIP, trained
+    on [-1, 1] pixels at its vision tower's resolution, no processor) is fed exactly that way;
+    such numbers compare only with runs of the same CLIP."""
 
     def __init__(self, model_dir: str | Path, batch_size: int = 16, num_threads: int = 2):
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise MetricBackendError(f"CLIP weights folder not found: {self.model_dir} (A_CLIP needs a CLIPModel folder)")
-        self.batch_size = batch_size
+        self.raw_pixels = not any((self.model_dir / f).is_file() for f in PROCESSOR_FILES)
+        self.batch_size = batch_size if not self.raw_pixels else max(batch_size, 64)
         self.num_threads = num_threads
-        self.name = f"clip:{self.model_dir.name}"
-        self.model, self.processor = self._load()
+        self.name = (f"clip-raw:{self.model_dir.parent.name}" if self.raw_pixels else f"clip:{self.model_dir.name}")
+        self.model, self.processor, self.tokenizer = self._load()
 
-    def _load(self) -> tuple[Any, Any]:
-        from transformers import CLIPModel, CLIPProcessor
+    def _load(self) -> tuple[Any, Any, Any]:
+        from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
         try:
             model = CLIPModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
-            processor = CLIPProcessor.from_pretrained(str(self.model_dir), local_files_only=True)
+            if self.raw_pixels:
+                return model, None, CLIPTokenizer.from_pretrained(str(self.model_dir))
+            return model, CLIPProcessor.from_pretrained(str(self.model_dir), local_files_only=True), None
         except Exception as e:  # missing files, wrong architecture: one line naming the folder
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MetricBackendError(f"cannot load CLIP from {self.model_dir}: {first}") from e
-        return model, processor
+
+    def _raw_embeddings(self, images: list[np.ndarray], texts: list[str]):
+        """Towers + projections called directly on [-1, 1] pixels at the tower's resolution."""
+        import torch
+        import torch.nn.functional as F
+
+        size = int(self.model.config.vision_config.image_size)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+        img = self.model.visual_projection(self.model.vision_model(pixel_values=x).pooler_output)
+        ids = tokenize(self.tokenizer, texts)
+        txt = self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output)
+        return img, txt
 
     def _batch_cosine(self, images: list[np.ndarray], texts: list[str]) -> np.ndarray:
         import torch
 
-        inputs = self.processor(
-            text=texts,
-            images=[Image.fromarray(im) for im in images],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-        )
         with torch.inference_mode():
-            out = self.model(**inputs, return_dict=True)
-        img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-        txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+            if self.raw_pixels:
+                img, txt = self._raw_embeddings(images, texts)
+            else:
+                inputs = self.processor(text=texts, images=[Image.fromarray(im) for im in images],
+                                        return_tensors="pt", padding=True, truncation=True)
+                out = self.model(**inputs, return_dict=True)
+                img, txt = out.image_embeds, out.text_embeds
+        img = torch.nn.functional.normalize(img.float(), dim=-1)
+        txt = torch.nn.functional.normalize(txt.float(), dim=-1)
         return (img * txt).sum(-1).double().numpy()
 
     def score(self, images: Any, texts: Sequence[str]) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 
 MIN_SHORT_SIDE = 224
 MAX_SHORT_SIDE = 288

@@ -6,7 +6,7 @@ Registered names: none, pad_eot, pad_mask (text-embedding path, paper 000), nemo
 
 from memtrain.mitigations.base import (
     Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
-    get_mitigation, register_mitigation, search_space_ablation,
+    get_mitigation, mitigation_class, register_mitigation, search_space_ablation,
 )
 from memtrain.mitigations.nemo import NeMo
 from memtrain.mitigations.pad_eot import PadEot, PadMask
@@ -14,6 +14,6 @@ from memtrain.mitigations.wanda import Wanda
 
 __all__ = [
     "Mitigation", "NoMitigation", "PruningMitigation", "PadEot", "PadMask", "NeMo", "Wanda",
-    "SearchSpaceAblation", "applied", "available_mitigations", "get_mitigation", "register_mitigation",
+    "SearchSpaceAblation", "applied", "available_mitigations", "get_mitigation", "mitigation_class", "register_mitigation",
     "search_space_ablation",
 ]

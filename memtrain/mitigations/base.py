@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from memtrain.errors import MemtrainError
-from memtrain.text import TextEmbedding, TokenLayout, encode_prompts
+from memtrain.core.config import build
+from memtrain.core.errors import MemtrainError
+from memtrain.core.text import TextEmbedding, TokenLayout, encode_prompts
 
 _REGISTRY: dict[str, type["Mitigation"]] = {}
 
@@ -44,22 +47,20 @@ def available_mitigations() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_mitigation(name: str, **settings) -> "Mitigation":
-    """A fresh mitigation by registry name with its settings; bad input -> MemtrainError."""
+def mitigation_class(name: str) -> type["Mitigation"]:
+    """The registered class for a name (case and '-' ignored); unknown -> lists the known ones."""
     key = _canonical(name)
     if key not in _REGISTRY:
-        raise MemtrainError(
-            f"unknown mitigation '{name}': choose one of {', '.join(available_mitigations())}"
-        )
-    cls = _REGISTRY[key]
-    known = cls.setting_names()
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-        raise MemtrainError(
-            f"mitigation '{key}' has no setting {', '.join(unknown)}: its settings are "
-            f"{', '.join(known) or '(none)'}"
-        )
-    return cls(**settings)
+        raise MemtrainError(f"unknown mitigation '{name}': choose one of {', '.join(available_mitigations())}")
+    return _REGISTRY[key]
+
+
+def get_mitigation(name: str, **settings) -> "Mitigation":
+    """A fresh mitigation by registry name with its typed settings (the class's init fields),
+    checked like a recipe section: an unknown key or a wrong type is a MemtrainError naming
+    `mitigations.<name>.<key>`. Needs no model, so recipes are validated before one loads."""
+    cls = mitigation_class(name)
+    return build(cls, dict(settings), prefix=f"mitigations.{cls.name}")
 
 
 # --- plain-tensor (de)serialisation of small metadata -------------------------------------------
@@ -157,16 +158,11 @@ class Mitigation:
             raise MemtrainError(f"mitigation '{self.name}' keeps no state, got {sorted(state)}")
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"mitigation": self.name, "settings": json.dumps(self.settings())}
         save_file(state, str(path), metadata=meta)
 
     def load(self, path: str | Path) -> None:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         with safe_open(str(path), framework="pt") as f:
             saved_name = (f.metadata() or {}).get("mitigation")
         if saved_name not in (None, self.name):

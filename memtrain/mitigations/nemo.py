@@ -42,12 +42,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 from memtrain.mitigations.base import (
     PruningMitigation, json_tensor, register_mitigation, tensor_json,
 )
-from memtrain.sampling import initial_noise
-from memtrain.text import encode_prompts
+from memtrain.core.sampling import initial_noise
+from memtrain.core.text import encode_prompts
 
 TAU_MEM = 0.428
 TAU_MEM_STRONG = 0.288

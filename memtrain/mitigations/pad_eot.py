@@ -19,9 +19,9 @@ import dataclasses
 
 import torch
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 from memtrain.mitigations.base import Mitigation, register_mitigation
-from memtrain.text import TokenLayout
+from memtrain.core.text import TokenLayout
 
 EOT_REPLACEMENTS = ("zero", "pad")
 PAD_SELECTIONS = ("random", "first")

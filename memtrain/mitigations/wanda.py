@@ -36,12 +36,12 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 from memtrain.mitigations.base import (
     PruningMitigation, json_tensor, register_mitigation, tensor_json,
 )
-from memtrain.sampling import initial_noise, scheduler_step, step_generators
-from memtrain.text import encode_prompts
+from memtrain.core.sampling import initial_noise, scheduler_step, step_generators
+from memtrain.core.text import encode_prompts
 
 AGGREGATES = ("union", "pooled")
 SCOPES = ("all", "per_prompt")

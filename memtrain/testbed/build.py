@@ -19,16 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from memtrain.data import ManifestItem, read_manifest, write_manifest
-from memtrain.errors import MemtrainError
-from memtrain.measure import SAMPLER_FILE, SamplerSettings, measure
-from memtrain.models import ModelBundle, load_bundle
+from memtrain.core.manifest import ManifestItem, read_manifest, write_manifest
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import replace_dir
+from memtrain.metrics import get_descriptor
+from memtrain.core.sampling import SAMPLER_FILE, SamplerSettings
+from memtrain.eval.measure import measure
+from memtrain.core.bundle import ModelBundle, load_bundle
 from memtrain.testbed.clip import text_tower, train_tiny_clip
 from memtrain.testbed.codec import PixelShuffleCodec
 from memtrain.testbed.data import Pair, apply_duplicate_spec, synthetic_pairs, user_pairs
-from memtrain.testbed.tokenizer import build_clip_tokenizer
+from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.testbed.train_unet import TrainConfig, UNetConfig, build_unet, testbed_scheduler, train_unet
-from memtrain.text import encode_prompts
+from memtrain.core.text import encode_prompts
 
 logger = logging.getLogger(__name__)
 TESTBED_VERSION = "3"
@@ -52,7 +55,7 @@ class TestbedConfig:
     # (0 = raw pixels). 0.5 measured best: raw blocks left the tiny U-Net's copies grainy.
     whiten_power: float = 0.5
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(block_out_channels=(128, 256)))
-    # Measured (4 seeds, notes/offline-facts.md): batch 16 beat 32 and 8 per second of CPU; the
+    # Measured (4 seeds, docs/measurements.md): batch 16 beat 32 and 8 per second of CPU; the
     # memorized median SSCD rose 0.29 / 0.58 / 0.75 / 0.81 at 400 / 800 / 1600 / 2400 steps.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2400, batch_size=16, lr=1e-3))
     # DDPM (ancestral): its fresh noise each step washes out the tiny U-Net's residual errors,
@@ -84,6 +87,17 @@ def ensure_testbed(seed: int = 0, progress: bool = True) -> Path:
     if not is_built(path):
         build_testbed(path, seed=seed, progress=progress)
     return path
+
+
+def build_or_reuse(output_dir: str | Path | None, seed: int = 0, data_dir: str | Path | None = None,
+                   overwrite: bool = False, **build_args) -> tuple[dict, str]:
+    """(card, what happened): the cached testbed is reused when it is already built and nothing
+    asks for another; otherwise build_testbed(output_dir or the cache, ...)."""
+    out = Path(output_dir) if output_dir else default_testbed_dir(seed)
+    if output_dir is None and data_dir is None and not overwrite and is_built(out):
+        return json.loads((out / "testbed_card.json").read_text()), f"testbed already built at {out} (cached)"
+    card = build_testbed(out, seed=seed, data_dir=data_dir, overwrite=overwrite, **build_args)
+    return card, f"testbed built at {out}"
 
 
 def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -151,8 +165,6 @@ def build_testbed(
     device trains the U-Net and measures the card there (the tiny CLIP stays on the CPU); the
     default CPU build is the reproducible one the README's figures come from.
     """
-    from memtrain.metrics import get_descriptor
-
     cfg = config or TestbedConfig()
     out = Path(output_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -216,9 +228,7 @@ def build_testbed(
             "data_dir": str(data_dir) if data_dir else None,
         }
         (tmp / "testbed_card.json").write_text(json.dumps(card, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

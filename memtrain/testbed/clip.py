@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
-from memtrain.text import tokenize
+from memtrain.core.text import tokenize
 
 
 def tiny_clip_config(hidden: int, layers: int, resolution: int, eos_token_id: int) -> CLIPConfig:

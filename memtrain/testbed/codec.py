@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from memtrain.core.bundle import register_codec
 
+
+@register_codec
 class PixelShuffleCodec(ModelMixin, ConfigMixin):
     config_name = "config.json"
 

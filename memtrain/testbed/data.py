@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,21 @@ Built on first use (600 steps, about 3 minutes on 2 CPU cores), cached beside th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from memtrain.errors import MemtrainError
+from diffusers import UNet2DConditionModel
+
+from memtrain.core.bundle import load_bundle
+from memtrain.core.diffusion import images_to_latents
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import staged_dir
+from memtrain.core.manifest import load_image, read_manifest
+from memtrain.core.sampling import SAMPLER_FILE
+from memtrain.core.text import encode_prompts
+from memtrain.testbed.train_unet import TrainConfig, train_unet
 
 REFERENCE_KEY = "testbed_reference"  # the recipe spelling: surrogates.model: testbed_reference
 REFERENCE_DIR = "reference_model"
@@ -32,15 +40,6 @@ def reference_model_dir(testbed_root: str | Path) -> Path:
 def ensure_reference_model(testbed_root: str | Path, steps: int = 600, seed: int = 0,
                            progress: bool = True, device: str | torch.device = "cpu") -> Path:
     """testbed_root/reference_model (diffusers layout), trained first (on `device`) if it is not there."""
-    from diffusers import UNet2DConditionModel
-
-    from memtrain.attack import images_to_latents
-    from memtrain.data import load_image, read_manifest
-    from memtrain.measure import SAMPLER_FILE
-    from memtrain.models import load_bundle
-    from memtrain.testbed.train_unet import TrainConfig, train_unet
-    from memtrain.text import encode_prompts
-
     root = Path(testbed_root)
     out = reference_model_dir(root)
     if (out / "model_index.json").is_file():
@@ -64,17 +63,11 @@ def ensure_reference_model(testbed_root: str | Path, steps: int = 600, seed: int
     ema = train_unet(unet.to(device), bundle.scheduler, latents, text, uncond, index, cfg, seed, progress=progress)
     bundle.unet = ema.to("cpu")
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(out) as tmp:
         bundle.save(tmp)
         sampler = root / "model" / SAMPLER_FILE
         if sampler.is_file():
             shutil.copy(sampler, tmp / SAMPLER_FILE)
         (tmp / "reference.json").write_text(json.dumps(
             {"trained_on": list(REFERENCE_SPLITS), "pairs": len(items), "steps": steps, "seed": seed}, indent=1))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

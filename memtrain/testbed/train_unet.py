@@ -1,6 +1,6 @@
 """Train the testbed's SD-shaped U-Net from scratch on CPU until duplicated pairs are memorized.
 
-Schedule choices follow what was measured here (shared/notes/offline-facts.md): at a 16x16
+Schedule choices follow what was measured here (docs/measurements.md): at a 16x16
 latent SD's scaled_linear schedule leaves signal at t = T, which a tiny model reads as a
 per-seed colour cast; zero terminal SNR with v-prediction and trailing spacing fixes it.
 """

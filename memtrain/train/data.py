@@ -10,13 +10,12 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-import torch
+import datasets
 from PIL import Image
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
+from memtrain.core.manifest import load_image, read_manifest
 from memtrain.train.recipe import UtilitySpec
 
 
@@ -24,29 +23,6 @@ from memtrain.train.recipe import UtilitySpec
 class Pair:
     image: Image.Image
     caption: str
-
-
-def pixel_resolution(bundle) -> int:
-    """The image side the model's latents decode to (SD: 8 x sample_size; testbed: factor x)."""
-    factor = getattr(bundle.vae.config, "factor", None)
-    if factor is None:  # AutoencoderKL: one downsampling per block after the first
-        factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-    return int(bundle.sample_size * factor)
-
-
-def to_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """PIL images -> (B, 3, size, size) in [-1, 1]: centre crop to square, bicubic resize."""
-    out = []
-    for im in images:
-        im = im.convert("RGB")
-        w, h = im.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-        if side != size:
-            im = im.resize((size, size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1))
-    return torch.stack(out) / 127.5 - 1
 
 
 def _files(pattern: str, what: str) -> list[str]:
@@ -58,15 +34,13 @@ def _files(pattern: str, what: str) -> list[str]:
 
 
 def _from_manifest(spec: UtilitySpec) -> list[Pair]:
-    from memtrain.data import read_manifest
-    from memtrain.data.manifest import load_image
 
     items = read_manifest(spec.path, require_images=True)
     return [Pair(load_image(item), item.prompt) for item in items]
 
 
 def _from_datasets(spec: UtilitySpec) -> list[Pair]:
-    import datasets
+
 
     datasets.disable_progress_bars()
     if spec.format == "imagefolder":

@@ -18,9 +18,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
-from memtrain.data import ManifestItem, load_image, read_manifest, write_manifest
-from memtrain.errors import MemtrainError
+from memtrain.core.bundle import load_bundle
+from memtrain.core.errors import MemtrainError
+from memtrain.core.manifest import ManifestItem, load_image, read_manifest, write_manifest
+from memtrain.core.report import to_pil
+from memtrain.core.sampling import sample
+from memtrain.metrics import get_descriptor, sscd_cross, sscd_orig
+from memtrain.mitigations import applied, get_mitigation
 from memtrain.train.recipe import SurrogateSpec
 
 log = logging.getLogger(__name__)
@@ -28,54 +34,31 @@ SETTINGS_FILE = "settings.json"
 
 
 def descriptor_for(spec: str):
-    from memtrain.metrics import get_descriptor
-
     # naming the stand-in in a recipe is the explicit opt-in get_descriptor asks for
     return get_descriptor(spec, allow_standin=str(spec).lower().startswith("standin"))
-
-
-def _sampler(bundle, spec: SurrogateSpec):
-    settings = bundle.sampler_settings
-    if spec.num_inference_steps is not None:
-        settings.num_inference_steps = spec.num_inference_steps
-    if spec.guidance_scale is not None:
-        settings.guidance_scale = spec.guidance_scale
-    return settings
 
 
 def _generate_with_mitigation(bundle, spec: SurrogateSpec, prompts: list[str],
                               reference_prompts: list[str], seeds: list[int]):
     """(N, K, 3, H, W) images in [0, 1], one prompt at a time under its own mitigation."""
-    import torch
-
-    from memtrain.mitigations import applied, get_mitigation
-    from memtrain.sampling import sample
-
     mitigation = get_mitigation(spec.mitigation, **spec.mitigation_settings)
     mitigation.prepare(bundle, prompts, reference_prompts, seeds)
-    settings = _sampler(bundle, spec)
+    settings = bundle.sampler_settings.with_overrides(spec.sampler)
     out = []
     for prompt in prompts:
         m = mitigation.for_prompts([prompt])
         with applied(m, bundle):
             cond = m.encode(bundle, [prompt]).embeddings
-            images = sample(bundle, cond, seeds, guidance_scale=settings.guidance_scale,
-                            num_inference_steps=settings.num_inference_steps,
-                            scheduler=settings.scheduler, uncond=m.unconditional(bundle),
-                            unet_forward=m.unet_forward(bundle), batch_size=settings.batch_size).images
+            images = sample(bundle, cond, seeds, settings, uncond=m.unconditional(bundle),
+                            unet_forward=m.unet_forward(bundle)).images
         out.append(images[0])
     return torch.stack(out)
 
 
 def _generate_with_model(spec: SurrogateSpec, prompts: list[str], seeds: list[int], device):
-    from memtrain.models import load_bundle
-    from memtrain.sampling import sample
-
     other = load_bundle(spec.model, device=device)
-    settings = _sampler(other, spec)
-    return sample(other, prompts, seeds, guidance_scale=settings.guidance_scale,
-                  num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                  batch_size=settings.batch_size).images
+    settings = other.sampler_settings.with_overrides(spec.sampler)
+    return sample(other, prompts, seeds, settings).images
 
 
 def _settings_key(spec: SurrogateSpec, model: str, memorized: Sequence[ManifestItem]) -> dict:
@@ -96,8 +79,6 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
                      model_name: str = "", reference_prompts: Sequence[str] = ()) -> list[ManifestItem]:
     """Generate, filter by SSCD_Orig and cache surrogates; returns the kept items, each with
     extra['memorized_id'] and extra['sscd_orig']. Reuses a cache made with the same settings."""
-    from memtrain.report import to_pil
-
     folder = Path(folder)
     key = _settings_key(spec, model_name, memorized)
     cached = load_cached(folder, key)
@@ -112,8 +93,6 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
     descriptor = descriptor_for(spec.descriptor)
     train_emb = descriptor.embed([load_image(m) for m in memorized])
     gen_emb = descriptor.embed(images.flatten(0, 1)).reshape(len(memorized), len(seeds), -1)
-    from memtrain.metrics import sscd_cross, sscd_orig
-
     scores = np.asarray(sscd_orig(gen_emb, train_emb))  # (N, K) against its own image
     worst = sscd_cross(gen_emb, train_emb).max(-1)  # (N, K) against any memorized image
     (folder / "images").mkdir(parents=True, exist_ok=True)

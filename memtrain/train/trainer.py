@@ -14,44 +14,45 @@ generator seeded by (seed, epoch, group, update, rank), and every attack from on
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
-from memtrain.errors import MemtrainError
-from memtrain.train.recipe import TESTBED, Recipe, first_difference, flat_items, with_testbed_paths
+from memtrain.attack import attack
+from memtrain.core.bundle import ModelDefaults, load_bundle
+from memtrain.core.config import flat_items
+from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
+from memtrain.core.diffusion import training_scheduler
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import replace_dir
+from memtrain.core.manifest import load_image, read_manifest
+from memtrain.core.run import finish_trackers, init_trackers, make_accelerator, raise_if_any_failed
+from memtrain.core.sampling import SAMPLER_FILE
+from memtrain.core.text import encode_prompts
+from memtrain.train import checks
+from memtrain.train.data import load_utility
+from memtrain.train.recipe import Recipe, check_resolved, first_difference
+from memtrain.train.surrogates import build_surrogates
 
 log = logging.getLogger(__name__)
 STATE_FILE = "memtrain_state.json"
 
 
 # --- small pieces -------------------------------------------------------------------------------
-
-def derived_seed(*parts: int) -> int:
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
-
-
-def generator(*parts: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(derived_seed(*parts))
-
-
-def attack_init(spec_init: str, epoch: int) -> str:
-    """Alg. 2: epochs count from 1; odd -> the prompt embedding, even -> N(0, I)."""
-    if spec_init != "alternate":
-        return spec_init
-    return "prompt" if (epoch + 1) % 2 == 1 else "random"
-
 
 @dataclass
 class Position:
@@ -70,26 +71,7 @@ class Position:
         return Position(e, g, u)
 
 
-def make_accelerator(recipe: Recipe, project_dir: Path):
-    from accelerate import Accelerator, InitProcessGroupKwargs
-    from accelerate.utils import ProjectConfiguration
-
-    handlers = []
-    # CPU DDP / DeepSpeed need gloo (offline-facts.md); a single process must not ask for a group
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(
-        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
-        mixed_precision=recipe.train.mixed_precision,
-        log_with=None if recipe.report_to == "none" else recipe.report_to,
-        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
-        kwargs_handlers=handlers,
-    )
-
-
 def add_lora(unet, recipe: Recipe) -> None:
-    from peft import LoraConfig
-
     spec = recipe.train.lora
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank,
@@ -112,8 +94,6 @@ def make_optimizer(params, recipe: Recipe):
 
 def param_checksum(module: torch.nn.Module) -> dict:
     """Order-stable digest of every parameter: equal on all DDP ranks iff weights agree."""
-    import hashlib
-
     h = hashlib.sha256()
     total = 0.0
     for name, p in sorted(module.named_parameters()):
@@ -153,31 +133,22 @@ def resolve_resume(arg: str | None, root: Path) -> Path | None:
 # --- the trainer --------------------------------------------------------------------------------
 
 class AdvFinetuner:
-    def __init__(self, recipe: Recipe, resume_from_checkpoint: str | None = None):
+    def __init__(self, recipe: Recipe, resume_from_checkpoint: str | None = None,
+                 defaults: ModelDefaults | None = None):
+        check_resolved(recipe)  # model: testbed must have been resolved (memtrain.testbed.resolver)
         self.recipe = recipe
+        self.defaults = defaults or ModelDefaults(model_dir=recipe.model)
         self.out = Path(recipe.output_dir).absolute()
         self.ckpt_root = self.out / "checkpoints"
         self.resume_arg = resume_from_checkpoint
 
     # setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from memtrain.attack import images_to_latents, training_scheduler
-        from memtrain.data import load_image, read_manifest
-        from memtrain.models import load_bundle
-        from memtrain.train.data import load_utility, pixel_resolution
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.acc = acc = make_accelerator(self.recipe, self.out)
-        self.rank, self.world = acc.process_index, acc.num_processes
-        if self.recipe.model == TESTBED:
-            from memtrain.testbed.build import ensure_testbed
-
-            with acc.main_process_first():  # one process builds the cache, the others then reuse it
-                root = ensure_testbed(seed=0, progress=acc.is_main_process)
-            self.recipe = with_testbed_paths(self.recipe, root)
-        model_parent = Path(self.recipe.model).parent
-        self.testbed_root = model_parent if (model_parent / "testbed_card.json").is_file() else None
         r = self.recipe
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.acc = acc = make_accelerator(r.report_to, r.train.mixed_precision, r.train.gradient_accumulation_steps,
+                                          self.out)
+        self.rank, self.world = acc.process_index, acc.num_processes
         self.bundle = load_bundle(r.model, device=acc.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
         # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)
@@ -187,7 +158,7 @@ class AdvFinetuner:
         self.scheduler = training_scheduler(self.bundle)
         self.memorized = list(read_manifest(r.memorized_manifest, require_images=True, strict=True))
         self.utility = load_utility(r.utility)
-        self.resolution = pixel_resolution(self.bundle)
+        self.resolution = self.bundle.pixel_resolution
         surrogates = self._surrogates()
         by_id: dict[str, list] = {}
         for s in surrogates:
@@ -200,39 +171,19 @@ class AdvFinetuner:
         self.utility_order = None
 
     def _surrogates(self):
-        from memtrain.data import read_manifest
-        from memtrain.train.surrogates import build_surrogates
-
         folder = self.out / "surrogates"
         error = None
         if self.acc.is_main_process:
             try:
-                build_surrogates(self.bundle, self._surrogate_spec(), self.memorized, folder,
+                build_surrogates(self.bundle, self.recipe.surrogates, self.memorized, folder,
                                  model_name=self.recipe.model,
                                  reference_prompts=[p.caption for p in self.utility[:32]])
             except MemtrainError as err:
                 error = err
-        from memtrain.distributed import raise_if_any_failed
-
         raise_if_any_failed(error, self.acc)
         return list(read_manifest(folder / "manifest.jsonl", require_images=True, strict=True))
 
-    def _surrogate_spec(self):
-        """The recipe's surrogate spec with `model: testbed_reference` resolved to the testbed's
-        second model (trained on first use; main process only)."""
-        from memtrain.testbed.reference import REFERENCE_KEY, ensure_reference_model
-
-        spec = self.recipe.surrogates
-        if spec.source != "model" or spec.model != REFERENCE_KEY:
-            return spec
-        if self.testbed_root is None:
-            raise MemtrainError(f"surrogates.model '{REFERENCE_KEY}' needs a testbed model (model: testbed); "
-                                "for another model give surrogates.model a model folder that never saw the images")
-        return dataclasses.replace(spec, model=str(ensure_reference_model(self.testbed_root, device=self.acc.device)))
-
     def prepare_model(self) -> None:
-        from diffusers.optimization import get_scheduler
-
         r, acc, unet = self.recipe, self.acc, self.bundle.unet
         if r.train.finetune == "lora":
             add_lora(unet, r)
@@ -244,8 +195,6 @@ class AdvFinetuner:
         params = [p for p in unet.parameters() if p.requires_grad]
         self.ema = None
         if r.train.ema.use:
-            from diffusers.training_utils import EMAModel
-
             self.ema = EMAModel(params, decay=r.train.ema.decay)
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
@@ -269,9 +218,6 @@ class AdvFinetuner:
     # data of one micro-step ----------------------------------------------------------------------
     def utility_batch(self, pos: Position, g: torch.Generator):
         """Utility latents and text embeddings: a per-epoch permutation read round-robin."""
-        from memtrain.text import encode_prompts
-        from memtrain.train.data import to_pixels
-
         r = self.recipe
         n, bs = len(self.utility), r.train.utility_batch
         perm = torch.randperm(n, generator=generator(r.seed, pos.epoch, 7)).tolist()
@@ -292,8 +238,6 @@ class AdvFinetuner:
     def losses(self, surr: torch.Tensor, y_adv: torch.Tensor, util: torch.Tensor, y_util: torch.Tensor,
                g: torch.Generator, concat: bool = True):
         """(loss_adv, loss_dm): the model's own prediction-type target on noised latents."""
-        from memtrain.attack import regression_target
-
         dev = self.acc.device
         x0 = torch.cat([surr, util])
         noise = torch.randn(x0.shape, generator=g)
@@ -313,12 +257,7 @@ class AdvFinetuner:
 
     def craft(self, epoch: int, image: int) -> tuple[torch.Tensor, float]:
         """y_adv (1, 77, D) for one memorized image against the current unwrapped U-Net."""
-        from memtrain.attack import AttackConfig, attack
-
-        a = self.recipe.attack
-        config = AttackConfig(steps=a.steps, lr=a.lr, noise_samples=a.noise_samples,
-                              init=attack_init(a.init, epoch), l2_radius=a.l2_radius,
-                              seed=derived_seed(self.recipe.seed, epoch, image), max_batch=a.max_batch)
+        config = self.recipe.attack.for_epoch(epoch, seed=derived_seed(self.recipe.seed, epoch, image))
         result = attack(self.bundle, self.target_latents[image : image + 1], [self.items[image].prompt], config)
         return result.embeddings, float(result.final_loss.mean())
 
@@ -348,8 +287,7 @@ class AdvFinetuner:
                 state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
                          "world_size": self.world, "recipe": self.recipe.to_dict()}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+                replace_dir(tmp, final)
         except OSError as e:  # disk full, quota, permissions: drop the partial folder, keep the rest
             shutil.rmtree(tmp, ignore_errors=True)
             kept = checkpoint_dirs(self.ckpt_root)
@@ -382,21 +320,19 @@ class AdvFinetuner:
                                 f"this run has {self.world}")
         self.acc.load_state(str(path))
         adv = path / f"adv_rank{self.rank}.pt"
-        y_adv = torch.load(adv) if adv.is_file() else None
+        y_adv = torch.load(adv, weights_only=True) if adv.is_file() else None
         log.info("resumed from %s (step %d)", path, state["global_step"])
         return state["global_step"], Position(state["epoch"], state["group"], state["update"]), y_adv
 
     # the loop --------------------------------------------------------------------------------------
     def train(self) -> Path:
-        from memtrain.report import finish_trackers, init_trackers
-
         self.setup()
         self.prepare_model()
         r, acc = self.recipe, self.acc
         step, pos, y_adv = self.resume()
         init_trackers(acc, r.tracker_project, flat_items(r.to_dict()), self.out)
         if r.audit.closing:
-            utility_before(self)
+            checks.utility_before(self)
         total = self.total_steps()
         S, t_spec = r.train.updates_per_embedding, r.train
         while pos.epoch < t_spec.epochs and step < total:
@@ -444,13 +380,13 @@ class AdvFinetuner:
                 if pos.update == 0:
                     y_adv = None
             if pos.epoch > epoch and r.audit.epoch_end:
-                epoch_audit(self, epoch, step)
+                checks.epoch_audit(self, epoch, step)
         acc.wait_for_everyone()
         model_dir = self.save_final()
         if r.debug_rank_checksums:
             self.write_checksum()
         if r.audit.closing:
-            closing_audit(self, model_dir)
+            checks.closing_audit(self, model_dir)
         finish_trackers(acc)
         acc.wait_for_everyone()
         return model_dir
@@ -476,12 +412,8 @@ class AdvFinetuner:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if self.recipe.train.finetune == "lora":
-                    from diffusers import StableDiffusionPipeline
-                    from diffusers.utils import convert_state_dict_to_diffusers
-                    from peft.utils import get_peft_model_state_dict
-
                     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-                    StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                    StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
                                                               safe_serialization=True)
                 else:
                     self.bundle.unet = unet
@@ -489,11 +421,10 @@ class AdvFinetuner:
                         self.bundle.text_encoder.to(dtype=torch.float32)
                         self.bundle.vae.to(dtype=torch.float32)
                     self.bundle.save(tmp)
-                    sampler = Path(self.bundle.path) / "memtrain.json"
+                    sampler = Path(self.bundle.path) / SAMPLER_FILE
                     if sampler.is_file():
-                        shutil.copy(sampler, tmp / "memtrain.json")
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
+                        shutil.copy(sampler, tmp / SAMPLER_FILE)
+                replace_dir(tmp, target)
             except OSError as e:  # a full disk must not leave a half model where the last one was
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise MemtrainError(f"saving the fine-tuned model to {target} failed ({e.strerror or e}); "
@@ -503,183 +434,7 @@ class AdvFinetuner:
         return target
 
 
-def train(recipe: Recipe, resume_from_checkpoint: str | None = None) -> Path:
-    """Run adversarial fine-tuning; returns output_dir/model."""
-    return AdvFinetuner(recipe, resume_from_checkpoint).train()
-
-
-# --- audits (main process; the others wait) -----------------------------------------------------
-
-def _sampler(trainer: AdvFinetuner):
-    settings = trainer.bundle.sampler_settings
-    a = trainer.recipe.audit
-    if a.num_inference_steps is not None:
-        settings.num_inference_steps = a.num_inference_steps
-    if a.guidance_scale is not None:
-        settings.guidance_scale = a.guidance_scale
-    return settings
-
-
-def memorization_figures(trainer: AdvFinetuner, epoch: int) -> tuple[dict, dict]:
-    """MR from the memorized prompts and from fresh Dori embeddings, plus their image grids."""
-    from memtrain.attack import frozen
-    from memtrain.data import load_image
-    from memtrain.measure import measure
-    from memtrain.report import image_grid, reference_rows
-    from memtrain.train.surrogates import descriptor_for
-
-    a = trainer.recipe.audit
-    n = min(len(trainer.items), a.max_items or len(trainer.items))
-    items = trainer.items[:n]
-    seeds = list(range(a.seeds))
-    descriptor = descriptor_for(trainer.recipe.surrogates.descriptor)
-    train_images = [load_image(m) for m in items]
-    settings = _sampler(trainer)
-    figures, grids = {}, {}
-    with frozen(trainer.bundle.unet):
-        adv = torch.cat([trainer.craft(epoch, i)[0] for i in range(n)])
-        for name, cond in (("prompt", [m.prompt for m in items]), ("attack", adv)):
-            m = measure(trainer.bundle, cond, seeds, descriptor, settings, train_images=train_images)
-            for key, value in m.figures().items():
-                figures[f"{name}/{key}"] = value
-            grids[name] = image_grid(reference_rows(train_images, [list(row) for row in m.images]), cell=64)
-    return figures, grids
-
-
-def epoch_audit(trainer: AdvFinetuner, epoch: int, step: int) -> None:
-    from memtrain.report import log_to_trackers
-
-    acc = trainer.acc
-    if acc.is_main_process:
-        figures, grids = memorization_figures(trainer, epoch)
-        folder = trainer.out / "audit" / "epochs"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, grid in grids.items():
-            grid.save(folder / f"epoch{epoch + 1}_{name}.png")
-        (folder / f"epoch{epoch + 1}.json").write_text(json.dumps(figures, indent=1))
-        log_to_trackers(acc, {f"audit/{k}": v for k, v in figures.items()},
-                        images={f"audit/{k}": [v] for k, v in grids.items()}, step=step)
-        log.info("epoch %d audit: %s", epoch + 1, {k: v for k, v in figures.items() if "mr" in k})
-    acc.wait_for_everyone()
-
-
-def heldout_loss(trainer: AdvFinetuner) -> float | dict:
-    """Mean denoising loss on held-out pairs under fixed noise and timesteps."""
-    from memtrain.attack import diffusion_loss, images_to_latents
-    from memtrain.data import load_image, read_manifest
-    from memtrain.metrics import not_computed
-    from memtrain.text import encode_prompts
-
-    a = trainer.recipe.audit
-    path = Path(a.heldout_manifest) if a.heldout_manifest else Path(trainer.recipe.memorized_manifest).with_name("held_out.jsonl")
-    if not path.is_file():
-        return not_computed(f"no held-out manifest ({path}); set audit.heldout_manifest")
-    items = list(read_manifest(path, require_images=True))
-    bundle = trainer.bundle
-    latents = images_to_latents(bundle, [load_image(m) for m in items])
-    emb = encode_prompts(bundle, [m.prompt for m in items]).embeddings.float()
-    g = generator(trainer.recipe.seed, 4242)
-    k = a.heldout_noise_samples
-    noise = torch.randn((len(items), k, *latents.shape[1:]), generator=g)
-    t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(items), k), generator=g)
-    return float(diffusion_loss(bundle, latents, emb, noise, t).mean())
-
-
-def utility_generations_kid(trainer: AdvFinetuner) -> float | dict:
-    """KID (inception features) of generations on utility prompts vs the utility images."""
-    from memtrain.metrics import inception_features, kid, not_computed
-    from memtrain.sampling import sample
-
-    a = trainer.recipe.audit
-    if not a.kid:
-        return not_computed("audit.kid is false")
-    pairs = trainer.utility[: a.kid_prompts]
-    if len(pairs) < 2:
-        return not_computed("KID needs at least 2 utility prompts")
-    settings = _sampler(trainer)
-    try:
-        images = sample(trainer.bundle, [p.caption for p in pairs], [0], guidance_scale=settings.guidance_scale,
-                        num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                        batch_size=settings.batch_size).images[:, 0]
-        real = inception_features([p.image for p in pairs], num_threads=1)
-        gen = inception_features(images, num_threads=1)
-    except Exception as err:  # no Inception weights installed, ...
-        return not_computed(f"inception features unavailable ({type(err).__name__}: {str(err)[:120]})")
-    return float(kid(gen, real, subsets=10, subset_size=len(pairs))[0])
-
-
-def utility_before(trainer: AdvFinetuner) -> None:
-    """Held-out loss and KID of the model before fine-tuning (kept across a resume)."""
-    from memtrain.attack import frozen
-    from memtrain.report import write_json
-
-    acc, path = trainer.acc, trainer.out / "audit" / "before.json"
-    if acc.is_main_process and not path.is_file():
-        with frozen(trainer.bundle.unet):
-            write_json(path, {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)})
-    acc.wait_for_everyone()
-
-
-def full_audit(trainer: AdvFinetuner, model_dir: Path) -> dict | None:
-    """memtrain.audit of the fine-tuned model (mitigation 'none'): MR on the prompts, under the
-    audit recipe's full-strength attack and on the held-out control, on every process (the
-    targets are split across ranks). Its report goes to output_dir/audit/full/."""
-    from memtrain.audit import AuditConfig, audit, default_recipe_path
-
-    from memtrain.metrics import not_computed
-
-    r, a = trainer.recipe, trainer.recipe.audit
-    if not a.full:
-        return None
-    control = Path(a.heldout_manifest) if a.heldout_manifest else Path(r.memorized_manifest).with_name("held_out.jsonl")
-    if not control.is_file():
-        return {"full_audit": not_computed(f"no held-out manifest ({control}) for the attack's control: "
-                                           "set audit.heldout_manifest")}
-    root = trainer.testbed_root
-    lora = r.train.finetune == "lora"  # model_dir then holds only the LoRA weights: fuse them into the base
-    config = AuditConfig(
-        mitigations=["none"], model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
-        manifest=r.memorized_manifest,
-        control_manifest=str(control), output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
-        recipe=a.full_recipe or str(default_recipe_path(root is not None)), max_targets=a.full_max_targets,
-        reference_manifest=str(root / "manifests" / "unique.jsonl") if root else None,
-        utility_manifest=r.utility.path if r.utility.format == "manifest" else None,
-        clip_model=str(root / "clip") if root else None,
-        metric=None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
-        allow_standin=r.surrogates.descriptor == "standin", progress=False,
-    )
-    doc = audit(config, accelerator=trainer.acc)
-    result = doc["results"][0]
-    return {"mr_prompt": result["mr_prompt"], "mr_attack": result["mr_attack"], "mr_control": result["mr_control"],
-            "metric_backend": doc["metric_backend"], "report": str(trainer.out / "audit" / "full" / "report.json")}
-
-
-def closing_audit(trainer: AdvFinetuner, model_dir: Path) -> None:
-    """output_dir/audit/report.json: memorization after training and the utility block."""
-    from memtrain.attack import frozen
-    from memtrain.report import write_json
-
-    acc = trainer.acc
-    if acc.is_main_process:
-        before = json.loads((trainer.out / "audit" / "before.json").read_text())
-        with frozen(trainer.bundle.unet):
-            figures, grids = memorization_figures(trainer, trainer.recipe.train.epochs)
-            after = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
-        folder = trainer.out / "audit"
-        for name, grid in grids.items():
-            grid.save(folder / f"final_{name}.png")
-        report = {
-            "model": str(model_dir), "recipe": trainer.recipe.to_dict(), "memorization": figures,
-            "utility": {"heldout_loss_before": before["heldout_loss"], "heldout_loss_after": after["heldout_loss"],
-                        "kid_before": before["kid"], "kid_after": after["kid"]},
-        }
-    acc.wait_for_everyone()
-    full = full_audit(trainer, model_dir)
-    if acc.is_main_process:
-        if full is not None:
-            report.update(full)
-        loss_before, loss_after = report["utility"]["heldout_loss_before"], report["utility"]["heldout_loss_after"]
-        if isinstance(loss_before, float) and isinstance(loss_after, float):
-            report["utility"]["heldout_loss_ratio"] = loss_after / loss_before
-        write_json(folder / "report.json", report)
-    acc.wait_for_everyone()
+def train(recipe: Recipe, resume_from_checkpoint: str | None = None, defaults: ModelDefaults | None = None) -> Path:
+    """Run adversarial fine-tuning; returns output_dir/model. `defaults`: the model's manifests,
+    CLIP and audit recipe for the closing audit (from the testbed resolver for the testbed)."""
+    return AdvFinetuner(recipe, resume_from_checkpoint, defaults).train()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -194,26 +194,6 @@ def write_manifest(path: str | os.PathLike, items: Iterable[ManifestItem]) -> Pa
         lines.append(json.dumps(item.to_dict(path.parent), ensure_ascii=False))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data so that ``path`` is either absent, the old file, or the complete new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_image(item: ManifestItem):

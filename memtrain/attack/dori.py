@@ -17,29 +17,33 @@ same noise and agree to float tolerance (tests/test_attack.py checks it).
 
 from __future__ import annotations
 
-import contextlib
 import math
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Literal, Sequence
 
-import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
-from memtrain.errors import MemtrainError
-from memtrain.text import TokenLayout, encode_prompts
+from memtrain.core.diffusion import frozen, generator, regression_target, training_scheduler
+from memtrain.core.errors import MemtrainError
+from memtrain.core.text import TokenLayout, encode_prompts
 
-INITS = ("prompt", "random", "other_prompt")
-# forward(x_t, t, y) -> raw U-Net output, the same contract as memtrain.sampling.sample
+INITS = ("prompt", "random", "other_prompt", "alternate")
+# forward(x_t, t, y) -> raw U-Net output, the same contract as memtrain.core.sampling.sample
 UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class AttackConfig:
+    """Dori's settings: the one attack vocabulary of the audit, the trainer and the benchmarks
+    (a recipe's `attack:` section maps onto it). Invalid values are one-line errors on build."""
+
     steps: int = 50  # the paper's calibrated budget (App. F.2)
     lr: float = 0.1
     noise_samples: int = 8  # (eps, t) draws per target and step
-    init: str = "prompt"  # "prompt" | "random" (N(0, I)) | "other_prompt"
+    # "prompt" | "random" (N(0, I)) | "other_prompt" | "alternate": the fine-tuner's schedule
+    # (paper 004 Alg. 2), prompt in odd epochs and random in even ones, resolved by for_epoch()
+    init: Literal["prompt", "random", "other_prompt", "alternate"] = "prompt"
     other_prompt: str | None = None
     l2_radius: float | None = None  # project each y_adv onto ||y|| <= radius (App. F.3)
     seed: int = 0
@@ -64,6 +68,14 @@ class AttackConfig:
             raise MemtrainError("attack init 'other_prompt' needs other_prompt (a non-memorized prompt)")
         if self.l2_radius is not None and not float(self.l2_radius) > 0:
             raise MemtrainError(f"attack l2_radius must be > 0 or None, got {self.l2_radius}")
+
+    def for_epoch(self, epoch: int, seed: int) -> "AttackConfig":
+        """The settings for one fine-tuning epoch (counted from 0): `alternate` resolved (Alg. 2
+        counts epochs from 1: odd -> the prompt embedding, even -> N(0, I)) and the epoch's seed."""
+        init = self.init
+        if init == "alternate":
+            init = "prompt" if (epoch + 1) % 2 == 1 else "random"
+        return dataclasses.replace(self, init=init, seed=int(seed))
 
     def timesteps(self, num_train_timesteps: int) -> tuple[int, int]:
         lo, hi = self.timestep_range or (0, num_train_timesteps)
@@ -96,30 +108,6 @@ class AttackResult:
 
 # --- small pieces -------------------------------------------------------------------------------
 
-def target_generator(seed: int, index: int) -> torch.Generator:
-    """Target `index`'s own CPU generator: independent of batch composition and device."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device="cpu").manual_seed(int(state) & ((1 << 63) - 1))
-
-
-def training_scheduler(bundle) -> DDPMScheduler:
-    """The forward-noising schedule the model was trained with (whatever sampler it ships)."""
-    return DDPMScheduler.from_config(bundle.scheduler.config)
-
-
-def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-    """What the U-Net regresses in training for its prediction_type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise MemtrainError(f"unsupported prediction_type '{kind}' (epsilon, v_prediction, sample)")
-
-
 def _masks(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
     return layout.sot, layout.prompt, layout.eot, layout.pad
 
@@ -151,29 +139,9 @@ def resolve_forward(bundle, mitigation=None, unet_forward: UNetForward | None = 
     return custom or default_forward(bundle)
 
 
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """eval() and no parameter grads for the block; the previous state is restored after."""
-    was_training = module.training
-    flags = [p.requires_grad for p in module.parameters()]
-    module.eval().requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
-        module.train(was_training)
-
-
-def images_to_latents(bundle, images: Sequence) -> torch.Tensor:
-    """PIL images (the targets' training images) -> the latents the attack regresses."""
-    pixels = [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images]
-    return bundle.encode_images(torch.stack(pixels).permute(0, 3, 1, 2) / 127.5 - 1).float().cpu()
-
-
 def attacked_condition(result: AttackResult, mitigation=None) -> torch.Tensor:
     """The embeddings to sample from: y_adv as the mitigated model sees it. Pair with
-    `uncond=mitigation.unconditional(bundle)` in memtrain.sampling.sample."""
+    `uncond=mitigation.unconditional(bundle)` in memtrain.core.sampling.sample."""
     if mitigation is None:
         return result.embeddings
     with torch.no_grad():
@@ -215,6 +183,9 @@ class DoriAttack:
                  unet_forward: UNetForward | None = None, indices: Sequence[int] | None = None):
         self.config = config or AttackConfig()
         self.config.check()
+        if self.config.init == "alternate":
+            raise MemtrainError("attack init 'alternate' is a per-epoch schedule: resolve it with "
+                                "AttackConfig.for_epoch(epoch, seed) before attacking")
         if target_latents.dim() != 4:
             raise MemtrainError(f"target_latents must be (B, C, h, w), got {tuple(target_latents.shape)}")
         n = target_latents.shape[0]
@@ -228,7 +199,7 @@ class DoriAttack:
         self.scheduler = training_scheduler(bundle)
         self.t_range = self.config.timesteps(self.scheduler.config.num_train_timesteps)
         self.forward = resolve_forward(bundle, mitigation, unet_forward)
-        self.generators = [target_generator(self.config.seed, i) for i in self.indices]
+        self.generators = [generator(self.config.seed, i) for i in self.indices]
         start, self.layout = initial_embeddings(bundle, init_prompts, self.config,
                                                 self.generators, mitigation)
         self.latents = target_latents.detach().float().cpu()

@@ -6,48 +6,16 @@ trainer's epoch-end check all call `measure`, so they agree by construction.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 from memtrain.metrics import diversity_dsscd, sscd_gen, sscd_orig, summarize
-from memtrain.sampling import SampleOutput, sample
-from memtrain.text import TextEmbedding
-
-SAMPLER_FILE = "memtrain.json"  # optional, beside model_index.json: the model's default sampler
-
-
-@dataclass
-class SamplerSettings:
-    """The papers' default (DDIM, 50 steps, guidance 7.5) unless the model folder says otherwise."""
-
-    scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    batch_size: int = 16
-
-    @classmethod
-    def for_model(cls, model_dir: str | Path | None) -> "SamplerSettings":
-        path = Path(model_dir) / SAMPLER_FILE if model_dir else None
-        if path is not None and path.is_file():
-            return cls(**json.loads(path.read_text()).get("sampler", {}))
-        return cls()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def check_seeds(seeds: Sequence[int]) -> list[int]:
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise MemtrainError("seed list is empty: pass at least one seed (e.g. --seeds 10)")
-    return seeds
-
+from memtrain.core.sampling import SampleOutput, SamplerSettings, check_seeds, sample
+from memtrain.core.text import TextEmbedding
 
 @dataclass
 class Measurement:
@@ -113,12 +81,8 @@ def measure(
     """Sample len(cond) x len(seeds) images and score them (SSCD_Orig vs train_images,
     SSCD_Gen vs reference generation embeddings of the same inputs and seeds, D_SSCD)."""
     seeds = check_seeds(seeds)
-    out: SampleOutput = sample(
-        bundle, cond, seeds, guidance_scale=settings.guidance_scale,
-        num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-        uncond=uncond, hook=hook, batch_size=settings.batch_size, unet_forward=unet_forward,
-        progress=progress,
-    )
+    out: SampleOutput = sample(bundle, cond, seeds, settings, uncond=uncond, hook=hook,
+                               unet_forward=unet_forward, progress=progress)
     gen = embed_generations(descriptor, out.images)
     orig = None
     if train_images is not None:

@@ -1,14 +1,17 @@
 """The model bundle: one object for any diffusers Stable-Diffusion-style checkpoint.
 
-Loads SD1.x/SD2.x folders in diffusers layout (unet, text_encoder, tokenizer, vae, scheduler)
-and the memtrain testbed, whose `vae/` is a PixelShuffleCodec behind the same interface.
+Loads SD1.x/SD2.x folders in diffusers layout (unet, text_encoder, tokenizer, vae, scheduler).
+The autoencoder is looked up by its config's class name in a codec registry: AutoencoderKL is
+built in, and other codecs (the testbed's pixel codec) register themselves with
+`register_codec`, so this layer never imports what sits above it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,8 +19,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMult
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from memtrain.errors import MemtrainError
-from memtrain.testbed.codec import PixelShuffleCodec
+from memtrain.core.errors import MemtrainError
+from memtrain.core.sampling import SamplerSettings
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -26,7 +29,32 @@ SCHEDULERS = {
     "dpmsolver": DPMSolverMultistepScheduler,
 }
 _SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
-_CODECS = {"AutoencoderKL": AutoencoderKL, "PixelShuffleCodec": PixelShuffleCodec}
+_CODECS: dict[str, type] = {"AutoencoderKL": AutoencoderKL}
+
+
+def register_codec(cls: type) -> type:
+    """Make an autoencoder class loadable by name from a model folder's vae/config.json.
+
+    The class needs diffusers' from_pretrained/save_pretrained, `encode_images(pixels)` and
+    `decode_latents(latents)`, and a `factor` in its config (pixels per latent cell)."""
+    _CODECS[cls.__name__] = cls
+    return cls
+
+
+@dataclass
+class ModelDefaults:
+    """What a model folder brings besides its weights, filled in by whoever made the model (the
+    testbed's resolver) and empty for a plain checkpoint: default manifests by role (memorized,
+    held_out, unique, utility), CLIP weights for A_CLIP, an audit recipe, a display name."""
+
+    model_dir: str
+    manifests: dict[str, str] = field(default_factory=dict)
+    clip_model: str | None = None
+    audit_recipe: str | None = None
+    label: str | None = None
+
+    def manifest(self, role: str) -> str | None:
+        return self.manifests.get(role)
 
 
 @dataclass
@@ -40,11 +68,17 @@ class ModelBundle:
     path: str = ""  # the local folder it was loaded from
 
     @property
-    def sampler_settings(self):
+    def sampler_settings(self) -> SamplerSettings:
         """The model folder's default sampler (memtrain.json), else the papers' DDIM 50 / 7.5."""
-        from memtrain.measure import SamplerSettings
-
         return SamplerSettings.for_model(self.path or None)
+
+    @property
+    def pixel_resolution(self) -> int:
+        """The image side the latents decode to (SD: 8 x sample_size; other codecs: their factor)."""
+        factor = getattr(self.vae.config, "factor", None)
+        if factor is None:  # AutoencoderKL: one downsampling per block after the first
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.sample_size * factor)
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +210,7 @@ def load_bundle(
     if vae_class_name not in _CODECS:
         raise MemtrainError(
             f"model folder '{path}': vae class '{vae_class_name}' is not supported "
-            f"(known: {', '.join(_CODECS)})"
+            f"(registered: {', '.join(_CODECS)}; a testbed codec registers when memtrain.testbed is imported)"
         )
     vae = _CODECS[vae_class_name].from_pretrained(path / "vae", torch_dtype=dtype)
     scheduler_config = DDIMScheduler.load_config(path / "scheduler")
@@ -199,3 +233,14 @@ def fuse_lora_weights(bundle: ModelBundle, lora: str | Path) -> None:
     bundle.unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix="unet")
     bundle.unet.fuse_lora()
     bundle.unet.unload_lora()
+
+
+def weights_checksum(bundle: ModelBundle) -> str:
+    """BLAKE2 over every parameter and buffer of U-Net, text encoder and VAE, bit for bit: equal
+    before a mitigation and after its undo, or the undo was not exact."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in ("unet", "text_encoder", "vae"):
+        for name, tensor in getattr(bundle, part).state_dict().items():
+            h.update(f"{part}.{name}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

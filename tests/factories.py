@@ -1,8 +1,10 @@
-"""A tiny random SD1.x-shaped ModelBundle for fast tests (no downloads, a second to build).
+"""The one factory of config-built models for tests (no downloads, seconds to build).
 
-U-Net with CrossAttnDownBlock2D/CrossAttnUpBlock2D blocks and a cross-attention mid block, a
-CLIPTextModel of width 32, SD1.4's real CLIP tokenizer (built offline), a DDIM scheduler and
-the testbed PixelShuffleCodec(factor=2) as vae, so images are 2x the latent size.
+`tiny_bundle`: U-Net with CrossAttnDownBlock2D/CrossAttnUpBlock2D blocks and a cross-attention
+mid block, a CLIPTextModel of width 32, SD1.4's real CLIP tokenizer (built offline), a DDIM
+scheduler and the testbed PixelShuffleCodec(factor=2) as vae, so images are 2x the latent size.
+`build_sd_shaped`: the layout of SD1.x on disk (AutoencoderKL, 768-d CLIP text tower, 4-level
+U-Net, SD v1.4's PNDM scheduler config), tiny widths.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from memtrain.models import ModelBundle
+from memtrain.core.bundle import ModelBundle
 from memtrain.testbed.codec import PixelShuffleCodec
-from memtrain.testbed.tokenizer import build_clip_tokenizer
+from memtrain.core.tokenizer import build_clip_tokenizer
 
 HIDDEN = 32
 
@@ -65,3 +67,30 @@ def tiny_bundle(tokenizer_dir: Path, cross_attention: bool = True, seed: int = 0
         scheduler=tiny_scheduler(**scheduler_overrides), source="tiny-random-sd",
     )
     return bundle.eval()
+
+
+def build_sd_shaped(folder: Path, tokenizer_dir: Path) -> Path:
+    """Config-built SD1.x-shaped pipeline: AutoencoderKL, 768-d CLIPTextModel, 4-level UNet."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16), norm_num_groups=4, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+    # SD v1.4's own scheduler config (PNDM, scaled_linear, epsilon); the sampler swaps in DDIM.
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1)
+    tokenizer = build_clip_tokenizer(tokenizer_dir)
+    ModelBundle(unet, text_encoder, tokenizer, vae, scheduler).save(folder)
+    return folder

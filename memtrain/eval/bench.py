@@ -1,4 +1,5 @@
-"""Throughput of the Dori attack: batched vs one target at a time, and achieved FLOP/s.
+"""Benchmarks measured in one run: the Dori attack batched vs one target at a time with its
+achieved FLOP/s, and batched vs one-at-a-time sampling.
 
 The FLOPs of one attack step are counted with torch's FlopCounterMode (matmuls, convolutions
 and attention of the U-Net forward and backward) and divided by the step's wall time; a large
@@ -11,13 +12,16 @@ import dataclasses
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memtrain.attack import AttackConfig, DoriAttack, attack, attack_loop, frozen, images_to_latents
-from memtrain.errors import MemtrainError
+from memtrain.attack import AttackConfig, DoriAttack, attack, attack_loop
+from memtrain.core.diffusion import frozen, images_to_latents
+from memtrain.core.errors import MemtrainError
+from memtrain.core.manifest import load_image, read_manifest
+from memtrain.core.sampling import SamplerSettings, check_seeds, sample
 
 FALLBACK_PROMPTS = ["a photo of a cat", "a red house by the sea", "a bowl of fruit", "a mountain lake"]
 
@@ -113,28 +117,13 @@ def format_attack_bench(r: dict, model: str) -> str:
 
 # --- resolving what to benchmark ----------------------------------------------------------------
 
-def resolve_attack_model(model: str | None) -> Path:
-    """--model: a model folder or a testbed root (its model/); None: the cached testbed."""
-    if model is None:
-        from memtrain.testbed.build import ensure_testbed
-
-        return ensure_testbed() / "model"
-    path = Path(model).expanduser()
-    if (path / "model" / "model_index.json").is_file():
-        return path / "model"
-    return path
-
-
-def bench_targets(bundle, model_dir: Path, n: int, manifest: str | None = None
-                  ) -> tuple[torch.Tensor, list[str], str]:
-    """n (latent, prompt) targets, cycling the memorized manifest beside a testbed model (or
-    `manifest`); random latents with generic prompts when there is none (timing only)."""
-    from memtrain.data import load_image, read_manifest
-
-    path = Path(manifest) if manifest else model_dir.parent / "manifests" / "memorized.jsonl"
-    if manifest and not path.is_file():
+def bench_targets(bundle, n: int, manifest: str | None = None) -> tuple[torch.Tensor, list[str], str]:
+    """n (latent, prompt) targets cycling `manifest` (the model's memorized set by default);
+    random latents with generic prompts when there is none (timing only)."""
+    path = Path(manifest) if manifest else None
+    if path is not None and not path.is_file():
         raise MemtrainError(f"manifest '{manifest}' not found")
-    if path.is_file():
+    if path is not None:
         items = read_manifest(path, require_images=True)
         if not items:
             raise MemtrainError(f"manifest '{path}' has no items with images")
@@ -145,3 +134,42 @@ def bench_targets(bundle, model_dir: Path, n: int, manifest: str | None = None
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     prompts = [FALLBACK_PROMPTS[k % len(FALLBACK_PROMPTS)] for k in range(n)]
     return latents, prompts, "random latents (no manifest)"
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def bench_sampling(bundle, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
+                   batch_size: int = 16) -> dict:
+    """Images per second of plain CFG sampling: all (prompt, seed) jobs in batches of
+    batch_size vs one prompt-seed image at a time, measured in the same run."""
+    prompts, seeds = list(prompts), check_seeds(seeds)
+    n_images = len(prompts) * len(seeds)
+    one = dataclasses.replace(settings, batch_size=1)
+    sample(bundle, prompts[:1], seeds[:1], one)  # warm-up
+    batched = timed(lambda: sample(bundle, prompts, seeds, dataclasses.replace(settings, batch_size=batch_size)),
+                    bundle.device)
+    single = timed(lambda: [sample(bundle, [p], [s], one) for p in prompts for s in seeds], bundle.device)
+    return {"images": n_images, "batch_size": batch_size, "batched_seconds": batched, "single_seconds": single,
+            "batched_images_per_s": n_images / batched, "single_images_per_s": n_images / single,
+            "speedup": single / batched, "sampler": settings.to_dict(), "threads": torch.get_num_threads()}
+
+
+def bench_prompts(manifest: str | None, n_prompts: int, n_seeds: int, batch: int) -> list[str]:
+    """n_prompts prompts cycling the manifest's (generic ones without a manifest)."""
+    if n_prompts < 1 or n_seeds < 1 or batch < 1:
+        raise MemtrainError("--prompts, --seeds and --batch must be >= 1")
+    texts = [it.prompt for it in read_manifest(manifest)] if manifest else list(FALLBACK_PROMPTS)
+    return (texts * (n_prompts // len(texts) + 1))[:n_prompts]
+
+
+def format_sampling_bench(r: dict, model: str, n_prompts: int, n_seeds: int) -> str:
+    """The sampling benchmark's lines; the last is `speedup: X.XX`."""
+    return "\n".join([
+        f"model: {model}",
+        f"sampler: {r['sampler']['scheduler']} {r['sampler']['num_inference_steps']} steps, guidance "
+        f"{r['sampler']['guidance_scale']}; {r['images']} images ({n_prompts} prompts x {n_seeds} seeds); "
+        f"torch threads {r['threads']}",
+        f"batched (batch {r['batch_size']}): {r['batched_images_per_s']:.2f} images/s ({r['batched_seconds']:.2f} s)",
+        f"one at a time: {r['single_images_per_s']:.2f} images/s ({r['single_seconds']:.2f} s)",
+        f"speedup: {r['speedup']:.2f}",
+    ])

@@ -1,5 +1,4 @@
-"""Reports: JSON, Markdown, image grids, experiment-tracker logging and an all-or-nothing
-output folder. Generic on purpose (evaluate, the audit and the trainer all write through it):
+"""Reports: JSON-ready values, Markdown, image grids. Generic on purpose (evaluate, the audit and the trainer all write through it):
 nothing here knows what the figures mean.
 
 Conventions:
@@ -11,17 +10,15 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from memtrain.errors import MemtrainError
+from memtrain.core.errors import MemtrainError
 
 # ----------------------------------------------------------------------------- JSON
 
@@ -47,13 +44,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
 
 
 def scalar_figures(figures: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, float]:
@@ -211,111 +201,3 @@ def save_grids(folder: str | os.PathLike, rows: Sequence[Sequence[Any]], row_nam
         image_grid(rows[start : start + rows_per_grid], cell=cell).save(path)
         written.append((path, list(row_names[start : start + rows_per_grid])))
     return written
-
-
-# ----------------------------------------------------------------------------- trackers
-
-
-def init_trackers(accelerator, project: str, config: Mapping[str, Any], run_dir: str | os.PathLike) -> None:
-    """accelerator.init_trackers with every tracker's files under run_dir (W&B: run_dir/wandb).
-
-    A tracker that cannot start (W&B without a login and without WANDB_MODE=offline) becomes a
-    one-line MemtrainError instead of a traceback.
-    """
-    if not getattr(accelerator, "log_with", None):
-        return
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    init_kwargs = {"wandb": {"dir": str(run_dir)}, "tensorboard": {}}
-    flat = {k: v for k, v in to_jsonable(dict(config)).items() if isinstance(v, (str, int, float, bool))}
-    try:
-        accelerator.init_trackers(project, config=flat, init_kwargs=init_kwargs)
-    except Exception as err:  # wandb raises its own types (UsageError, CommError, ...)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MemtrainError(
-            f"could not start experiment tracking ({type(err).__name__}: {first}); for W&B without an "
-            "account set WANDB_MODE=offline, or drop --report_to"
-        ) from None
-
-
-def log_to_trackers(accelerator, figures: Mapping[str, Any], images: Mapping[str, Sequence[Any]] | None = None,
-                    table: tuple[Sequence[str], Sequence[Sequence[Any]]] | None = None,
-                    table_name: str = "items", step: int = 0) -> None:
-    """Log scalar figures to every tracker; images (W&B: wandb.Image) and a table to the
-    trackers that support them. No-op without trackers or off the main process."""
-    trackers = list(getattr(accelerator, "trackers", []) or [])
-    if not trackers or not accelerator.is_main_process:
-        return
-    accelerator.log(scalar_figures(figures), step=step)
-    for tracker in trackers:
-        if images and hasattr(tracker, "log_images") and tracker.name == "wandb":
-            tracker.log_images({k: [to_pil(im) for im in v] for k, v in images.items()}, step=step)
-        if table is not None and hasattr(tracker, "log_table"):
-            columns, data = table
-            clean = [[format_value(v) if is_not_computed(v) or isinstance(v, (list, dict)) else to_jsonable(v)
-                      for v in row] for row in data]
-            tracker.log_table(table_name, columns=list(columns), data=clean, step=step)
-
-
-def finish_trackers(accelerator) -> None:
-    """Close every tracker (W&B flushes its run folder) without accelerator.end_training(),
-    which would also tear down the process group the other processes still use."""
-    for tracker in list(getattr(accelerator, "trackers", []) or []):
-        tracker.finish()
-    if getattr(accelerator, "trackers", None):
-        accelerator.trackers = []
-
-
-# ----------------------------------------------------------------------------- output folder
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output folder unless overwrite (an empty one holds nothing
-    to lose)."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise MemtrainError(f"output path '{path}' exists and is a file: choose a folder name")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise MemtrainError(f"output dir '{path}' already exists: choose another or pass --overwrite")
-    return path
-
-
-class StagedOutput:
-    """Write into a hidden sibling temp folder; `commit()` renames it into place, `abort()`
-    deletes it. A failed or killed run therefore never leaves a half-written output, and an old
-    output is replaced only once the new one is complete.
-
-        with StagedOutput(out, overwrite) as tmp:
-            write(tmp / "metrics.json")   # committed on normal exit, removed on exception
-    """
-
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
-        self.path = check_output_dir(path, overwrite).absolute()
-        self.overwrite = overwrite
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
-
-    def open(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def commit(self) -> Path:
-        check_output_dir(self.path, self.overwrite)  # someone may have written there meanwhile
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> Path:
-        return self.open()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()

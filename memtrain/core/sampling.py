@@ -8,18 +8,80 @@ papers 002 and 003 switch or invert guidance this way.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from memtrain.errors import MemtrainError
-from memtrain.text import TextEmbedding, encode_prompts
+from memtrain.core.errors import MemtrainError
+from memtrain.core.text import TextEmbedding, encode_prompts
 
 # hook(step_index, t, x_t, eps_cond, eps_uncond) -> None (keep) | float | tensor (B,) guidance
 GuidanceHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+SAMPLER_FILE = "memtrain.json"  # optional, beside model_index.json: the model's default sampler
+
+
+@dataclass
+class SamplerSettings:
+    """How images are generated: the papers' default (DDIM, 50 steps, guidance 7.5) unless the
+    model folder's memtrain.json says otherwise. The one sampler vocabulary of every command."""
+
+    scheduler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 16
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path | None) -> "SamplerSettings":
+        """The defaults a model folder declares in memtrain.json, else the papers'."""
+        path = Path(model_dir) / SAMPLER_FILE if model_dir else None
+        if path is not None and path.is_file():
+            return cls(**json.loads(path.read_text()).get("sampler", {}))
+        return cls()
+
+    def with_overrides(self, overrides: "SamplerOverrides | None") -> "SamplerSettings":
+        """These settings with every non-None field of `overrides` in place of its own."""
+        if overrides is None:
+            return self
+        return dataclasses.replace(self, **{k: v for k, v in asdict(overrides).items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _flag(help_text: str, *flags: str):
+    return field(default=None, metadata={"help": help_text, "flags": flags})
+
+
+@dataclass
+class SamplerOverrides:
+    """A recipe's or command line's changes to a model's sampler; None keeps the model's own."""
+
+    scheduler: str | None = _flag("override the model's scheduler (ddim, ddpm, dpm)")
+    num_inference_steps: int | None = _flag("override the model's number of sampling steps", "--steps")
+    guidance_scale: float | None = _flag("override the model's guidance scale")
+    batch_size: int | None = _flag("images per sampling batch")
+
+    def __post_init__(self) -> None:
+        for key in ("num_inference_steps", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise MemtrainError(f"sampler {key} must be >= 1, got {value}")
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds as ints; an empty list is a one-line error."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise MemtrainError("seed list is empty: pass at least one seed (e.g. --seeds 10)")
+    return seeds
 
 
 @dataclass
@@ -78,25 +140,25 @@ def sample(
     bundle,
     cond: TextEmbedding | torch.Tensor | Sequence[str],
     seeds: Sequence[int],
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 50,
-    scheduler: str = "ddim",
+    settings: SamplerSettings | None = None,
     uncond: torch.Tensor | None = None,
     hook: GuidanceHook | None = None,
     return_trajectory: bool = False,
-    batch_size: int = 16,
     unet_forward: Callable | None = None,
     progress: bool = False,
 ) -> SampleOutput:
     """Generate len(cond) x len(seeds) images with classifier-free guidance.
 
     `cond` is a list of prompts, a TextEmbedding, or raw embeddings (N, L, D), e.g. an
-    adversarial embedding. `uncond` defaults to the embedding of "". `unet_forward` replaces
-    the plain U-Net call (mitigations that act inside the forward pass use it).
+    adversarial embedding. `settings` defaults to the papers' sampler (SamplerSettings()).
+    `uncond` defaults to the embedding of "". `unet_forward` replaces the plain U-Net call
+    (mitigations that act inside the forward pass use it). Errors: empty seeds, steps < 1,
+    an unknown scheduler name.
     """
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise MemtrainError("seed list is empty: pass at least one seed")
+    settings = settings or SamplerSettings()
+    guidance_scale, num_inference_steps = settings.guidance_scale, settings.num_inference_steps
+    scheduler, batch_size = settings.scheduler, settings.batch_size
+    seeds = check_seeds(seeds)
     if num_inference_steps < 1:
         raise MemtrainError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if isinstance(cond, (list, tuple)):
@@ -117,8 +179,6 @@ def sample(
     traj_xt: list[torch.Tensor] = []
     traj_x0: list[torch.Tensor] = []
     timesteps_used: list[int] = []
-
-    from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sampling"):
         chunk = jobs[start : start + batch_size]

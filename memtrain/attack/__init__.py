@@ -1,0 +1,12 @@
+"""The Dori attack (paper 004 Sec. 3.1): adversarial text embeddings against a frozen,
+possibly mitigated U-Net. Imports only the core layer."""
+
+from memtrain.attack.dori import (INITS, AttackConfig, AttackResult, DoriAttack, UNetForward, attack,
+                                  attack_loop, attacked_condition, cat_layouts, diffusion_loss,
+                                  initial_embeddings, project_l2, resolve_forward, slice_layout)
+
+__all__ = [
+    "INITS", "AttackConfig", "AttackResult", "DoriAttack", "UNetForward", "attack", "attack_loop",
+    "attacked_condition", "cat_layouts", "diffusion_loss", "initial_embeddings", "project_l2",
+    "resolve_forward", "slice_layout",
+]

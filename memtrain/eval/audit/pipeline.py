@@ -1,0 +1,346 @@
+"""Audit mitigations: does a mitigated model still hold its memorized images? (paper 004 Table 1)
+
+For every mitigation named, on the memorized targets (prompt + training image):
+
+(a) the unmitigated model on the memorized prompts (computed once; its generation embeddings
+    are the SSCD_Gen reference of every later row);
+(b) the mitigated model on the same prompts (`mitigation.encode`, `.unconditional`,
+    `.unet_forward`; pruning mitigations prepared on memorized vs reference prompts, applied);
+(c) the Dori attack through the mitigation, then sampling from the attacked condition with the
+    mitigated sampler;
+(d) the false-positive control: the same attack aimed at held-out images, scored against them.
+
+Each row: MR, SSCD_Orig (median, mean +- std), SSCD_Gen, D_SSCD, A_CLIP; utility: FID/KID on a
+small utility prompt set, or "not computed" with the reason. Every mitigation is undone
+afterwards and the weights' checksum must equal the one taken before. The verdict per
+mitigation follows `verdict.verdict()`; the report is written by `audit.report`.
+
+Work is cut into fixed global chunks of targets before it is spread over accelerate processes,
+and the attack's per-target RNG streams are named by global target index, so 1 and N processes
+compute the same batches and write the same figures. Only the main process writes, through a
+staged folder (memtrain.core.run.OutputRun).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memtrain.core import report
+from memtrain.core import run as dist
+from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_bundle, weights_checksum
+from memtrain.core.files import check_output_dir
+from memtrain.core.manifest import ManifestItem, read_manifest
+from memtrain.core.sampling import check_seeds, sample
+from memtrain.core.errors import MemtrainError
+from memtrain.eval.audit import report as audit_report
+from memtrain.eval.audit.recipe import AuditConfig, AuditRecipe, build_mitigations, resolve_recipe
+from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, control_chunk, score, stage_figures,
+                                        target_chunk, unmitigated_chunk, _images, _max)
+from memtrain.eval.audit.verdict import verdict, verdict_reason
+from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
+from memtrain.metrics import get_descriptor, not_computed
+from memtrain.mitigations import Mitigation, applied, search_space_ablation
+
+ROLES = {"targets": ("memorized", "--manifest", True), "control": ("held_out", "--control_manifest", True),
+         "reference": ("unique", "--reference_manifest", False), "utility": ("utility", "--utility_manifest", False)}
+
+
+@dataclass
+class Inputs:
+    model_dir: str
+    recipe_path: Path
+    targets: list[ManifestItem]
+    control: list[ManifestItem]
+    reference_prompts: list[str]
+    utility_manifest: str | None
+    manifests: dict
+    output_dir: Path
+
+
+def resolve_inputs(cfg: AuditConfig, defaults: ModelDefaults, recipe: AuditRecipe, recipe_path: Path,
+                   accelerator=None) -> Inputs:
+    """Every input checked before the model loads or anything is written; a manifest the command
+    line leaves out comes from the model's defaults (the testbed's splits) or is an error."""
+    if cfg.output_dir is not None:
+        check_output_dir(cfg.output_dir, cfg.overwrite)
+    given = {"targets": cfg.manifest, "control": cfg.control_manifest, "reference": cfg.reference_manifest,
+             "utility": cfg.utility_manifest}
+    manifests = {}
+    for stage, (role, flag, required) in ROLES.items():
+        manifests[stage] = given[stage] or defaults.manifest(role)
+        if manifests[stage] is None and required:
+            raise MemtrainError(f"no {flag} given and the model '{defaults.model_dir}' brings none: pass {flag}")
+        if manifests[stage] is not None:
+            read_manifest(manifests[stage])  # empty or malformed: fail before the model loads
+    targets = list(read_manifest(manifests["targets"], require_images=True))[: recipe.max_targets]
+    control = list(read_manifest(manifests["control"], require_images=True))[: recipe.control_targets or len(targets)]
+    reference = [it.prompt for it in read_manifest(manifests["reference"])] if manifests["reference"] else []
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(defaults.model_dir)
+    out = Path(dist.gather_list([str(out)], accelerator)[0])  # the main process's choice everywhere
+    check_output_dir(out, cfg.overwrite)
+    return Inputs(defaults.model_dir, recipe_path.absolute(), targets, control,
+                  reference[: recipe.reference_prompts], manifests["utility"],
+                  {k: str(Path(v).absolute()) if v else None for k, v in manifests.items()}, out)
+
+
+def default_output_dir(model_dir: str) -> Path:
+    name = Path(model_dir).name if Path(model_dir).name != "model" else Path(model_dir).parent.name
+    return Path("audits") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def verify_restored(bundle, expected: str, mitigation: str) -> str:
+    """Fail loudly if undoing `mitigation` did not restore the weights exactly."""
+    now = weights_checksum(bundle)
+    if now != expected:
+        raise RuntimeError(
+            f"mitigation '{mitigation}' did not restore the model's weights after undo (checksum "
+            f"{expected} before, {now} after): every later figure would be wrong, stopping"
+        )
+    return now
+
+
+@dataclass
+class Baseline:
+    items: list[ItemScores]
+    figures: dict
+    reference: dict[int, np.ndarray]  # target index -> (S, D) unmitigated generation embeddings
+    fid: dict
+    kid: dict
+    notes: list[str]
+
+
+@dataclass
+class MitigationRun:
+    result: dict  # one entry of report.json's `results`
+    rows: dict[str, list[ItemScores]]  # per stage (prompt, attack, control): what the grids show
+
+
+def _sampler(ctx: Context, mitigation: Mitigation | None = None):
+    """prompts, seeds -> SampleOutput with the (mitigated) sampler: fid_kid's contract."""
+    def run(prompts: list[str], seeds: list[int]):
+        cond = prompts if mitigation is None else mitigation.encode(ctx.bundle, prompts)
+        return sample(ctx.bundle, cond, seeds, ctx.settings,
+                      uncond=None if mitigation is None else mitigation.unconditional(ctx.bundle),
+                      unet_forward=None if mitigation is None else mitigation.unet_forward(ctx.bundle))
+
+    return run
+
+
+def utility(ctx: Context, inputs: Inputs, mitigation: Mitigation | None = None) -> tuple[dict, dict, list[str]]:
+    """FID/KID of one generation per utility prompt (seed 0) vs the utility images (collective)."""
+    if inputs.utility_manifest is None:
+        reason = not_computed("no --utility_manifest given (and the model brings none)")
+        return reason, reason, []
+    return fid_kid(inputs.utility_manifest, _sampler(ctx, mitigation), max_prompts=ctx.recipe.utility_prompts,
+                   seed=0, chunk_items=ctx.recipe.chunk_targets, accelerator=ctx.accelerator)
+
+
+def _run_chunks(ctx: Context, chunks, fn) -> list:
+    local = []
+    for chunk in chunks:
+        local += fn(chunk)
+    return dist.gather_in_order(local, ctx.accelerator)
+
+
+def run_baseline(ctx: Context, inputs: Inputs, target_chunks) -> Baseline:
+    """(a), computed once: the figures, the SSCD_Gen reference and the utility of the plain model."""
+    ctx.log("audit: the unmitigated model on the memorized prompts")
+    items = _run_chunks(ctx, target_chunks, lambda c: unmitigated_chunk(ctx, c))
+    reference = {r.index: r.gen_embeddings for r in items}
+    return Baseline(items, stage_figures(items, ctx), reference, *utility(ctx, inputs))
+
+
+def _uses_per_prompt(ctx: Context, mitigation, targets: list[ManifestItem]) -> bool:
+    """Per-prompt pruning only means something for mitigations that select per prompt."""
+    return bool(ctx.recipe.prune_per_prompt and targets
+                and mitigation.for_prompts([targets[0].prompt]) is not mitigation)
+
+
+
+
+def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, control_chunks,
+                   baseline: Baseline, checksum: str) -> MitigationRun:
+    """(b), (c), (d) and utility for one prepared mitigation; undone and verified afterwards."""
+    name = mitigation.name
+    per_prompt = _uses_per_prompt(ctx, mitigation, inputs.targets)
+    local_prompt, local_attack, local_control = [], [], []
+
+    def targets_with(view, chunk) -> None:
+        p, a = target_chunk(ctx, view, chunk, baseline.reference)
+        local_prompt.extend(p)
+        local_attack.extend(a)
+
+    ctx.log(f"audit: {name}: prompts, attack, control")
+    with applied(mitigation, ctx.bundle):  # for all prompts at once
+        if not per_prompt:
+            for chunk in target_chunks:
+                targets_with(mitigation, chunk)
+        for chunk in control_chunks:
+            local_control += control_chunk(ctx, mitigation, chunk)
+        fid, kid, notes = utility(ctx, inputs, mitigation)
+    if per_prompt:  # each target under only its own prompt's pruning (singleton chunks)
+        for chunk in target_chunks:
+            for pair in chunk:
+                view = mitigation.for_prompts([pair[1].prompt])
+                with applied(view, ctx.bundle):
+                    targets_with(view, [pair])
+    restored = verify_restored(ctx.bundle, checksum, name)
+    rows = {stage: dist.gather_in_order(local, ctx.accelerator)
+            for stage, local in (("prompt", local_prompt), ("attack", local_attack), ("control", local_control))}
+    result = assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
+    check = ctx.recipe.search_space_check
+    if check == "always" or (check == "ineffective" and result["verdict"] == "ineffective"):  # same on every rank
+        ablation = search_space_ablation(mitigation, ctx.bundle.unet)
+        if ablation is not None:
+            result["search_space_ablation"] = run_search_space_ablation(ctx, ablation, target_chunks, baseline,
+                                                                        checksum, name)
+    return MitigationRun(result, rows)
+
+
+def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: Baseline, checksum: str,
+                              name: str) -> dict:
+    """The memorized prompts with every weight the mitigation could prune set to zero: the most
+    any selection of that method could hide on this model."""
+    ctx.log(f"audit: {name}: prompts with its whole search space zeroed")
+
+    def chunk_scores(chunk):
+        cond = ablation.encode(ctx.bundle, [it.prompt for _, it in chunk]).embeddings
+        return score(ctx, chunk, cond, _images(chunk), None, ablation)
+
+    with applied(ablation, ctx.bundle):
+        items = _run_chunks(ctx, target_chunks, chunk_scores)
+    verify_restored(ctx.bundle, checksum, name)
+    fig = stage_figures(items, ctx)
+    mr, rule = fig["mr"], ctx.recipe.verdict
+    base = baseline.figures["mr"]
+    hides = isinstance(mr, (int, float)) and (mr <= rule.concealed_mr or mr <= rule.clearly_below * base)
+    fmt = report.format_value
+    n_weights = ablation.num_weights(ctx.bundle.unet)
+    if hides:
+        reading = (f"zeroing all {n_weights} weights it may prune ({len(ablation.layers)} layers) brings the prompt "
+                   f"MR to {fmt(mr)}: these layers can hide the images, but its selection did not find the weights that do")
+    else:
+        reading = (f"even with all {n_weights} weights it may prune zeroed ({len(ablation.layers)} layers) the prompts "
+                   f"replicate at MR {fmt(mr)}: memorization on this model does not live in these layers, so no "
+                   f"selection among them can hide the images")
+    return {"layers": list(ablation.layers), "weights_zeroed": n_weights, "mr": mr,
+            "sscd_orig_median": fig["sscd_orig_median"], "n": fig["n"], "reading": reading}
+
+
+def assemble_result(ctx: Context, mitigation, rows: dict, baseline: Baseline, fid, kid, notes,
+                    checksum: str, per_prompt: bool) -> dict:
+    figures = {stage: stage_figures(items, ctx) for stage, items in rows.items()}
+    result = {
+        "mitigation": mitigation.name,
+        "mr_unmitigated": baseline.figures["mr"],
+        "mr_prompt": figures["prompt"]["mr"],
+        "mr_attack": figures["attack"]["mr"],
+        "mr_control": figures["control"]["mr"],
+    }
+    rates = [result[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control")]
+    v = verdict(mitigation.name, *rates, rule=ctx.recipe.verdict)
+    failed = [{"id": r.id, "stage": stage, "reason": r.failed}
+              for stage in ("attack", "control") for r in rows[stage] if r.failed]
+    result.update(
+        verdict=v,
+        verdict_reason=verdict_reason(mitigation.name, v, result, ctx.recipe.verdict),
+        unmitigated=baseline.figures, prompt=figures["prompt"], attack=figures["attack"],
+        control=figures["control"],
+        utility={"fid": fid, "kid": kid, "fid_unmitigated": baseline.fid, "kid_unmitigated": baseline.kid,
+                 "notes": list(notes)},
+        pruning="per prompt" if per_prompt else "for all prompts at once",
+        description=mitigation.describe(),
+        weights_restored=True, weights_checksum=checksum,
+        per_item=[{"id": u.id, "sscd_orig_unmitigated": _max(u), "sscd_orig_prompt": _max(p),
+                   "sscd_orig_attack": _max(a), "attack_failed": a.failed is not None}
+                  for u, p, a in zip(baseline.items, rows["prompt"], rows["attack"])],
+        control_items=[{"id": c.id, "sscd_orig_attack": _max(c), "attack_failed": c.failed is not None}
+                       for c in rows["control"]],
+        failed_targets=failed,
+    )
+    return result
+
+
+def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inputs) -> None:
+    """Every process prepares the same (deterministic) mitigations on all memorized prompts, so
+    a mitigation that does not fit the model fails here, before anything is written."""
+    prompts = [it.prompt for it in inputs.targets]
+    for m in mitigations:
+        m.encode(ctx.bundle, prompts[:1])  # the text path fits (tokenizer, pad token, ...)
+        ctx.log(f"audit: preparing {m.name}")
+        m.prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
+
+
+def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> dict:
+    """Run the audit; returns report.json's content (every process) and writes the outputs (main
+    process). `defaults` are the model's (its manifests, CLIP, recipe: scripts get them from the
+    testbed resolver); without them `cfg.model` must name a checkpoint and the manifests be given.
+    Bad input raises MemtrainError before anything is written."""
+    start = time.time()
+    if defaults is None:
+        if cfg.model is None:
+            raise MemtrainError("no --model given: pass a diffusers Stable Diffusion folder")
+        defaults = ModelDefaults(model_dir=cfg.model)
+    recipe, recipe_path = resolve_recipe(cfg, defaults)
+    mitigations = build_mitigations(cfg.mitigations, recipe)  # unknown names fail here, listing the known
+    owns = accelerator is None
+    accelerator = accelerator or dist.make_accelerator(cfg.report_to)
+    inputs = resolve_inputs(cfg, defaults, recipe, recipe_path, accelerator)
+    seeds = check_seeds(range(recipe.seeds))
+    descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
+    scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
+    dist.run_checked(lambda: check_images(inputs.targets + inputs.control), accelerator)
+    bundle = load_bundle(inputs.model_dir, device=accelerator.device)
+    if cfg.lora:
+        fuse_lora_weights(bundle, cfg.lora)
+    settings = bundle.sampler_settings.with_overrides(recipe.sampler)
+    bundle.make_scheduler(settings.scheduler)  # an unknown name fails here, in one line
+    ctx = Context(bundle, descriptor, scorer, clip_reason, settings, seeds, recipe, recipe.attack, accelerator,
+                  cfg.progress)
+    checksum = weights_checksum(bundle)
+    dist.run_checked(lambda: prepare_mitigations(ctx, mitigations, inputs), accelerator)
+    tracker_config = {**dataclasses.asdict(cfg), "mitigations": ",".join(cfg.mitigations)}
+    with dist.OutputRun(accelerator, inputs.output_dir, cfg.overwrite, cfg.project, tracker_config,
+                        trackers=owns) as out:  # a caller's accelerator brings its own trackers
+        target_chunks = dist.shard_chunks(inputs.targets, recipe.chunk_targets, accelerator)
+        control_chunks = dist.shard_chunks(inputs.control, recipe.chunk_targets, accelerator)
+        baseline = run_baseline(ctx, inputs, target_chunks)
+        runs = [run_mitigation(ctx, m, inputs, target_chunks, control_chunks, baseline, checksum)
+                for m in mitigations]
+        notes = list(baseline.notes)
+        if descriptor.name.startswith("standin"):
+            notes.insert(0, f"copy descriptor is the stand-in '{descriptor.name}', NOT SSCD")
+        doc = {
+            "metric_backend": descriptor.name,
+            "model": {"source": cfg.model or defaults.label or defaults.model_dir, "path": inputs.model_dir,
+                      "lora": cfg.lora, "defaults": defaults.label},
+            "settings": _settings_doc(cfg, recipe, inputs, ctx, notes, time.time() - start),
+            "versions": versions(),
+            "num_processes": dist.world(accelerator)[1],
+            "results": [r.result for r in runs],
+        }
+        if out.folder is not None:
+            audit_report.write_outputs(out.folder, doc, inputs, baseline.items, runs, recipe, accelerator)
+    if owns:
+        accelerator.end_training()
+    return doc
+
+
+def _settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, ctx: Context, notes: list[str],
+                  seconds: float) -> dict:
+    return {
+        "mitigations": list(cfg.mitigations), "manifests": inputs.manifests,
+        "n_targets": len(inputs.targets), "n_control": len(inputs.control),
+        "n_reference_prompts": len(inputs.reference_prompts), "seeds": ctx.seeds, "threshold": recipe.threshold,
+        "sampler": ctx.settings.to_dict(), "attack": dataclasses.asdict(ctx.attack),
+        "control_attack_streams": f"seed {ctx.attack.seed}, indices {CONTROL_STREAM} + held-out index",
+        "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": str(inputs.recipe_path),
+        "recipe": dataclasses.asdict(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
+        "device": str(ctx.bundle.device), "seconds": round(seconds, 1), "notes": notes,
+        "output_dir": str(inputs.output_dir.absolute()),
+    }

@@ -1,0 +1,142 @@
+"""The audit's settings: the command line's (AuditConfig) and the per-model recipe (AuditRecipe,
+YAML through memtrain.core.config), both checked before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from memtrain.attack import AttackConfig
+from memtrain.core.bundle import ModelDefaults
+from memtrain.core.cli import option
+from memtrain.core.config import apply_overrides, build, read_yaml
+from memtrain.core.errors import MemtrainError
+from memtrain.core.sampling import SamplerOverrides
+from memtrain.eval.audit.verdict import VerdictRule
+from memtrain.metrics import MR_THRESHOLD
+from memtrain.mitigations import Mitigation, get_mitigation, mitigation_class
+
+REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+MODEL_RECIPE = "audit_sd14.yaml"  # a checkpoint that brings no recipe of its own: paper 004's defaults
+SEARCH_SPACE_CHECKS = ("ineffective", "always", "never")
+
+
+@dataclass
+class AuditRecipe:
+    """Per-model audit settings (recipes/audit_*.yaml)."""
+
+    seeds: int = 10  # generations per input (seeds 0..N-1)
+    threshold: float = MR_THRESHOLD  # SSCD_Orig above this in any seed = replicated
+    max_targets: int | None = None  # the first N memorized targets (None: all)
+    control_targets: int | None = None  # held-out images in the control (None: as many as targets)
+    reference_prompts: int | None = 64  # non-memorized prompts for NeMo's statistics etc.
+    utility_prompts: int | None = 16  # FID/KID prompts (None: the whole utility manifest)
+    chunk_targets: int = 16  # targets per work unit (one batched attack each); fixed => same figures for any world size
+    prune_per_prompt: bool = False  # prune per memorized prompt (NeMo's protocol) instead of their union
+    # Re-measure the prompts with a pruning mitigation's whole search space zeroed: is memorization
+    # outside the layers it prunes, or did its selection miss it? "ineffective" (only for that
+    # verdict), "always" or "never".
+    search_space_check: str = "ineffective"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
+    mitigations: dict = field(default_factory=dict)  # name -> that mitigation's typed settings
+    verdict: VerdictRule = field(default_factory=VerdictRule)
+    grid_items: int = 8  # targets shown in the grids
+    grid_cell: int = 96
+
+    def __post_init__(self) -> None:
+        positive = {"seeds": self.seeds, "chunk_targets": self.chunk_targets, "grid_cell": self.grid_cell}
+        optional = {"max_targets": self.max_targets, "control_targets": self.control_targets,
+                    "reference_prompts": self.reference_prompts, "utility_prompts": self.utility_prompts}
+        for key, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
+            if value < 1:
+                raise MemtrainError(f"recipe key '{key}' must be >= 1, got {value}")
+        if not 0 < self.threshold <= 1:
+            raise MemtrainError(f"recipe key 'threshold' must be in (0, 1], got {self.threshold}")
+        if self.search_space_check not in SEARCH_SPACE_CHECKS:
+            raise MemtrainError(f"recipe key 'search_space_check' must be one of {', '.join(SEARCH_SPACE_CHECKS)}, "
+                                f"got {self.search_space_check!r}")
+        if self.grid_items < 0:
+            raise MemtrainError(f"recipe key 'grid_items' must be >= 0, got {self.grid_items}")
+        if self.attack.init == "alternate":
+            raise MemtrainError("recipe key 'attack.init': 'alternate' is the fine-tuner's schedule; "
+                                "an audit starts from prompt, random or other_prompt")
+        for name, settings in self.mitigations.items():
+            mitigation_class(name)  # unknown -> lists the known ones
+            if not isinstance(settings, dict):
+                raise MemtrainError(f"recipe key 'mitigations.{name}' must be a mapping of settings")
+            get_mitigation(name, **settings)  # typed: a wrong key or type fails here, no model needed
+
+    def mitigation(self, name: str) -> Mitigation:
+        """A fresh mitigation with this recipe's settings for it."""
+        key = mitigation_class(name).name
+        return get_mitigation(key, **self.mitigations.get(key, {}))
+
+
+def load_audit_recipe(path: str | Path, overrides: Sequence[str] = ()) -> AuditRecipe:
+    """YAML -> AuditRecipe; unknown keys and wrong types are one-line errors naming the key."""
+    return build(AuditRecipe, apply_overrides(read_yaml(path), list(overrides)))
+
+
+@dataclass
+class AuditConfig:
+    """What the command line sets; the per-model settings are in the recipe."""
+
+    mitigations: list[str] = option(dataclasses.MISSING, "mitigations to audit (none, nemo, wanda, pad_eot, "
+                                    "pad_mask, ...)", "--mitigation")
+    model: str | None = option(None, "diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
+    lora: str | None = option(None, "U-Net LoRA weights to fuse into --model first (adv_finetune's output_dir/model "
+                                    "of a finetune: lora run)")
+    manifest: str | None = option(None, "memorized targets (id, prompt, image); default: the model's memorized set")
+    control_manifest: str | None = option(None, "held-out images for the false-positive control; default: the "
+                                                "model's held_out set")
+    reference_manifest: str | None = option(None, "non-memorized prompts (NeMo statistics); default: the model's "
+                                                  "unique set")
+    utility_manifest: str | None = option(None, "prompts + images for FID/KID; default: the model's utility set")
+    output_dir: str | None = option(None, "default: audits/<model>-<time>")
+    overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
+    report_to: str | None = option(None, "also log to a tracker: wandb, tensorboard (or none)")
+    seeds: int | None = option(None, "generations per input, seeds 0..N-1 (default: the recipe's, 10)")
+    recipe: str | None = option(None, "audit recipe YAML (default: the model's own, else recipes/audit_sd14.yaml)")
+    metric: str | None = option(None, "SSCD backend: onnx (default), a TorchScript/.onnx path, or standin")
+    allow_standin: bool = option(False, "permit the named stand-in descriptor")
+    max_targets: int | None = option(None, "audit only the first N targets (default: the recipe's)")
+    attack_steps: int | None = option(None, "override the recipe's attack steps")
+    clip_model: str | None = option(None, "CLIPModel folder for A_CLIP (default: the model's CLIP, if any)")
+    project: str = option("memtrain-audit", "tracker project name")
+    progress: bool = option(True, "progress logging")
+
+    def __post_init__(self) -> None:
+        if not self.mitigations:
+            raise MemtrainError("name at least one mitigation (--mitigation none nemo ...)")
+        if self.report_to not in (None, "none", "wandb", "tensorboard"):
+            raise MemtrainError(f"--report_to must be wandb, tensorboard or none, got '{self.report_to}'")
+        for key in ("seeds", "max_targets", "attack_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise MemtrainError(f"--{key} must be >= 1, got {value}")
+
+
+def resolve_recipe(cfg: AuditConfig, defaults: ModelDefaults) -> tuple[AuditRecipe, Path]:
+    """The recipe (--recipe, else the model's own, else audit_sd14.yaml) with the CLI's overrides."""
+    path = Path(cfg.recipe or defaults.audit_recipe or REPO_RECIPES / MODEL_RECIPE)
+    recipe = load_audit_recipe(path)
+    changes = {"seeds": cfg.seeds, "max_targets": cfg.max_targets}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
+    if cfg.attack_steps is not None:
+        recipe.attack = dataclasses.replace(recipe.attack, steps=cfg.attack_steps)
+    return recipe, path
+
+
+def build_mitigations(names: Sequence[str], recipe: AuditRecipe) -> list[Mitigation]:
+    """Fresh mitigations with the recipe's settings; an unknown or repeated name is an error."""
+    seen, out = set(), []
+    for name in names:
+        m = recipe.mitigation(name)
+        if m.name in seen:
+            raise MemtrainError(f"mitigation '{m.name}' is named twice")
+        seen.add(m.name)
+        out.append(m)
+    return out

@@ -1,0 +1,208 @@
+"""The audit's report: report.json as built by the pipeline, report.md (paper 004 Table 1's
+layout, verdicts, findings written from the figures), grids, tracker logging, a terminal summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from memtrain.core import report
+from memtrain.core.files import write_json
+from memtrain.core.manifest import load_image
+from memtrain.core.run import log_to_trackers
+from memtrain.eval.audit.verdict import VERDICTS, VerdictRule
+
+
+def _cell_mean_std(fig: dict, key: str = "sscd_orig") -> Any:
+    mean, std = fig.get(f"{key}_mean"), fig.get(f"{key}_std")
+    if report.is_not_computed(mean) or mean is None:
+        return mean
+    return f"{report.format_value(mean)} ± {report.format_value(std)}"
+
+
+def _cell_figure(value: Any) -> Any:
+    if isinstance(value, dict) and "value" in value and not report.is_not_computed(value):
+        text = report.format_value(value["value"], 4 if abs(value["value"] or 0) < 0.01 else 3)
+        return text + (f" ± {report.format_value(value['std'])}" if "std" in value else "")
+    return value
+
+
+def table_row(setting: str, fig: dict, fid: Any = None, kid: Any = None, sscd_gen: bool = True) -> dict:
+    return {
+        "setting": setting, "n": fig.get("n"), "MR": fig.get("mr"),
+        "SSCD_Orig median": fig.get("sscd_orig_median"), "SSCD_Orig mean ± std": _cell_mean_std(fig),
+        "SSCD_Gen": fig.get("sscd_gen_median", "N/A") if sscd_gen else "N/A", "D_SSCD": fig.get("d_sscd"),
+        "A_CLIP": _cell_figure(fig.get("a_clip")), "FID": _cell_figure(fid), "KID": _cell_figure(kid),
+    }
+
+
+TABLE_COLUMNS = ["setting", "n", "MR", "SSCD_Orig median", "SSCD_Orig mean ± std", "SSCD_Gen", "D_SSCD",
+                 "A_CLIP", "FID", "KID"]
+
+
+def table_rows(results: Sequence[dict]) -> list[dict]:
+    """Paper 004 Table 1's layout: no mitigation, then per mitigation its prompts, + attack and the
+    control + attack rows (FID/KID belong to the model, so only the prompt rows carry them)."""
+    if not results:
+        return []
+    base = results[0]
+    rows = [table_row("no mitigation (prompts)", base["unmitigated"], base["utility"]["fid_unmitigated"],
+                      base["utility"]["kid_unmitigated"], sscd_gen=False)]
+    for r in results:
+        name = r["mitigation"]
+        rows += [table_row(f"{name} (prompts)", r["prompt"], r["utility"]["fid"], r["utility"]["kid"]),
+                 table_row(f"{name} + attack", r["attack"]),
+                 table_row(f"control: held-out + attack ({name})", r["control"], sscd_gen=False)]
+    return rows
+
+
+def findings(results: Sequence[dict], rule: VerdictRule) -> str:
+    """A paragraph generated from the figures: what happened, mitigation by mitigation."""
+    if not results:
+        return ""
+    base = results[0]["unmitigated"]
+    fmt = report.format_value
+    parts = [f"Without mitigation the model replicates at MR {fmt(base['mr'])} on its {base['n']} memorized "
+             f"prompts (median SSCD_Orig {fmt(base.get('sscd_orig_median'))})."]
+    for r in results:
+        sentence = f"`{r['mitigation']}` ({r['verdict']}): {r['verdict_reason']}."
+        if "search_space_ablation" in r:
+            sentence += f" Search-space check: {r['search_space_ablation']['reading']}."
+        fid, fid0 = r["utility"]["fid"], r["utility"]["fid_unmitigated"]
+        if r["mitigation"] != "none" and not report.is_not_computed(fid) and not report.is_not_computed(fid0):
+            sentence += f" FID {fmt(fid['value'])} vs {fmt(fid0['value'])} unmitigated (small set: compare only within this report)."
+        if r["failed_targets"]:
+            sentence += f" The attack stopped on {len(r['failed_targets'])} input(s) (non-finite loss), listed below."
+        parts.append(sentence)
+    controls = [r["mr_control"] for r in results if isinstance(r["mr_control"], (int, float))]
+    if controls:
+        parts.append(f"The false-positive control (the same attack on held-out images) reached MR {fmt(min(controls))}"
+                     f"-{fmt(max(controls))}; a mitigation `removes` memorization only if the attack does no better "
+                     f"on the memorized images than that, up to {rule.control_margin}.")
+    return " ".join(parts)
+
+
+def _describe_rows(description: dict, limit: int = 300) -> dict:
+    """describe() as key/value cells; long entries (NeMo's per-prompt records) are cut, the full
+    text is in report.json."""
+    rows = {}
+    for key, value in description.items():
+        text = value if isinstance(value, str) else report.format_value(value) or "(none)"
+        rows[key] = text if len(text) <= limit else text[:limit] + " ... (full text in report.json)"
+    return rows
+
+
+def write_grids(folder: Path, inputs, baseline_items: Sequence, runs: Sequence, cell: int) -> dict:
+    """Per mitigation: training image | no mitigation | mitigated prompt | mitigated + attack;
+    and the control: held-out image | attack. Generations shown: the seed with max SSCD_Orig."""
+    grids = {}
+    base = {r.index: r.thumb for r in baseline_items}
+    for run in runs:
+        r, rows = run.result, run.rows
+        shown = [(p, a) for p, a in zip(rows["prompt"], rows["attack"]) if p.index in base and base[p.index] is not None]
+        if shown:
+            cells = [[load_image(inputs.targets[p.index]), base[p.index], p.thumb, a.thumb] for p, a in shown]
+            grids[r["mitigation"]] = report.save_grids(folder, cells, [p.id for p, _ in shown], cell=cell,
+                                                       prefix=r["mitigation"])
+        control = [c for c in rows["control"] if c.thumb is not None]
+        if control:
+            cells = [[load_image(inputs.control[c.index]), c.thumb] for c in control]
+            grids[f"{r['mitigation']} control"] = report.save_grids(folder, cells, [c.id for c in control], cell=cell,
+                                                                    prefix=f"{r['mitigation']}_control")
+    return grids
+
+
+def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.MarkdownReport:
+    """report.md: setup, the paper-004 table, verdicts with the rule, findings, mitigations, grids."""
+    results = doc["results"]
+    md = report.MarkdownReport("Memorization audit")
+    s = doc["settings"]
+    if s["metric_is_standin"]:
+        md.paragraph(f"**Warning: the copy descriptor is the stand-in `{doc['metric_backend']}`, not SSCD.** "
+                     "Its similarities are not comparable with published SSCD figures.")
+    md.heading("Setup").key_values({
+        "model": doc["model"]["source"], "targets": f"{s['n_targets']} from {s['manifests']['targets']}",
+        "control (held-out)": f"{s['n_control']} from {s['manifests']['control']}",
+        "reference prompts": f"{s['n_reference_prompts']} from {s['manifests']['reference']}",
+        "utility (FID/KID)": s["manifests"]["utility"] or "none", "seeds": s["seeds"], "sampler": s["sampler"],
+        "attack": s["attack"], "copy descriptor": doc["metric_backend"], "MR threshold": s["threshold"],
+        "processes": doc["num_processes"], "recipe": s["recipe_path"],
+    })
+    md.heading("Results (paper 004 Table 1 layout)")
+    md.table(table_rows(results), TABLE_COLUMNS)
+    md.paragraph("MR: fraction of inputs with SSCD_Orig > threshold in at least one seed. SSCD_Orig per input is "
+                 "the max over its seeds; median and mean ± std are across inputs. SSCD_Gen: median over inputs of "
+                 "the max similarity to the unmitigated model's generation for the same input and seed. D_SSCD: mean "
+                 "pairwise similarity of an input's generations. A_CLIP: image-prompt cosine, mean ± std over inputs "
+                 "(attack rows: against the target's prompt). FID/KID: one generation per utility prompt vs the "
+                 "utility images.")
+    md.heading("Verdicts")
+    md.table([{k: r[k] for k in ("mitigation", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict")}
+              for r in results])
+    md.paragraph(f"Rule (first match): `none` is the `baseline`; `inconclusive` if the unmitigated MR is not above "
+                 f"the control MR + {rule.control_margin}; `removes` if MR under attack <= control MR + "
+                 f"{rule.control_margin}; `conceals` if the prompt MR <= {rule.concealed_mr} or <= "
+                 f"{rule.clearly_below} x the unmitigated MR while the attack beats the control; else `ineffective`.")
+    md.heading("Findings").paragraph(findings(results, rule))
+    notes = s["notes"] + [n for r in results for n in r["utility"]["notes"]]
+    md.bullets(dict.fromkeys(notes))  # each note once, in order
+    failed = [{"mitigation": r["mitigation"], **f} for r in results for f in r["failed_targets"]]
+    if failed:
+        md.heading("Failed targets").table(failed, ["mitigation", "id", "stage", "reason"])
+    md.heading("Mitigations")
+    for r in results:
+        md.heading(f"{r['mitigation']}", level=3)
+        check = r.get("search_space_ablation")
+        md.key_values({**_describe_rows(r["description"]), "pruning scope": r["pruning"],
+                       "weights restored after undo": r["weights_restored"],
+                       **({"prompt MR with its whole search space zeroed": check["mr"]} if check else {})})
+    if grids:
+        md.heading("Grids")
+        md.paragraph("Target rows: training image | no mitigation | mitigated prompt | mitigated + attack. Control rows: "
+                     "held-out image | attack. Each generation shown is the seed with the highest SSCD_Orig.")
+        for label, written in grids.items():
+            for path, ids in written:
+                md.paragraph(f"{label}: {', '.join(ids)}").image(path.relative_to(root).as_posix(), path.stem)
+    return md
+
+
+def tracker_figures(results: Sequence[dict]) -> dict:
+    figures = {"unmitigated": results[0]["unmitigated"]} if results else {}
+    for r in results:
+        figures[r["mitigation"]] = {k: r[k] for k in ("prompt", "attack", "control")}
+        figures[r["mitigation"]]["verdict_index"] = VERDICTS.index(r["verdict"])
+    return figures
+
+
+def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, runs: Sequence,
+                  recipe, accelerator) -> None:
+    """report.json, report.md, grids/ into the (staged) folder; figures and grids to the trackers."""
+    grids = write_grids(folder / "grids", inputs, baseline_items, runs, recipe.grid_cell)
+    clean = doc["results"]
+    write_json(folder / "report.json", doc)
+    markdown(doc, grids, folder, recipe.verdict).write(folder / "report.md")
+    columns = ["mitigation", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict"]
+    # one key per grid kind: a tracker shows a list of images only if they share a size
+    images = {f"grids/{label.replace(' ', '_')}": [Image.open(p).convert("RGB") for p, _ in written]
+              for label, written in grids.items()}
+    log_to_trackers(accelerator, tracker_figures(clean), images=images or None,
+                           table=(columns, [[r[c] for c in columns] for r in clean]), table_name="verdicts")
+
+
+def summary(doc: dict) -> str:
+    """A few lines for the terminal."""
+    fmt = report.format_value
+    lines = [f"audited {doc['settings']['n_targets']} targets x {len(doc['settings']['seeds'])} seeds on "
+             f"{doc['num_processes']} process(es) with {doc['metric_backend']}"]
+    for r in doc["results"]:
+        lines.append(f"  {r['mitigation']:<10} MR unmitigated={fmt(r['mr_unmitigated'])} prompt={fmt(r['mr_prompt'])} "
+                     f"attack={fmt(r['mr_attack'])} control={fmt(r['mr_control'])} -> {r['verdict']}")
+        if "search_space_ablation" in r:
+            check = r["search_space_ablation"]
+            lines.append(f"  {'':<10} its whole search space zeroed ({check['weights_zeroed']} weights): "
+                         f"prompt MR={fmt(check['mr'])}")
+    lines += [f"  note: {n}" for n in doc["settings"]["notes"]]
+    lines.append(f"wrote {doc['settings']['output_dir']}")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The audit's units of work: one chunk of targets in one stage (plain prompts, mitigated
+prompts, attack, control), sampled with the (mitigated) sampler and scored, and the figures of a
+stage. Every function takes the run's Context; results carry global indices so processes gather
+them in order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from memtrain.attack import AttackConfig, DoriAttack, attacked_condition
+from memtrain.core import report
+from memtrain.core import run as dist
+from memtrain.core.diffusion import images_to_latents
+from memtrain.core.manifest import load_image
+from memtrain.core.sampling import SamplerSettings
+from memtrain.core.text import encode_prompts
+from memtrain.eval.audit.recipe import AuditRecipe
+from memtrain.eval.measure import Measurement, measure
+from memtrain.metrics import not_computed
+
+# The control's attack streams are named CONTROL_STREAM + held-out index, so they never share
+# noise with a target's stream whatever the number of targets.
+CONTROL_STREAM = 1_000_000
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemScores:
+    """One input's scores in one stage; picklable, processes exchange it."""
+
+    index: int
+    id: str
+    sscd_orig: np.ndarray | None = None  # (S,)
+    gen_embeddings: np.ndarray | None = None  # (S, D)
+    sscd_gen: np.ndarray | None = None  # (S,) vs the unmitigated generation of the same seed
+    a_clip: np.ndarray | None = None  # (S,) cosine of each generation with the input's prompt
+    thumb: np.ndarray | None = None  # uint8 HWC: the best-SSCD_Orig generation (grid rows only)
+    failed: str | None = None  # the attack stopped on this input (non-finite loss); not scored
+
+
+@dataclass
+class Context:
+    bundle: Any
+    descriptor: Any
+    scorer: Any
+    clip_reason: dict | None
+    settings: SamplerSettings
+    seeds: list[int]
+    recipe: AuditRecipe
+    attack: AttackConfig
+    accelerator: Any = None
+    progress: bool = False
+    latents: dict = field(default_factory=dict)  # (stream, index) -> target latent (1, C, h, w)
+
+    def log(self, message: str) -> None:
+        if self.progress and dist.is_main(self.accelerator):
+            logger.info(message)
+
+
+def _latents(ctx: Context, stream: str, chunk, images) -> torch.Tensor:
+    """The targets' latents, encoded once (no mitigation touches the autoencoder)."""
+    missing = [(i, im) for (i, _), im in zip(chunk, images) if (stream, i) not in ctx.latents]
+    if missing:
+        encoded = images_to_latents(ctx.bundle, [im for _, im in missing])
+        for (i, _), latent in zip(missing, encoded):
+            ctx.latents[(stream, i)] = latent[None]
+    return torch.cat([ctx.latents[(stream, i)] for i, _ in chunk])
+
+
+def score(ctx: Context, chunk, cond: torch.Tensor, images, reference: np.ndarray | None = None,
+          mitigation=None, failed: dict[int, str] | None = None) -> list[tuple[int, ItemScores]]:
+    """Sample every live row of `cond` (N, L, D) x seeds with the (mitigated) sampler, score it
+    against the training images (and the reference generations), and A_CLIP with the prompts."""
+    failed = failed or {}
+    live = [k for k in range(len(chunk)) if k not in failed]
+    out = {k: ItemScores(index=chunk[k][0], id=chunk[k][1].id, failed=failed[k]) for k in failed}
+    if live:
+        m = measure(
+            ctx.bundle, cond[live], ctx.seeds, ctx.descriptor, ctx.settings,
+            train_images=[images[k] for k in live],
+            reference_embeddings=None if reference is None else reference[live],
+            uncond=None if mitigation is None else mitigation.unconditional(ctx.bundle),
+            unet_forward=None if mitigation is None else mitigation.unet_forward(ctx.bundle),
+        )
+        cos = None
+        if ctx.scorer is not None:
+            texts = [chunk[k][1].prompt for k in live for _ in ctx.seeds]
+            cos = ctx.scorer.score(m.images.flatten(0, 1), texts).reshape(len(live), len(ctx.seeds))
+        for row, k in enumerate(live):
+            index = chunk[k][0]
+            best = int(np.argmax(m.sscd_orig[row]))
+            thumb = (np.asarray(report.thumbnail(m.images[row, best], ctx.recipe.grid_cell))
+                     if index < ctx.recipe.grid_items else None)
+            out[k] = ItemScores(
+                index=index, id=chunk[k][1].id, sscd_orig=m.sscd_orig[row], gen_embeddings=m.gen_embeddings[row],
+                sscd_gen=None if m.sscd_gen is None else m.sscd_gen[row],
+                a_clip=None if cos is None else cos[row], thumb=thumb,
+            )
+    return [(chunk[k][0], out[k]) for k in range(len(chunk))]
+
+
+def _attack(ctx: Context, chunk, latents: torch.Tensor, mitigation, stream_offset: int = 0):
+    indices = [stream_offset + i for i, _ in chunk]  # global: results do not depend on world size
+    return DoriAttack(ctx.bundle, latents, [it.prompt for _, it in chunk], ctx.attack,
+                      mitigation=mitigation, indices=indices).run()
+
+
+def _images(chunk) -> list:
+    return [load_image(item) for _, item in chunk]
+
+
+def unmitigated_chunk(ctx: Context, chunk) -> list[tuple[int, ItemScores]]:
+    """(a): the plain model on the memorized prompts."""
+    cond = encode_prompts(ctx.bundle, [it.prompt for _, it in chunk]).embeddings
+    return score(ctx, chunk, cond, _images(chunk))
+
+
+def target_chunk(ctx: Context, mitigation, chunk, reference: dict[int, np.ndarray]):
+    """(b) and (c) for one chunk with `mitigation` in place: prompt rows, attack rows."""
+    images = _images(chunk)
+    ref = np.stack([reference[i] for i, _ in chunk])
+    cond = mitigation.encode(ctx.bundle, [it.prompt for _, it in chunk]).embeddings
+    prompt_rows = score(ctx, chunk, cond, images, ref, mitigation)
+    result = _attack(ctx, chunk, _latents(ctx, "target", chunk, images), mitigation)
+    attack_rows = score(ctx, chunk, attacked_condition(result, mitigation), images, ref, mitigation,
+                        failed=result.reasons)
+    return prompt_rows, attack_rows
+
+
+def control_chunk(ctx: Context, mitigation, chunk) -> list[tuple[int, ItemScores]]:
+    """(d): the same attack on held-out images, scored against them."""
+    images = _images(chunk)
+    result = _attack(ctx, chunk, _latents(ctx, "control", chunk, images), mitigation, CONTROL_STREAM)
+    return score(ctx, chunk, attacked_condition(result, mitigation), images, None, mitigation,
+                 failed=result.reasons)
+
+
+def stage_figures(items: Sequence[ItemScores], ctx: Context) -> dict:
+    """The overall figures of one row of the table (failed inputs left out, and counted)."""
+    ok = [r for r in items if r.failed is None]
+    if not ok:
+        reason = not_computed("no input left to score" + (" (the attack failed on all)" if items else ""))
+        return {"n": 0, "n_failed": len(items), "mr": reason, "sscd_orig_median": reason,
+                "sscd_orig_mean": reason, "sscd_orig_std": reason, "d_sscd": reason, "a_clip": reason}
+    m = Measurement(sscd_orig=np.stack([r.sscd_orig for r in ok]), gen_embeddings=np.stack([r.gen_embeddings for r in ok]),
+                    images=torch.empty(0),
+                    sscd_gen=np.stack([r.sscd_gen for r in ok]) if ok[0].sscd_gen is not None else None)
+    figures = {**m.figures(threshold=ctx.recipe.threshold), "n_failed": len(items) - len(ok)}
+    if len(ctx.seeds) < 2:
+        figures["d_sscd"] = not_computed("D_SSCD needs at least 2 seeds per input")
+    if ctx.scorer is None:
+        figures["a_clip"] = ctx.clip_reason
+    else:
+        per_item = np.array([float(np.mean(r.a_clip)) for r in ok])
+        figures["a_clip"] = {"value": float(per_item.mean()), "std": float(per_item.std()),
+                             "backend": ctx.scorer.name}
+    return figures
+
+
+def _max(r: ItemScores) -> float | None:
+    return None if r.sscd_orig is None else float(np.max(r.sscd_orig))

@@ -1,0 +1,88 @@
+"""The one way commands reach the testbed: turn what the user named (nothing, a testbed folder,
+a model folder, a recipe's `model: testbed`) into a model folder and its ModelDefaults.
+
+Everything below this layer asks a ModelDefaults for manifests, CLIP weights and an audit recipe
+and never checks whether a model is a testbed; this module is the only one that knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from memtrain.core.bundle import ModelDefaults
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import exclusive_lock
+from memtrain.train.recipe import TESTBED, Recipe, check_resolved
+from memtrain.testbed.build import default_testbed_dir, ensure_testbed
+from memtrain.testbed.reference import REFERENCE_KEY, ensure_reference_model
+
+REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TESTBED_AUDIT_RECIPE = REPO_RECIPES / "audit_testbed.yaml"
+ROLES = ("memorized", "held_out", "unique", "utility")
+CACHED_LABEL = "testbed (cached)"
+
+
+def testbed_root_of(path: str | Path) -> Path | None:
+    """The testbed folder `path` is (or whose model/ it is), if any."""
+    path = Path(path).expanduser().absolute()
+    for root in (path, path.parent):
+        if (root / "testbed_card.json").is_file() and (root / "model" / "model_index.json").is_file():
+            return root
+    return None
+
+
+def testbed_defaults(root: Path, label: str | None = None) -> ModelDefaults:
+    """A built testbed's model, its splits as manifests by role, its CLIP and its audit recipe."""
+    manifests = {role: str(root / "manifests" / f"{role}.jsonl") for role in ROLES
+                 if (root / "manifests" / f"{role}.jsonl").is_file()}
+    clip = root / "clip"
+    return ModelDefaults(model_dir=str(root / "model"), manifests=manifests,
+                         clip_model=str(clip) if clip.is_dir() else None,
+                         audit_recipe=str(TESTBED_AUDIT_RECIPE), label=label or root.name)
+
+
+def cached_testbed(seed: int = 0, progress: bool = True) -> Path:
+    """The cached testbed, built once even when several processes ask at the same time."""
+    with exclusive_lock(default_testbed_dir(seed).with_suffix(".lock")):
+        return ensure_testbed(seed=seed, progress=progress)
+
+
+def resolve_model(model: str | None, progress: bool = True) -> ModelDefaults:
+    """--model as commands take it: None -> the cached testbed (built on first use); a testbed
+    folder or its model/ -> that testbed; anything else (a diffusers folder, a hub id) as is."""
+    if model is None:
+        return testbed_defaults(cached_testbed(progress=progress), CACHED_LABEL)
+    root = testbed_root_of(model) if Path(model).expanduser().exists() else None
+    return testbed_defaults(root) if root is not None else ModelDefaults(model_dir=str(model))
+
+
+def resolve_recipe(recipe: Recipe, progress: bool = True) -> tuple[Recipe, ModelDefaults]:
+    """A fine-tuning recipe with `model: testbed` pointing at the cached testbed (its splits fill
+    the manifests the recipe leaves empty) and `surrogates.model: testbed_reference` at the
+    testbed's model trained without the memorized pairs (trained on first use)."""
+    defaults = resolve_model(None if recipe.model == TESTBED else recipe.model, progress)
+    root = testbed_root_of(defaults.model_dir)
+    if root is not None:
+        m = defaults.manifests
+        utility = recipe.utility
+        if not utility.path:
+            utility = dataclasses.replace(utility, format="manifest", path=m["utility"])
+        audit = recipe.audit
+        if not audit.heldout_manifest:
+            audit = dataclasses.replace(audit, heldout_manifest=m["held_out"])
+        recipe = dataclasses.replace(recipe, model=defaults.model_dir, utility=utility, audit=audit,
+                                     memorized_manifest=recipe.memorized_manifest or m["memorized"])
+    check_resolved(recipe)  # a model of the user's own needs its manifests named
+    spec = recipe.surrogates
+    if spec.source == "model" and spec.model == REFERENCE_KEY:
+        if root is None:
+            raise MemtrainError(f"surrogates.model '{REFERENCE_KEY}' needs a testbed model (model: testbed); "
+                                "for another model give surrogates.model a model folder that never saw the images")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with exclusive_lock(root / ".reference.lock"):
+            reference = ensure_reference_model(root, device=device, progress=progress)
+        recipe = dataclasses.replace(recipe, surrogates=dataclasses.replace(spec, model=str(reference)))
+    return recipe, defaults
