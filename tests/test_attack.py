@@ -14,9 +14,9 @@ torch.set_num_threads(1)  # the 2 cores are shared with a long job
 
 from factories import tiny_bundle  # noqa: E402
 from memtrain.attack import (  # noqa: E402
-    AttackConfig, DoriAttack, attack, attack_loop, attacked_condition, diffusion_loss, frozen,
-    images_to_latents,
+    AttackConfig, DoriAttack, attack, attack_loop, attacked_condition, diffusion_loss,
 )
+from memtrain.core.diffusion import frozen, images_to_latents  # noqa: E402
 from memtrain.core.errors import MemtrainError  # noqa: E402
 from memtrain.mitigations import get_mitigation  # noqa: E402
 from memtrain.core.tokenizer import build_clip_tokenizer  # noqa: E402
@@ -67,6 +67,14 @@ def test_steps_must_be_positive(bundle):
     config = AttackConfig()
     config.steps = 0  # changed after construction: attack re-checks
     with pytest.raises(MemtrainError, match="attack steps must be >= 1"):
+        attack(bundle, latents_for(bundle, 1), PROMPTS[:1], config)
+
+
+def test_alternate_init_is_resolved_per_epoch(bundle):
+    config = AttackConfig(init="alternate")
+    first, second = config.for_epoch(0, seed=5), config.for_epoch(1, seed=6)
+    assert (first.init, first.seed, second.init, second.seed) == ("prompt", 5, "random", 6)
+    with pytest.raises(MemtrainError, match="alternate"):  # never attacked unresolved
         attack(bundle, latents_for(bundle, 1), PROMPTS[:1], config)
 
 

@@ -18,9 +18,12 @@ import torch
 torch.set_num_threads(1)  # the 2 cores are shared with a long job
 
 from factories import tiny_bundle  # noqa: E402
+from memtrain.core.bundle import weights_checksum  # noqa: E402
 from memtrain.eval.audit import (  # noqa: E402
-    VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, summary, verdict, verify_restored, weights_checksum,
+    VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, summary, verdict,
 )
+from memtrain.eval.audit.pipeline import verify_restored  # noqa: E402
+from memtrain.testbed.resolver import resolve_model  # noqa: E402
 from memtrain.data import ManifestItem, write_manifest  # noqa: E402
 from memtrain.core.errors import MemtrainError  # noqa: E402
 
@@ -105,8 +108,13 @@ def tiny_testbed(tmp_path_factory) -> Path:
 
 def _config(root: Path, out: Path, mitigations: list[str], **kw) -> AuditConfig:
     base = dict(mitigations=mitigations, model=str(root / "model"), recipe=str(root / "recipe.yaml"),
-                output_dir=str(out), metric="standin", allow_standin=True, progress=False)
+                output_dir=str(out), progress=False)  # the real SSCD (ONNX)
     return AuditConfig(**{**base, **kw})
+
+
+def _audit(cfg: AuditConfig) -> dict:
+    """As scripts/audit.py runs it: the model's defaults come from the testbed resolver."""
+    return audit(cfg, resolve_model(cfg.model))
 
 
 def _run_script(args: list[str], launcher: list[str] | None = None, env: dict | None = None,
@@ -118,7 +126,7 @@ def _run_script(args: list[str], launcher: list[str] | None = None, env: dict | 
 
 def _script_args(root: Path, out: Path, *mitigations: str) -> list[str]:
     return ["--mitigation", *mitigations, "--model", str(root / "model"), "--recipe", str(root / "recipe.yaml"),
-            "--output_dir", str(out), "--metric", "standin", "--allow_standin", "--no_progress"]
+            "--output_dir", str(out), "--no_progress"]
 
 
 # ----------------------------------------------------------------------------- verdict
@@ -228,10 +236,10 @@ def nan_probe():
 
 def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
     out = tmp_path / "audit"
-    doc = audit(_config(tiny_testbed, out, ["none", "wanda", nan_probe], max_targets=3))
+    doc = _audit(_config(tiny_testbed, out, ["none", "wanda", nan_probe], max_targets=3))
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) == {"results", "metric_backend", "model", "settings", "versions", "num_processes"}
-    assert saved["num_processes"] == 1 and saved["metric_backend"].startswith("standin")
+    assert saved["num_processes"] == 1 and saved["metric_backend"].startswith("sscd")
     assert set(saved["versions"]) >= {"torch", "diffusers", "memtrain"}
     assert [r["mitigation"] for r in saved["results"]] == ["none", "wanda", "nan_probe"]
     for r in saved["results"]:
@@ -244,7 +252,7 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
         assert r["prompt"]["n"] == 3 and r["control"]["n"] + r["control"]["n_failed"] == 3
         assert r["mr_unmitigated"] == saved["results"][0]["mr_unmitigated"]  # (a) computed once
         assert r["utility"]["fid"]["value"] >= 0 and r["utility"]["fid"]["n_generated"] == 3
-        assert r["prompt"]["a_clip"]["backend"].startswith("testbed-clip")
+        assert r["prompt"]["a_clip"]["backend"].startswith("clip-raw")  # the testbed's own CLIP, raw pixels
     none, wanda, probe = saved["results"]
     assert none["verdict"] == "baseline" and none["failed_targets"] == []
     assert none["prompt"]["sscd_gen_median"] == pytest.approx(1.0)  # the unmitigated path, again
@@ -259,7 +267,7 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
     for row in ("no mitigation (prompts)", "wanda (prompts)", "wanda + attack", "control: held-out + attack (wanda)"):
         assert f"| {row} |" in text
     assert "## Findings" in text and "## Failed targets" in text and "mem_coffee" in text
-    assert "stand-in" in text and "SSCD_Orig mean ± std" in text and "grids/wanda_000.png" in text
+    assert "stand-in" not in text and "SSCD_Orig mean ± std" in text and "grids/wanda_000.png" in text
     assert sorted(p.name for p in (out / "grids").glob("*.png")) == sorted(
         f"{m}{kind}_000.png" for m in ("none", "wanda", "nan_probe") for kind in ("", "_control"))
     assert doc["results"][0]["verdict"] == "baseline"
@@ -272,7 +280,7 @@ def test_search_space_check(tiny_testbed, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(TINY_RECIPE + "search_space_check: always\n")
     out = tmp_path / "audit"
-    doc = audit(_config(tiny_testbed, out, ["none", "wanda", "pad_mask"], recipe=str(recipe), max_targets=3))
+    doc = _audit(_config(tiny_testbed, out, ["none", "wanda", "pad_mask"], recipe=str(recipe), max_targets=3))
     none, wanda, pad_mask = doc["results"]
     assert "search_space_ablation" not in none and "search_space_ablation" not in pad_mask
     check = wanda["search_space_ablation"]
@@ -305,7 +313,7 @@ def test_mitigation_that_does_not_fit_the_model(tiny_testbed, tmp_path):
                   control_manifest=str(tiny_testbed / "manifests" / "held_out.jsonl"),
                   reference_manifest=str(tiny_testbed / "manifests" / "unique.jsonl"))
     with pytest.raises(MemtrainError, match="cannot be pruned by NeMo"):
-        audit(cfg)
+        _audit(cfg)
     assert not (tmp_path / "out").exists()
 
 
@@ -325,7 +333,7 @@ def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
     assert r.returncode == 2 and "manifest is empty" in r.stderr
 
     r = _run_script([*_script_args(tiny_testbed, out, "none"), "--attack_steps", "0"])
-    assert r.returncode == 2 and "attack steps must be >= 1" in r.stderr
+    assert r.returncode == 2 and "--attack_steps must be >= 1" in r.stderr
     assert not out.exists()
 
     out.mkdir()
@@ -365,23 +373,17 @@ def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
 # ----------------------------------------------------------------------------- the real testbed
 
 
-@pytest.mark.slow
 def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
-    """The default audit (testbed recipe) on the real testbed. Mitigation outcomes are
-    whatever they are: only the layout and the unmitigated model's memorization are checked."""
-    # two mitigations (an embedding one) keep CI short; nemo/wanda on the tiny model above, and the
-    # README command audits all five on the real testbed
-    names = ["none", "pad_eot"]
+    """The README's headline audit figures on the real testbed, with the real SSCD: the attack
+    brings the memorized images back (MR >= 0.9) and forces no held-out one (control <= 0.1)."""
     out = tmp_path / "audit"
-    # 4 targets x 4 seeds keeps the CI run in minutes; the README command audits all 10 x 10
-    doc = audit(AuditConfig(mitigations=names, model=str(testbed_dir), output_dir=str(out), progress=False,
-                            max_targets=4, seeds=4))
+    # 4 seeds keep the CI run in minutes; the README command audits 10 targets x 10 seeds
+    doc = _audit(AuditConfig(mitigations=["none"], output_dir=str(out), progress=False, seeds=4))
     saved = json.loads((out / "report.json").read_text())
-    assert saved["metric_backend"] == doc["metric_backend"] and not saved["settings"]["metric_is_standin"]
-    assert [r["mitigation"] for r in saved["results"]] == names
-    for r in saved["results"]:
-        assert RESULT_KEYS <= set(r) and r["verdict"] in VERDICTS and r["weights_restored"]
-        assert r["prompt"]["n"] == saved["settings"]["n_targets"]
+    assert saved == json.loads(json.dumps(doc)) and not saved["settings"]["metric_is_standin"]
     none = saved["results"][0]
-    assert none["verdict"] == "baseline" and none["mr_unmitigated"] >= 0.5
+    assert RESULT_KEYS <= set(none) and none["verdict"] == "baseline" and none["weights_restored"]
+    assert none["prompt"]["n"] == saved["settings"]["n_targets"] == 10
+    assert none["mr_unmitigated"] >= 0.9
+    assert none["mr_attack"] >= 0.9 and none["mr_control"] <= 0.1
     assert (out / "report.md").is_file() and list((out / "grids").glob("*.png"))

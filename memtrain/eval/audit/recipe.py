@@ -64,7 +64,10 @@ class AuditRecipe:
             raise MemtrainError("recipe key 'attack.init': 'alternate' is the fine-tuner's schedule; "
                                 "an audit starts from prompt, random or other_prompt")
         for name, settings in self.mitigations.items():
-            mitigation_class(name)  # unknown -> lists the known ones
+            try:
+                mitigation_class(name)
+            except MemtrainError as err:
+                raise MemtrainError(f"recipe key 'mitigations.{name}': {err}") from None
             if not isinstance(settings, dict):
                 raise MemtrainError(f"recipe key 'mitigations.{name}' must be a mapping of settings")
             get_mitigation(name, **settings)  # typed: a wrong key or type fails here, no model needed
