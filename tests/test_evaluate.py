@@ -20,7 +20,9 @@ torch.set_num_threads(1)
 
 from memtrain.data import read_manifest, write_manifest  # noqa: E402
 from memtrain.core.errors import MemtrainError  # noqa: E402
-from memtrain.eval.evaluate import EvaluateConfig, bench_main, evaluate  # noqa: E402
+from memtrain.core.sampling import SamplerOverrides  # noqa: E402
+from memtrain.eval.evaluate import EvaluateConfig, evaluate as _run_evaluate  # noqa: E402
+from memtrain.testbed.resolver import resolve_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_LEVEL = ("n", "mr", "median_sscd", "sscd_orig_median", "sscd_orig_mean", "sscd_orig_std", "d_sscd")
@@ -56,9 +58,14 @@ def small_manifest(dev_testbed, tmp_path_factory) -> Path:
 
 def _cfg(dev_testbed: Path, manifest: Path, out: Path, **kw) -> EvaluateConfig:
     base = dict(model=str(dev_testbed / "model"), manifest=str(manifest), seeds=2, output_dir=str(out),
-                metric="standin", allow_standin=True, progress=False)
+                progress=False)  # the real SSCD (ONNX)
     base.update(kw)
     return EvaluateConfig(**base)
+
+
+def evaluate(cfg: EvaluateConfig, **kw) -> dict:
+    """As scripts/evaluate.py runs it: the model's defaults come from the testbed resolver."""
+    return _run_evaluate(cfg, resolve_model(cfg.model), **kw)
 
 
 def _run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 300,
@@ -119,13 +126,13 @@ def test_outputs_clip_and_fid(dev_testbed, small_manifest, tmp_path):
     assert set(saved["versions"]) >= {"torch", "diffusers", "memtrain"}
     assert saved["sampler"] == {"scheduler": "ddim", "num_inference_steps": 4, "guidance_scale": 3.0, "batch_size": 16}
     assert saved["seeds"] == [0, 1, 2] and saved["num_processes"] == 1
-    assert saved["metric_backend"].startswith("standin") and saved["metric_is_standin"]
+    assert saved["metric_backend"].startswith("sscd") and not saved["metric_is_standin"]
     assert len(saved["items"]) == 4 and len(saved["items"][0]["sscd_orig"]) == 3
     assert {"id", "prompt", "sscd_orig_max", "d_sscd", "a_clip", "paper002_max_score"} <= set(saved["items"][0])
     # paper 002's combined score
     assert saved["paper002"]["threshold"] == 0.75 and 0 <= saved["paper002"]["input_rate"] <= 1
     # A_CLIP with the testbed's own CLIP
-    assert saved["a_clip"]["backend"].startswith("testbed-clip") and -1 <= saved["a_clip"]["value"] <= 1
+    assert saved["a_clip"]["backend"].startswith("clip-raw") and -1 <= saved["a_clip"]["value"] <= 1
     assert 0 <= saved["clipscore"]["value"] <= 100
     # LPIPS: no weights -> said so, never a number
     assert saved["lpips_diversity"]["status"] == "not computed" and saved["lpips_diversity"]["value"] is None
@@ -133,10 +140,10 @@ def test_outputs_clip_and_fid(dev_testbed, small_manifest, tmp_path):
     assert saved["fid"]["value"] >= 0 and saved["fid"]["n_generated"] == 6 and saved["fid"]["small_set"]
     assert isinstance(saved["kid"]["value"], float) and saved["kid"]["subset_size"] == 6
     assert any("small set" in n for n in saved["notes"])
-    assert any("stand-in" in n for n in saved["notes"])
+    assert not any("stand-in" in n for n in saved["notes"])
     # Markdown and grids
     text = (out / "report.md").read_text()
-    assert "stand-in" in text and "| mr |" in text and "not computed" in text and "grids/grid_000.png" in text
+    assert "stand-in" not in text and "| mr |" in text and "not computed" in text and "grids/grid_000.png" in text
     from PIL import Image
 
     grids = sorted((out / "grids").glob("*.png"))
@@ -149,11 +156,10 @@ def test_alignment_scorer_ranks_matching_captions(dev_testbed):
     import numpy as np
     from PIL import Image
 
-    from memtrain.metrics import AlignmentScorer
-    from memtrain.metrics.testbed_clip import TestbedClipScorer, is_testbed_clip
+    from memtrain.metrics import AlignmentScorer, ClipScorer
 
-    assert is_testbed_clip(dev_testbed / "clip") and not is_testbed_clip(dev_testbed / "model")
-    scorer = TestbedClipScorer(dev_testbed / "clip")
+    scorer = ClipScorer(dev_testbed / "clip")
+    assert scorer.raw_pixels  # no image processor: fed [-1, 1] pixels as it was trained
     assert isinstance(scorer, AlignmentScorer)
     items = read_manifest(dev_testbed / "manifests" / "unique.jsonl")[:8]
     images = [Image.open(it.image) for it in items]
@@ -183,12 +189,13 @@ def test_sampler_overrides_and_prompt_only_manifest(dev_testbed, small_manifest,
     for it in items:
         it.image = None
     prompts_only = write_manifest(tmp_path / "prompts.jsonl", items)
-    m = evaluate(_cfg(dev_testbed, prompts_only, tmp_path / "o", steps=2, guidance_scale=1.5, scheduler="dpm"))
+    m = evaluate(_cfg(dev_testbed, prompts_only, tmp_path / "o",
+                      sampler=SamplerOverrides(num_inference_steps=2, guidance_scale=1.5, scheduler="dpm")))
     assert m["sampler"]["num_inference_steps"] == 2 and m["sampler"]["scheduler"] == "dpm"
     assert m["sampler"]["guidance_scale"] == 1.5
     assert m["mr"]["status"] == "not computed" and isinstance(m["d_sscd"], float) and m["n"] == 2
     with pytest.raises(MemtrainError, match="unknown scheduler"):
-        evaluate(_cfg(dev_testbed, prompts_only, tmp_path / "s", scheduler="euler"))
+        evaluate(_cfg(dev_testbed, prompts_only, tmp_path / "s", sampler=SamplerOverrides(scheduler="euler")))
 
 
 # ----------------------------------------------------------------------------- processes, W&B
@@ -202,7 +209,7 @@ def test_one_process_with_wandb_equals_two_processes(dev_testbed, small_manifest
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = ["--model", str(dev_testbed / "model"), "--manifest", str(small_manifest), "--seeds", "2",
-            "--metric", "standin", "--allow_standin", "--no_progress", "--chunk_items", "2",
+            "--no_progress", "--chunk_items", "2",
             "--output_dir", str(tmp_path / "two")]
     # ACCELERATE_USE_CPU: without it --multi_gpu on a CPU machine silently runs 1 process
     two = _run_script(args, launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
@@ -245,7 +252,7 @@ def _fails(script, capsys, argv: list[str], match: str) -> str:
 
 
 def test_bad_inputs_fail_in_one_line(dev_testbed, small_manifest, tmp_path, script, capsys):
-    model = ["--model", str(dev_testbed / "model"), "--metric", "standin", "--allow_standin", "--no_progress"]
+    model = ["--model", str(dev_testbed / "model"), "--no_progress"]
     out = ["--output_dir", str(tmp_path / "out")]
     _fails(script, capsys, [*model, *out, "--manifest", str(tmp_path / "missing.jsonl")], "manifest file not found")
     (tmp_path / "bad.jsonl").write_text("prompt,image\na cat,cat.png\n")
@@ -311,9 +318,8 @@ def test_exit_code_from_a_real_process(tmp_path):
 
 
 def test_bench_sampling_prints_a_speedup(dev_testbed, capsys):
-    text = bench_main(model=str(dev_testbed), prompts=4, seeds=1, batch_size=4, steps=2)
-    assert re.fullmatch(r"speedup: \d+\.\d\d", text.splitlines()[-1])
-    assert "images/s" in text and str(dev_testbed / "model") in text
     bench = _load_script("bench_sampling")
-    bench.main(["--model", str(dev_testbed / "model"), "--prompts", "2", "--steps", "1"])
-    assert re.search(r"speedup: \d+\.\d\d\n$", capsys.readouterr().out)
+    bench.main(["--model", str(dev_testbed), "--prompts", "4", "--batch", "4", "--steps", "2"])
+    text = capsys.readouterr().out
+    assert re.search(r"speedup: \d+\.\d\d\n$", text)
+    assert "images/s" in text and str(dev_testbed / "model") in text

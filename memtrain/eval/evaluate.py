@@ -80,6 +80,12 @@ class EvaluateConfig:
             raise MemtrainError(f"--report_to must be 'wandb' or 'none', got '{self.report_to}'")
         if self.chunk_items < 1 or self.grid_items < 0:
             raise MemtrainError("chunk_items must be >= 1 and grid_items >= 0")
+        # files named on the command line fail now, before a testbed build or a model load
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, self.overwrite)
+        for path in (self.manifest, self.fid_manifest):
+            if path is not None:
+                read_manifest(path)
 
 
 @dataclass

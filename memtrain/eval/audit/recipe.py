@@ -13,6 +13,8 @@ from memtrain.core.bundle import ModelDefaults
 from memtrain.core.cli import option
 from memtrain.core.config import apply_overrides, build, read_yaml
 from memtrain.core.errors import MemtrainError
+from memtrain.core.files import check_output_dir
+from memtrain.core.manifest import read_manifest
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit.verdict import VerdictRule
 from memtrain.metrics import MR_THRESHOLD
@@ -120,6 +122,14 @@ class AuditConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise MemtrainError(f"--{key} must be >= 1, got {value}")
+        # files named on the command line fail now, before a testbed build or a model load
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, self.overwrite)
+        for path in (self.manifest, self.control_manifest, self.reference_manifest, self.utility_manifest):
+            if path is not None:
+                read_manifest(path)
+        if self.recipe is not None:
+            load_audit_recipe(self.recipe)
 
 
 def resolve_recipe(cfg: AuditConfig, defaults: ModelDefaults) -> tuple[AuditRecipe, Path]:
