@@ -1,5 +1,8 @@
 """NeMo (Hintersdorf et al. 2024, "Finding NeMo"): localize and prune memorization neurons.
 
+Longer than 400 lines on purpose: detection, initial selection, refinement and the MS-SSIM
+score are one algorithm, read best in one file.
+
 Neurons are the output channels of the cross-attention value projections (`attn2.to_v`), by
 default in the down and mid blocks (the 7 layers NeMo uses on SD1.x; `layers="all"` adds the
 up blocks). Our reading of the reference code (ml-research/localizing_memorization_in_diffusion_

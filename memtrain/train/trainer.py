@@ -14,13 +14,11 @@ generator seeded by (seed, epoch, group, update, rank), and every attack from on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,32 +42,15 @@ from memtrain.core.run import finish_trackers, init_trackers, make_accelerator, 
 from memtrain.core.sampling import SAMPLER_FILE
 from memtrain.core.text import encode_prompts
 from memtrain.train import checks
+from memtrain.train.checkpoints import STATE_FILE, Position, checkpoint_dirs, param_checksum, resolve_resume
 from memtrain.train.data import load_utility
 from memtrain.train.recipe import Recipe, check_resolved, first_difference
 from memtrain.train.surrogates import build_surrogates
 
 log = logging.getLogger(__name__)
-STATE_FILE = "memtrain_state.json"
 
 
 # --- small pieces -------------------------------------------------------------------------------
-
-@dataclass
-class Position:
-    """The next micro-step to run: epoch, step group (image slot), update within the image."""
-
-    epoch: int = 0
-    group: int = 0
-    update: int = 0
-
-    def advance(self, groups: int, updates: int) -> "Position":
-        e, g, u = self.epoch, self.group, self.update + 1
-        if u == updates:
-            g, u = g + 1, 0
-        if g == groups:
-            e, g = e + 1, 0
-        return Position(e, g, u)
-
 
 def add_lora(unet, recipe: Recipe) -> None:
     spec = recipe.train.lora
@@ -90,44 +71,6 @@ def make_optimizer(params, recipe: Recipe):
         cls = bnb.optim.AdamW8bit
     return cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-
-
-def param_checksum(module: torch.nn.Module) -> dict:
-    """Order-stable digest of every parameter: equal on all DDP ranks iff weights agree."""
-    h = hashlib.sha256()
-    total = 0.0
-    for name, p in sorted(module.named_parameters()):
-        data = p.detach().float().cpu().contiguous()
-        h.update(name.encode())
-        h.update(data.numpy().tobytes())
-        total += float(data.double().sum())
-    return {"sha256": h.hexdigest(), "sum": total}
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints (checkpoint-STEP, no temp folders), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-             and p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-def resolve_resume(arg: str | None, root: Path) -> Path | None:
-    if not arg:
-        return None
-    if arg == "latest":
-        found = checkpoint_dirs(root)
-        if not found:
-            log.info("no checkpoint under %s: starting a fresh run", root)
-            return None
-        return found[-1]
-    path = Path(arg)
-    if not (path / STATE_FILE).is_file():
-        raise MemtrainError(f"--resume_from_checkpoint '{arg}' is not a memtrain checkpoint (no {STATE_FILE})")
-    return path
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -436,5 +379,5 @@ class AdvFinetuner:
 
 def train(recipe: Recipe, resume_from_checkpoint: str | None = None, defaults: ModelDefaults | None = None) -> Path:
     """Run adversarial fine-tuning; returns output_dir/model. `defaults`: the model's manifests,
-    CLIP and audit recipe for the closing audit (from the testbed resolver for the testbed)."""
+    CLIP and audit recipe for the closing audit (the testbed resolver's, on the testbed)."""
     return AdvFinetuner(recipe, resume_from_checkpoint, defaults).train()

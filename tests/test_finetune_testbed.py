@@ -1,0 +1,39 @@
+"""Slow tier: the README's fine-tuning figures on the real testbed with the real SSCD. Full
+fine-tuning of the U-Net removes the memorized images (attack MR <= 0.3); LoRA on attention
+does not (attack MR >= 0.7), as paper 004 found. The closing audit runs the testbed audit recipe
+at 4 seeds instead of 10 to keep CI in minutes (fewer seeds can only lower an MR)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def finetune(tmp_path: Path, name: str, *overrides: str) -> dict:
+    recipe = tmp_path / "audit_4_seeds.yaml"
+    recipe.write_text((REPO / "recipes" / "audit_testbed.yaml").read_text().replace("seeds: 10 ", "seeds: 4 "))
+    out = tmp_path / name
+    env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "adv_finetune.py"), str(REPO / "recipes" / "testbed.yaml"),
+                           f"output_dir={out}", f"audit.full_recipe={recipe}", *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "audit" / "report.json").read_text())
+    full = json.loads((out / "audit" / "full" / "report.json").read_text())
+    assert full["settings"]["seeds"] == [0, 1, 2, 3] and full["settings"]["n_targets"] == 10
+    return report
+
+
+@pytest.mark.slow
+def test_full_finetune_removes_and_lora_does_not(testbed_dir, tmp_path):
+    full = finetune(tmp_path, "full")
+    assert full["mr_attack"] <= 0.3 and full["mr_control"] <= 0.1
+    lora = finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3")
+    assert lora["mr_attack"] >= 0.7
