@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers import UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from memtrain.core.errors import MemtrainError
@@ -55,6 +56,13 @@ class ModelDefaults:
 
     def manifest(self, role: str) -> str | None:
         return self.manifests.get(role)
+
+    @classmethod
+    def plain(cls, model: str | None) -> "ModelDefaults":
+        """A checkpoint that brings nothing but its weights; None is a one-line error."""
+        if model is None:
+            raise MemtrainError("no --model given: pass a diffusers Stable Diffusion folder")
+        return cls(model_dir=str(model))
 
 
 @dataclass
@@ -105,8 +113,15 @@ class ModelBundle:
         return self.scheduler.config.prediction_type
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        for module in (self.unet, self.text_encoder, self.vae):
-            module.to(device=device, dtype=dtype)
+        # diffusers warns on every .to() that "modules that should be kept in float32: []": an
+        # empty list, nothing for the user to act on, so its logger is quieted for the move
+        previous = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            for module in (self.unet, self.text_encoder, self.vae):
+                module.to(device=device, dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(previous)
         return self
 
     def eval(self) -> "ModelBundle":

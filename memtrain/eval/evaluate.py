@@ -280,10 +280,7 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     from the testbed resolver); without them `cfg.model` and `cfg.manifest` must be given.
     Bad input raises MemtrainError before anything is written."""
     start = time.time()
-    if defaults is None:
-        if cfg.model is None:
-            raise MemtrainError("no --model given: pass a diffusers Stable Diffusion folder")
-        defaults = ModelDefaults(model_dir=cfg.model)
+    defaults = defaults or ModelDefaults.plain(cfg.model)
     owns = accelerator is None
     accelerator = accelerator or dist.make_accelerator(cfg.report_to)
     inputs = resolve_inputs(cfg, defaults, accelerator)

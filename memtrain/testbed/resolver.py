@@ -56,7 +56,7 @@ def resolve_model(model: str | None, progress: bool = True) -> ModelDefaults:
     if model is None:
         return testbed_defaults(cached_testbed(progress=progress), CACHED_LABEL)
     root = testbed_root_of(model) if Path(model).expanduser().exists() else None
-    return testbed_defaults(root) if root is not None else ModelDefaults(model_dir=str(model))
+    return testbed_defaults(root) if root is not None else ModelDefaults.plain(model)
 
 
 def resolve_recipe(recipe: Recipe, progress: bool = True) -> tuple[Recipe, ModelDefaults]:

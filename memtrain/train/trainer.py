@@ -80,7 +80,7 @@ class AdvFinetuner:
                  defaults: ModelDefaults | None = None):
         check_resolved(recipe)  # model: testbed must have been resolved (memtrain.testbed.resolver)
         self.recipe = recipe
-        self.defaults = defaults or ModelDefaults(model_dir=recipe.model)
+        self.defaults = defaults or ModelDefaults.plain(recipe.model)
         self.out = Path(recipe.output_dir).absolute()
         self.ckpt_root = self.out / "checkpoints"
         self.resume_arg = resume_from_checkpoint

@@ -282,10 +282,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     testbed resolver); without them `cfg.model` must name a checkpoint and the manifests be given.
     Bad input raises MemtrainError before anything is written."""
     start = time.time()
-    if defaults is None:
-        if cfg.model is None:
-            raise MemtrainError("no --model given: pass a diffusers Stable Diffusion folder")
-        defaults = ModelDefaults(model_dir=cfg.model)
+    defaults = defaults or ModelDefaults.plain(cfg.model)
     recipe, recipe_path = resolve_recipe(cfg, defaults)
     mitigations = build_mitigations(cfg.mitigations, recipe)  # unknown names fail here, listing the known
     owns = accelerator is None
