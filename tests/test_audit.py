@@ -346,6 +346,7 @@ def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
 # ----------------------------------------------------------------------------- processes, W&B
 
 
+@pytest.mark.slow  # several processes: the slow tier
 def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
     mitigations = ("none", "nemo", "pad_eot")
     one = _run_script([*_script_args(tiny_testbed, tmp_path / "one", *mitigations), "--report_to", "wandb"])

@@ -201,6 +201,7 @@ def test_sampler_overrides_and_prompt_only_manifest(dev_testbed, small_manifest,
 # ----------------------------------------------------------------------------- processes, W&B
 
 
+@pytest.mark.slow  # several processes: the slow tier
 def test_one_process_with_wandb_equals_two_processes(dev_testbed, small_manifest, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -99,6 +99,7 @@ def checksum(out: Path, rank: int = 0) -> dict:
     return json.loads((out / "debug" / f"rank{rank}_checksum.json").read_text())
 
 
+@pytest.mark.slow  # several processes: the slow tier
 def test_ddp_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
     out = tmp_path / "ddp"
     recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3}, checkpointing={"steps": 0})
@@ -112,6 +113,7 @@ def test_ddp_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # several processes: the slow tier
 def test_deepspeed_zero2_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
     """ZeRO-2 over gloo (the trainer passes InitProcessGroupKwargs(backend="gloo") on CPU)."""
     out = tmp_path / "zero2"
@@ -148,6 +150,7 @@ def test_checkpoints_are_complete_and_limited(uninterrupted):
     assert (uninterrupted / "checkpoints" / "checkpoint-4" / "adv_rank0.pt").is_file()
 
 
+@pytest.mark.slow  # several processes: the slow tier
 def test_sigkill_then_resume_latest_is_bit_identical(tiny_setup, uninterrupted, tmp_path):
     out = tmp_path / "killed"
     recipe = tiny_recipe(tiny_setup, out)

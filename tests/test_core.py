@@ -1,0 +1,116 @@
+"""The core layer's own pieces: config (YAML 1.2 booleans, tuples, overrides), the one image
+preprocessing, staged folders and locks, flags derived from a config dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from factories import tiny_bundle
+from memtrain.core.cli import config_from_cli, option
+from memtrain.core.config import apply_overrides, build, parse_yaml
+from memtrain.core.diffusion import derived_seed, images_to_latents, to_pixels
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import exclusive_lock, staged_dir
+from memtrain.core.sampling import SamplerOverrides, SamplerSettings
+
+
+@dataclasses.dataclass
+class Section:
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    init: str = "prompt"
+    flag: bool = False
+    pair: tuple[int, int] | None = None
+    rate: float = 0.1
+
+
+def test_yaml_keeps_no_off_yes_as_strings():
+    data = parse_yaml("precision: no\ninit: off\nflag: true\nrate: 1e-3\n")
+    assert data == {"precision": "no", "init": "off", "flag": True, "rate": "1e-3"}
+    section = build(Section, data)
+    assert (section.precision, section.init, section.flag, section.rate) == ("no", "off", True, 1e-3)
+    assert build(Section, apply_overrides({}, ["precision=no", "flag=false"])).precision == "no"
+
+
+def test_config_types_are_checked_by_key():
+    assert build(Section, {"pair": [1, 2]}).pair == (1, 2)
+    with pytest.raises(MemtrainError, match=r"'pair' must have 2 entries"):
+        build(Section, {"pair": [1, 2, 3]})
+    with pytest.raises(MemtrainError, match=r"unknown recipe key 'rat' \(did you mean 'rate'\?\)"):
+        build(Section, {"rat": 1})
+    with pytest.raises(MemtrainError, match=r"'flag' must be bool"):
+        build(Section, {"flag": "yes"})
+
+
+def test_images_of_any_size_and_mode_reach_the_same_latent_shape(tmp_path):
+    """The one preprocessing (centre crop, resize) behind the audit, trainer, surrogates and
+    reference model: LAION-like sizes and modes are not stacked raw."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (427, 640, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 255, (500, 300), dtype=np.uint8), mode="L"),
+              Image.fromarray(rng.integers(0, 255, (40, 50, 4), dtype=np.uint8), mode="RGBA"),
+              Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).convert("P")]
+    pixels = to_pixels(images, 16)
+    assert pixels.shape == (4, 3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    bundle = tiny_bundle(tmp_path / "tok")
+    latents = images_to_latents(bundle, images)
+    assert latents.shape == (4, bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+    square = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))  # already the size: untouched
+    assert torch.equal(to_pixels([square], 16)[0], torch.from_numpy(np.asarray(square, np.float32)).permute(2, 0, 1) / 127.5 - 1)
+
+
+def test_staged_dir_is_all_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (out / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "a.txt").write_text("2")
+            raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_exclusive_lock_serialises_builders(tmp_path):
+    order = []
+
+    def worker(name: str) -> None:
+        with exclusive_lock(tmp_path / "x.lock"):
+            order.append(f"{name} in")
+            time.sleep(0.2)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order[0][0] == order[1][0] and order[2][0] == order[3][0]  # never interleaved
+
+
+def test_flags_are_derived_from_the_dataclass():
+    @dataclasses.dataclass
+    class Command:
+        names: list[str] = option(dataclasses.MISSING, "names", "--name")
+        count: int = option(3, "how many")
+        progress: bool = option(True, "bars")
+        sampler: SamplerOverrides = dataclasses.field(default_factory=SamplerOverrides)
+
+    cfg = config_from_cli(Command, None, ["--name", "a", "b", "--steps", "4", "--no_progress"])
+    assert cfg.names == ["a", "b"] and cfg.count == 3 and cfg.progress is False
+    assert cfg.sampler == SamplerOverrides(num_inference_steps=4)
+    assert SamplerSettings().with_overrides(cfg.sampler).num_inference_steps == 4
+    with pytest.raises(SystemExit):
+        config_from_cli(Command, None, [])  # --name is required
+
+
+def test_seed_derivation_is_stable():
+    assert derived_seed(0, 1) == derived_seed(0, 1) != derived_seed(1, 0)
+    assert 0 <= derived_seed(5) < 2 ** 63
