@@ -13,7 +13,8 @@ W&B without an account: WANDB_MODE=offline ... --report_to wandb (run folder: OU
 
 from memtrain.core.cli import config_from_cli, run_main
 from memtrain.core.run import is_main_process
-from memtrain.eval.evaluate import EvaluateConfig, evaluate, summary
+from memtrain.eval.evaluate import EvaluateConfig, evaluate
+from memtrain.eval.evaluate_report import summary
 from memtrain.testbed.resolver import resolve_model
 
 

@@ -3,7 +3,6 @@ real memorizing testbed (built once into the cache, then reused; slow tier only)
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

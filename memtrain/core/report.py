@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from memtrain.core.errors import MemtrainError
 
 # ----------------------------------------------------------------------------- JSON
 

@@ -33,7 +33,6 @@ from memtrain.core.files import check_output_dir
 from memtrain.core.manifest import ManifestItem, load_image, read_manifest
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds, sample
 from memtrain.eval import evaluate_report
-from memtrain.eval.evaluate_report import summary  # noqa: F401  (the script's terminal lines)
 from memtrain.eval.measure import Measurement, measure
 from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
 from memtrain.metrics import (MR_THRESHOLD, PAPER002_THRESHOLD, clipscore_from_cosine, diversity_dsscd,
@@ -230,9 +229,9 @@ def paper002_figures(m: Measurement) -> tuple[dict, dict | None]:
     if m.gen_embeddings.shape[1] < 2:
         return not_computed("needs at least 2 seeds per prompt"), None
     s = paper002_score(m.sscd_orig, diversity_dsscd(m.gen_embeddings), threshold=PAPER002_THRESHOLD)
-    summary = {"threshold": s["threshold"], "input_rate": s["input_rate"], "sample_rate": s["sample_rate"],
-               "median_input_max_score": float(np.median(s["input_max_score"]))}
-    return summary, s
+    brief = {"threshold": s["threshold"], "input_rate": s["input_rate"], "sample_rate": s["sample_rate"],
+             "median_input_max_score": float(np.median(s["input_max_score"]))}
+    return brief, s
 
 
 def alignment_figures(results: Sequence[ItemResult], scorer, reason: dict | None) -> tuple[dict, dict]:
