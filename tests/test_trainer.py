@@ -5,6 +5,7 @@ to an uninterrupted one, W&B offline holds losses and grids, bad inputs are one-
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -345,3 +346,11 @@ def test_bad_data_is_one_line_and_writes_no_model(tiny_setup, tmp_path, case):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expect in last
     assert not (out / "model").exists()
+
+
+def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
+    recipe = tiny_recipe(tiny_setup, tmp_path / "bench")
+    proc = run([sys.executable, str(REPO / "scripts" / "bench_finetune.py"), str(recipe), "--steps", "1",
+                "--warmup", "0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"concatenated / separate: \d+\.\d\dx", proc.stdout)
