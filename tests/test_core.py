@@ -114,3 +114,21 @@ def test_flags_are_derived_from_the_dataclass():
 def test_seed_derivation_is_stable():
     assert derived_seed(0, 1) == derived_seed(0, 1) != derived_seed(1, 0)
     assert 0 <= derived_seed(5) < 2 ** 63
+
+
+def test_load_image_takes_images_as_users_have_them(tmp_path):
+    from memtrain.core.manifest import ManifestItem, load_image
+
+    grey16 = (np.arange(16 * 24, dtype=np.uint16).reshape(16, 24) * 170).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "deep.png")  # a 16-bit PNG
+    rgb = load_image(ManifestItem(id="deep", prompt="p", image=str(tmp_path / "deep.png")))
+    arr = np.asarray(rgb)
+    assert rgb.mode == "RGB" and arr.max() > 200 and arr.min() == 0  # scaled, not clipped to white
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 20, 3), dtype=np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    assert load_image(ManifestItem(id="t", prompt="p", image=str(tmp_path / "turned.jpg"))).size == (10, 20)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    red = np.asarray(load_image(ManifestItem(id="c", prompt="p", image=str(tmp_path / "cmyk.jpg"))))
+    assert red[..., 0].mean() > 200 and red[..., 1].mean() < 60

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.manifest import to_rgb
 
 
 def derived_seed(*parts: int) -> int:
@@ -27,13 +28,14 @@ def generator(*parts: int) -> torch.Generator:
 
 
 def to_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """PIL images -> (B, 3, size, size) in [-1, 1]: RGB, centre crop to square, bicubic resize.
+    """PIL images -> (B, 3, size, size) in [-1, 1]: RGB (`to_rgb`: EXIF orientation, 16-bit,
+    CMYK, palette), centre crop to square, bicubic resize.
 
     The one preprocessing every path (audit, evaluate, trainer, surrogates, reference model)
     uses, so images of any size and aspect ratio reach the model the same way."""
     out = []
     for im in images:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2

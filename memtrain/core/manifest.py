@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+from PIL import Image, ImageOps
+
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import atomic_write_text
 
@@ -196,16 +199,27 @@ def write_manifest(path: str | os.PathLike, items: Iterable[ManifestItem]) -> Pa
     return path
 
 
-def load_image(item: ManifestItem):
-    """Open an item's image as an RGB ``PIL.Image``; ManifestError names the file if it cannot."""
-    from PIL import Image  # imported here: reading manifests must not need Pillow
+def to_rgb(im) -> "Image.Image":
+    """Any PIL image as 8-bit RGB the way it looks: EXIF orientation applied, 16-bit and 32-bit
+    grey scaled down instead of clipped, CMYK / palette / alpha converted (animated: first frame)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        # 16-bit data spans 0..65535; float images usually 0..1; anything else is already 8-bit
+        peak = 65535.0 if arr.max() > 255 else 1.0 if im.mode == "F" and arr.max() <= 1 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
+
+def load_image(item: ManifestItem):
+    """Open an item's image as an RGB ``PIL.Image`` (`to_rgb`); ManifestError names the file if
+    it cannot."""
     if item.image is None:
         raise ManifestError(f"item {item.id!r} has no image; fetch it with "
                             "scripts/fetch_images.py or add an \"image\" path")
     try:
         with Image.open(item.image) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise ManifestError(f"{item.image}: image of item {item.id!r} not found; "
                             "fetch it or fix the path") from None
