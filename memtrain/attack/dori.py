@@ -89,6 +89,8 @@ class AttackConfig:
 
 @dataclass
 class AttackResult:
+    """The attack's output for B targets: y_adv, per-step losses, the init layout, stopped targets."""
+
     embeddings: torch.Tensor  # (B, 77, D) y_adv, detached, untransformed, float32 on CPU
     loss_trace: torch.Tensor  # (steps, B): each target's loss at each step; NaN after it stopped
     layout: TokenLayout  # token layout of the init prompts (what mitigation transforms use)
@@ -113,10 +115,12 @@ def _masks(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
 
 
 def slice_layout(layout: TokenLayout, index: Sequence[int] | slice) -> TokenLayout:
+    """The token layout of a subset of rows."""
     return TokenLayout(*(m[index] for m in _masks(layout)))
 
 
 def cat_layouts(layouts: Sequence[TokenLayout]) -> TokenLayout:
+    """Token layouts of several batches, concatenated by row."""
     return TokenLayout(*(torch.cat(ms) for ms in zip(*map(_masks, layouts))))
 
 
@@ -128,6 +132,7 @@ def project_l2(embeddings: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 def default_forward(bundle) -> UNetForward:
+    """The plain U-Net call as a UNetForward (raw output for x_t, t, y)."""
     return lambda x, t, y: bundle.unet(x, t, encoder_hidden_states=y).sample
 
 

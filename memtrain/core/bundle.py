@@ -67,6 +67,9 @@ class ModelDefaults:
 
 @dataclass
 class ModelBundle:
+    """One Stable-Diffusion-style model: U-Net, text encoder, tokenizer, autoencoder (or a
+    registered codec), scheduler."""
+
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer

@@ -38,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Text written atomically (UTF-8), as atomic_write_bytes."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

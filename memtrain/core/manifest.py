@@ -33,6 +33,8 @@ class ManifestError(MemtrainError, ValueError):
 
 @dataclass
 class ManifestItem:
+    """One manifest line: id, prompt, image path (optional), URL, label, source and extra fields."""
+
     id: str
     prompt: str
     image: str | None = None

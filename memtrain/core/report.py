@@ -23,6 +23,7 @@ from PIL import Image
 
 
 def is_not_computed(value: Any) -> bool:
+    """True for a `not_computed(reason)` record (a metric that could not be had)."""
     return isinstance(value, Mapping) and value.get("status") == "not computed"
 
 

@@ -36,6 +36,7 @@ def world(accelerator=None) -> tuple[int, int]:
 
 
 def is_main(accelerator=None) -> bool:
+    """True on the main process (always without an accelerator)."""
     return accelerator is None or accelerator.is_main_process
 
 
@@ -123,6 +124,7 @@ def run_checked(fn: Callable[[], T], accelerator=None) -> T:
 
 
 def wait(accelerator=None) -> None:
+    """All processes meet here (no-op without an accelerator)."""
     if accelerator is not None:
         accelerator.wait_for_everyone()
 

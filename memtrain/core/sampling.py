@@ -86,6 +86,8 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 
 @dataclass
 class SampleOutput:
+    """Images (and final latents, optional trajectories) of len(cond) x len(seeds) generations."""
+
     images: torch.Tensor  # (N, S, 3, H, W) in [0, 1], float32 on CPU
     latents: torch.Tensor  # (N, S, C, h, w) final latents
     timesteps: list[int] = field(default_factory=list)
@@ -132,6 +134,7 @@ def _x0_from_eps(scheduler, eps: torch.Tensor, x_t: torch.Tensor, t) -> torch.Te
 
 
 def unconditional_embedding(bundle, tokenizer=None) -> torch.Tensor:
+    """The text embedding of the empty prompt "" (the unconditional CFG branch)."""
     return encode_prompts(bundle, [""], tokenizer=tokenizer).embeddings
 
 

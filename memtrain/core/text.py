@@ -33,6 +33,8 @@ class TokenLayout:
 
 @dataclass
 class TextEmbedding:
+    """Text-encoder hidden states with the token ids and sot/prompt/eot/pad layout they came from."""
+
     embeddings: torch.Tensor  # (B, L, D): the text encoder's last hidden state
     input_ids: torch.Tensor  # (B, L)
     layout: TokenLayout

@@ -51,6 +51,8 @@ _EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".w
 
 @dataclass(frozen=True)
 class FetchOptions:
+    """How the fetcher downloads: parallelism, timeouts, retries, size limit, TLS checking."""
+
     workers: int = 8
     timeout: float = 10.0        # seconds per connect / read; the whole body gets 6x this
     retries: int = 3             # extra attempts after the first, for transient failures only

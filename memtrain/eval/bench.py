@@ -27,6 +27,7 @@ FALLBACK_PROMPTS = ["a photo of a cat", "a red house by the sea", "a bowl of fru
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -41,6 +42,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call, counted by torch's FlopCounterMode."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -95,6 +97,7 @@ def bench_attack(bundle, latents: torch.Tensor, prompts: list[str], config: Atta
 
 
 def format_attack_bench(r: dict, model: str) -> str:
+    """The attack benchmark's lines; the last is `speedup: X.XX`."""
     g = 1e9
     rows = [
         f"model: {model}",

@@ -127,6 +127,7 @@ def load_items(path: Path, strict: bool) -> tuple[list[ManifestItem], list[dict]
 
 
 def default_output_dir(model_dir: str, manifest: Path) -> Path:
+    """A fresh output folder name from the model's name (and the time)."""
     name = Path(model_dir).name if Path(model_dir).name != "model" else Path(model_dir).parent.name
     return Path("evaluations") / f"{name}-{manifest.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -212,6 +213,7 @@ def measurement_of(results: Sequence[ItemResult]) -> Measurement:
 
 
 def overall_figures(m: Measurement, threshold: float) -> dict:
+    """metrics.json's top-level figures, with not-computed records where they cannot be had."""
     figures = m.figures(threshold=threshold)
     if m.sscd_orig is None:
         reason = "the manifest has no training images"
@@ -235,6 +237,7 @@ def paper002_figures(m: Measurement) -> tuple[dict, dict | None]:
 
 
 def alignment_figures(results: Sequence[ItemResult], scorer, reason: dict | None) -> tuple[dict, dict]:
+    """(A_CLIP, CLIPScore) over all generations, or the not-computed reason twice."""
     if scorer is None:
         return reason, reason
     cos = np.stack([r.a_clip for r in results])
@@ -245,6 +248,7 @@ def alignment_figures(results: Sequence[ItemResult], scorer, reason: dict | None
 
 
 def lpips_figures(results: Sequence[ItemResult], cfg: EvaluateConfig, n_seeds: int) -> dict:
+    """Cross-seed LPIPS diversity with user weights, else a not-computed record."""
     if not cfg.lpips_model:
         return not_computed("no LPIPS weights given (none ship offline): pass --lpips_model FILE")
     if n_seeds < 2:
@@ -255,6 +259,7 @@ def lpips_figures(results: Sequence[ItemResult], cfg: EvaluateConfig, n_seeds: i
 
 def item_rows(items: Sequence[ManifestItem], results: Sequence[ItemResult], m: Measurement,
               p002: dict | None, threshold: float) -> list[dict]:
+    """metrics.json's per-prompt rows."""
     rows = m.per_item([it.id for it in items])
     for k, (item, res, row) in enumerate(zip(items, results, rows)):
         row.update(prompt=item.prompt, label=item.label, image=item.image)

@@ -31,6 +31,7 @@ def _brief(value: Any) -> Any:
 
 
 def markdown(metrics: dict, grids: Sequence[tuple[Path, list[str]]], root: Path) -> report.MarkdownReport:
+    """report.md: setup, overall figures, notes, per-prompt table, skipped items, grids."""
     md = report.MarkdownReport("Memorization evaluation")
     if metrics["metric_is_standin"]:
         md.paragraph(f"**Warning: the copy descriptor is the stand-in `{metrics['metric_backend']}`, not SSCD.** "
@@ -63,6 +64,7 @@ def markdown(metrics: dict, grids: Sequence[tuple[Path, list[str]]], root: Path)
 
 def write_outputs(folder: Path, metrics: dict, items: Sequence[ManifestItem], results: Sequence,
                   cell: int) -> list[tuple[Path, list[str]]]:
+    """metrics.json, report.md and grids/ into the (staged) folder; returns the grids written."""
     rows = [(it.id, r.grid_row) for it, r in zip(items, results) if r.grid_row is not None]
     grids = report.save_grids(folder / "grids", [r for _, r in rows], [i for i, _ in rows], cell=cell) if rows else []
     write_json(folder / "metrics.json", metrics)
@@ -71,6 +73,7 @@ def write_outputs(folder: Path, metrics: dict, items: Sequence[ManifestItem], re
 
 
 def log_tracker(accelerator, metrics: dict, grids: Sequence[tuple[Path, list[str]]]) -> None:
+    """Figures, grids and the per-prompt table to the trackers (main process)."""
     figures = {k: metrics[k] for k in FIGURE_KEYS if k in metrics}
     images = {"grids": [Image.open(p).convert("RGB") for p, _ in grids]} if grids else None
     columns = [c for c in ITEM_COLUMNS if any(c in r for r in metrics["items"])]

@@ -61,6 +61,7 @@ class Measurement:
 
 
 def embed_generations(descriptor, images: torch.Tensor) -> np.ndarray:
+    """(N, S, 3, H, W) images -> (N, S, D) copy-descriptor embeddings."""
     n, s = images.shape[:2]
     return descriptor.embed(images.flatten(0, 1)).reshape(n, s, -1)
 

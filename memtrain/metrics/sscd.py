@@ -150,6 +150,7 @@ def batches_by_shape(images: Sequence[np.ndarray], batch_size: int) -> Iterator[
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (eps-guarded)."""
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, eps)
 

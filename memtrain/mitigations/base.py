@@ -44,6 +44,7 @@ def register_mitigation(cls: type["Mitigation"]) -> type["Mitigation"]:
 
 
 def available_mitigations() -> list[str]:
+    """The registered mitigation names, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -71,6 +72,7 @@ def json_tensor(obj) -> torch.Tensor:
 
 
 def tensor_json(tensor: torch.Tensor):
+    """The JSON a json_tensor holds."""
     return json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8"))
 
 

@@ -281,6 +281,8 @@ def _without(blocked: dict, layer: str, neuron: int | None = None) -> dict:
 @register_mitigation
 @dataclasses.dataclass(eq=False)
 class NeMo(PruningMitigation):
+    """Prune the cross-attention value neurons that drive memorization (settings: the init fields)."""
+
     name = "nemo"
     changes = ("U-Net weights: the output rows of cross-attention value projections (attn2.to_v) "
                "found to drive memorization are set to zero")

@@ -30,6 +30,8 @@ PAD_SELECTIONS = ("random", "first")
 @register_mitigation
 @dataclasses.dataclass(eq=False)
 class PadEot(Mitigation):
+    """Pad with '!' instead of <eot> and replace the <eot> embedding (paper 000 Sec. 4.2)."""
+
     name = "pad_eot"
     changes = ("text-embedding path: prompts are padded with '!' instead of <eot>, and the "
                "<eot> embedding is replaced (zero vector or a '!' pad embedding)")
@@ -88,6 +90,8 @@ def _first_pad_embedding(embeddings: torch.Tensor, layout: TokenLayout) -> torch
 @register_mitigation
 @dataclasses.dataclass(eq=False)
 class PadMask(Mitigation):
+    """Zero a fraction of the <pad> embeddings (paper 000 Sec. 4.2)."""
+
     name = "pad_mask"
     changes = "text-embedding path: a fraction of the <pad> embeddings is set to zero vectors"
 

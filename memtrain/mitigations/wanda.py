@@ -113,6 +113,8 @@ def wanda_mask(weight_abs: torch.Tensor, norms: torch.Tensor, null_norms: torch.
 @register_mitigation
 @dataclasses.dataclass(eq=False)
 class Wanda(PruningMitigation):
+    """Prune the top-scoring feed-forward output weights for the memorized prompts (ConceptPrune's Wanda)."""
+
     name = "wanda"
     changes = ("U-Net weights: the top-scoring weights (|W| * ||X||, memorized prompts beating "
                "the null string) of every transformer block's second feed-forward layer "

@@ -40,6 +40,8 @@ SPLITS = ("memorized", "unique", "held_out", "utility")
 
 @dataclass
 class TestbedConfig:
+    """Everything a testbed build depends on besides its seed and images."""
+
     resolution: int = 32
     # 4x4 pixel blocks -> an 8x8 latent with 48 channels: a 16M-parameter U-Net trains at about
     # 0.3 s/step on 2 cores here (a 16x16 latent cost 2-3x more per step for blurrier copies).
@@ -69,15 +71,18 @@ class TestbedConfig:
 
 
 def default_cache_dir() -> Path:
+    """MEMTRAIN_CACHE, else ~/.cache/memtrain."""
     root = os.environ.get("MEMTRAIN_CACHE") or Path.home() / ".cache" / "memtrain"
     return Path(root).expanduser()
 
 
 def default_testbed_dir(seed: int = 0) -> Path:
+    """The cached testbed's folder for a seed (versioned)."""
     return default_cache_dir() / f"testbed-v{TESTBED_VERSION}-seed{seed}"
 
 
 def is_built(path: Path) -> bool:
+    """True if `path` holds a complete testbed (its card and model)."""
     return (Path(path) / "testbed_card.json").is_file() and (Path(path) / "model" / "model_index.json").is_file()
 
 
@@ -236,6 +241,7 @@ def build_testbed(
 
 
 def card_summary(card: dict) -> str:
+    """The testbed card in a few terminal lines."""
     lines = [f"testbed card (metric: {card['metric_backend']}, build {card['build_seconds']:.0f} s, seed {card['seed']})"]
     for split in ("memorized", "unique", "held_out"):
         c = card[split]

@@ -14,6 +14,7 @@ from memtrain.core.text import tokenize
 
 
 def tiny_clip_config(hidden: int, layers: int, resolution: int, eos_token_id: int) -> CLIPConfig:
+    """A small CLIPConfig for the testbed's contrastively trained CLIP."""
     text = CLIPTextConfig(
         vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),

@@ -18,6 +18,8 @@ from memtrain.core.bundle import register_codec
 
 @register_codec
 class PixelShuffleCodec(ModelMixin, ConfigMixin):
+    """A lossless pixel (un)shuffle codec with optional whitening, behind AutoencoderKL's interface."""
+
     config_name = "config.json"
 
     @register_to_config

@@ -71,6 +71,8 @@ COLOURS = {
 
 @dataclass
 class Pair:
+    """One image-caption pair."""
+
     id: str
     prompt: str
     image: Image.Image

@@ -34,6 +34,7 @@ REFERENCE_SPLITS = ("unique", "utility")
 
 
 def reference_model_dir(testbed_root: str | Path) -> Path:
+    """Where a testbed keeps its reference model."""
     return Path(testbed_root) / REFERENCE_DIR
 
 

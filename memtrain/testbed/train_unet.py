@@ -18,6 +18,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 @dataclass
 class UNetConfig:
+    """The testbed U-Net's widths, depth and attention levels."""
+
     block_out_channels: tuple[int, ...] = (64, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 32
@@ -26,6 +28,7 @@ class UNetConfig:
 
 
 def testbed_scheduler() -> DDIMScheduler:
+    """The testbed's noise schedule (see docs/measurements.md for why)."""
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
@@ -35,6 +38,7 @@ def testbed_scheduler() -> DDIMScheduler:
 
 def build_unet(cfg: UNetConfig, latent_channels: int, sample_size: int, cross_attention_dim: int,
                seed: int) -> UNet2DConditionModel:
+    """A fresh SD-shaped UNet2DConditionModel for the testbed's latents and text width."""
     torch.manual_seed(seed)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention_levels))
@@ -49,6 +53,8 @@ def build_unet(cfg: UNetConfig, latent_channels: int, sample_size: int, cross_at
 
 @dataclass
 class TrainConfig:
+    """The testbed U-Net's training schedule."""
+
     steps: int = 3000
     max_seconds: float | None = None
     batch_size: int = 32

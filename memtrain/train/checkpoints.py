@@ -55,6 +55,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def resolve_resume(arg: str | None, root: Path) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names ('latest' or a path), or None for a fresh run."""
     if not arg:
         return None
     if arg == "latest":

@@ -54,6 +54,7 @@ def memorization_figures(trainer, epoch: int) -> tuple[dict, dict]:
 
 def epoch_audit(trainer, epoch: int, step: int) -> None:
 
+    """MR on the prompts and under a fresh attack after an epoch: JSON, grids, trackers."""
     acc = trainer.acc
     if acc.is_main_process:
         figures, grids = memorization_figures(trainer, epoch)

@@ -21,6 +21,8 @@ from memtrain.train.recipe import UtilitySpec
 
 @dataclass
 class Pair:
+    """One image-caption pair."""
+
     image: Image.Image
     caption: str
 

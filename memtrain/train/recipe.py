@@ -39,6 +39,8 @@ class FinetuneAttack(AttackConfig):
 
 @dataclass
 class LoraSpec:
+    """LoRA rank, alpha and target modules of a `finetune: lora` run."""
+
     rank: int = 4
     alpha: float | None = None  # None -> rank (scale 1)
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -46,12 +48,16 @@ class LoraSpec:
 
 @dataclass
 class EmaSpec:
+    """Exponential moving average of the fine-tuned weights."""
+
     use: bool = False
     decay: float = 0.9999
 
 
 @dataclass
 class TrainSpec:
+    """The optimisation: epochs, batches, optimizer, precision, full or LoRA."""
+
     epochs: int = 5
     updates_per_embedding: int = 3  # S in Alg. 2
     surrogate_batch_size: int = 1
@@ -98,12 +104,16 @@ class SurrogateSpec:
 
 @dataclass
 class CheckpointSpec:
+    """How often checkpoints are saved and how many are kept."""
+
     steps: int = 500  # save every N optimizer steps (0: never)
     total_limit: int | None = None
 
 
 @dataclass
 class AuditSpec:
+    """The per-epoch and closing checks of a fine-tuning run."""
+
     epoch_end: bool = True  # small MR audit (prompts and under attack) after each epoch
     seeds: int = 2
     max_items: int | None = 4
@@ -126,6 +136,8 @@ TESTBED = "testbed"  # the value of `model` the testbed resolver replaces by the
 
 @dataclass
 class Recipe:
+    """A fine-tuning recipe (recipes/*.yaml): model, data, training, attack, surrogates, checks."""
+
     output_dir: str
     model: str = TESTBED  # a diffusers SD folder or hub id; "testbed": the cached testbed (built if absent)
     memorized_manifest: str | None = None  # required unless model is the testbed (then: its memorized split)

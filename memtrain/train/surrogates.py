@@ -35,6 +35,7 @@ SETTINGS_FILE = "settings.json"
 
 def descriptor_for(spec: str):
     # naming the stand-in in a recipe is the explicit opt-in get_descriptor asks for
+    """The copy descriptor a recipe names ('standin' opts into the stand-in)."""
     return get_descriptor(spec, allow_standin=str(spec).lower().startswith("standin"))
 
 
@@ -66,6 +67,7 @@ def _settings_key(spec: SurrogateSpec, model: str, memorized: Sequence[ManifestI
 
 
 def load_cached(folder: Path, key: dict) -> list[ManifestItem] | None:
+    """Surrogates cached in `folder` if they were made with these settings, else None."""
     settings, manifest = folder / SETTINGS_FILE, folder / "manifest.jsonl"
     if not (settings.is_file() and manifest.is_file()):
         return None

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # --- small pieces -------------------------------------------------------------------------------
 
 def add_lora(unet, recipe: Recipe) -> None:
+    """Add the recipe's LoRA adapter to the U-Net (peft)."""
     spec = recipe.train.lora
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank,
@@ -60,6 +61,7 @@ def add_lora(unet, recipe: Recipe) -> None:
 
 
 def make_optimizer(params, recipe: Recipe):
+    """AdamW (or bitsandbytes' 8-bit AdamW) with the recipe's settings."""
     t = recipe.train
     cls = torch.optim.AdamW
     if t.use_8bit_adam:
@@ -76,6 +78,8 @@ def make_optimizer(params, recipe: Recipe):
 # --- the trainer --------------------------------------------------------------------------------
 
 class AdvFinetuner:
+    """Adversarial fine-tuning (paper 004 Alg. 2) of one recipe: setup, the loop, checkpoints, outputs."""
+
     def __init__(self, recipe: Recipe, resume_from_checkpoint: str | None = None,
                  defaults: ModelDefaults | None = None):
         check_resolved(recipe)  # model: testbed must have been resolved (memtrain.testbed.resolver)

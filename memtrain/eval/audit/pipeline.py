@@ -52,6 +52,8 @@ ROLES = {"targets": ("memorized", "--manifest", True), "control": ("held_out", "
 
 @dataclass
 class Inputs:
+    """Everything resolved before the expensive part starts: model, manifests, items, output folder."""
+
     model_dir: str
     recipe_path: Path
     targets: list[ManifestItem]
@@ -89,6 +91,7 @@ def resolve_inputs(cfg: AuditConfig, defaults: ModelDefaults, recipe: AuditRecip
 
 
 def default_output_dir(model_dir: str) -> Path:
+    """A fresh output folder name from the model's name (and the time)."""
     name = Path(model_dir).name if Path(model_dir).name != "model" else Path(model_dir).parent.name
     return Path("audits") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -106,6 +109,8 @@ def verify_restored(bundle, expected: str, mitigation: str) -> str:
 
 @dataclass
 class Baseline:
+    """The unmitigated model's rows, computed once: figures, SSCD_Gen reference, utility."""
+
     items: list[ItemScores]
     figures: dict
     reference: dict[int, np.ndarray]  # target index -> (S, D) unmitigated generation embeddings
@@ -116,6 +121,8 @@ class Baseline:
 
 @dataclass
 class MitigationRun:
+    """One mitigation's report entry and the per-stage rows its grids show."""
+
     result: dict  # one entry of report.json's `results`
     rows: dict[str, list[ItemScores]]  # per stage (prompt, attack, control): what the grids show
 
@@ -234,6 +241,7 @@ def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: B
 
 def assemble_result(ctx: Context, mitigation, rows: dict, baseline: Baseline, fid, kid, notes,
                     checksum: str, per_prompt: bool) -> dict:
+    """One mitigation's report.json entry from its stage rows, with verdict and reason."""
     figures = {stage: stage_figures(items, ctx) for stage, items in rows.items()}
     result = {
         "mitigation": mitigation.name,

@@ -30,6 +30,7 @@ def _cell_figure(value: Any) -> Any:
 
 
 def table_row(setting: str, fig: dict, fid: Any = None, kid: Any = None, sscd_gen: bool = True) -> dict:
+    """One row of the paper-004 table from a stage's figures."""
     return {
         "setting": setting, "n": fig.get("n"), "MR": fig.get("mr"),
         "SSCD_Orig median": fig.get("sscd_orig_median"), "SSCD_Orig mean ± std": _cell_mean_std(fig),
@@ -169,6 +170,7 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
 
 
 def tracker_figures(results: Sequence[dict]) -> dict:
+    """The scalar figures logged to trackers, per mitigation and stage."""
     figures = {"unmitigated": results[0]["unmitigated"]} if results else {}
     for r in results:
         figures[r["mitigation"]] = {k: r[k] for k in ("prompt", "attack", "control")}

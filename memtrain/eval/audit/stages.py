@@ -45,6 +45,8 @@ class ItemScores:
 
 @dataclass
 class Context:
+    """What every unit of audit work needs: model, descriptor, scorer, sampler, seeds, recipe, attack."""
+
     bundle: Any
     descriptor: Any
     scorer: Any
