@@ -132,3 +132,19 @@ def test_load_image_takes_images_as_users_have_them(tmp_path):
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     red = np.asarray(load_image(ManifestItem(id="c", prompt="p", image=str(tmp_path / "cmyk.jpg"))))
     assert red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    from memtrain.core.files import StagedOutput
+
+    first = StagedOutput(tmp_path / "out")
+    first.open()
+    (first.tmp / "report.json").write_text("{}")
+    with pytest.raises(MemtrainError, match="being written by another run"):
+        StagedOutput(tmp_path / "out").open()
+    first.commit()
+    assert (tmp_path / "out" / "report.json").is_file()
+    again = StagedOutput(tmp_path / "out", overwrite=True)  # the lock is free again
+    again.open()
+    again.abort()
+    assert (tmp_path / "out" / "report.json").is_file()

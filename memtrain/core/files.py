@@ -97,18 +97,44 @@ class StagedOutput:
         self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
 
     def open(self) -> Path:
+        """Create the staged folder, holding the output's lock: a second run pointed at the same
+        output folder is refused in one line instead of interleaving with this one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_path = self.path.parent / f".{self.path.name}.lock"
+        while True:  # the lock file is removed on release: make sure we hold the one on disk
+            self._lock = open(self._lock_path, "a")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                self._lock = None
+                raise MemtrainError(f"output dir '{self.path}' is being written by another run: wait for it to "
+                                    "finish or choose another --output_dir") from None
+            if self._lock_path.exists() and os.stat(self._lock_path).st_ino == os.fstat(self._lock.fileno()).st_ino:
+                break
+            self._lock.close()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         return self.tmp
 
     def commit(self) -> Path:
-        check_output_dir(self.path, self.overwrite)  # someone may have written there meanwhile
-        return replace_dir(self.tmp, self.path)
+        try:
+            check_output_dir(self.path, self.overwrite)  # someone may have written there meanwhile
+            return replace_dir(self.tmp, self.path)
+        finally:
+            self._release()
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock_path.unlink(missing_ok=True)  # while still holding it: no one can be locking it
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> Path:
         return self.open()
