@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.text import TextEmbedding, encode_prompts
 
@@ -56,18 +57,14 @@ class SamplerSettings:
         return asdict(self)
 
 
-def _flag(help_text: str, *flags: str):
-    return field(default=None, metadata={"help": help_text, "flags": flags})
-
-
 @dataclass
 class SamplerOverrides:
     """A recipe's or command line's changes to a model's sampler; None keeps the model's own."""
 
-    scheduler: str | None = _flag("override the model's scheduler (ddim, ddpm, dpm)")
-    num_inference_steps: int | None = _flag("override the model's number of sampling steps", "--steps")
-    guidance_scale: float | None = _flag("override the model's guidance scale")
-    batch_size: int | None = _flag("images per sampling batch")
+    scheduler: str | None = option(None, "override the model's scheduler (ddim, ddpm, dpm)")
+    num_inference_steps: int | None = option(None, "override the model's number of sampling steps", "--steps")
+    guidance_scale: float | None = option(None, "override the model's guidance scale")
+    batch_size: int | None = option(None, "images per sampling batch")
 
     def __post_init__(self) -> None:
         for key in ("num_inference_steps", "batch_size"):
