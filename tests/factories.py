@@ -94,3 +94,40 @@ def build_sd_shaped(folder: Path, tokenizer_dir: Path) -> Path:
     tokenizer = build_clip_tokenizer(tokenizer_dir)
     ModelBundle(unet, text_encoder, tokenizer, vae, scheduler).save(folder)
     return folder
+
+
+def kill_after_first_unit(cmd: list[str], output_dir: Path, env: dict, cwd: Path, seed: int,
+                          timeout: float = 600) -> int:
+    """Run `cmd` (an audit or evaluate writing `output_dir`) in its own process group, and once
+    its work journal holds a finished unit, SIGKILL every process of it at a random moment (up
+    to the time the first unit took, at most 3 s). Returns the number of finished units then."""
+    import contextlib
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from memtrain.core.journal import journal_dir
+
+    units = journal_dir(output_dir) / "units"
+    start = time.time()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    while not list(units.glob("*.json")) and proc.poll() is None and time.time() < start + timeout:
+        time.sleep(0.02)
+    delay = random.Random(seed).uniform(0, min(time.time() - start, 3.0))
+    time.sleep(delay)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    import psutil  # torch's elastic agent starts the ranks in sessions of their own: kill them all
+
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    for pid in family[1:]:  # the ranks are not our children: wait until they are gone
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
+    proc.stderr.close()
+    return len(list(units.glob("*.json")))

@@ -346,19 +346,34 @@ def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
 # ----------------------------------------------------------------------------- processes, W&B
 
 
-@pytest.mark.slow  # several processes: the slow tier
-def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
-    mitigations = ("none", "nemo", "pad_eot")
-    one = _run_script([*_script_args(tiny_testbed, tmp_path / "one", *mitigations), "--report_to", "wandb"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    # ACCELERATE_USE_CPU: without it --multi_gpu on a CPU machine silently runs 1 process
-    two = _run_script(_script_args(tiny_testbed, tmp_path / "two", *mitigations), launcher=launcher,
-                      env={"ACCELERATE_USE_CPU": "true"})
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TWO_ENV = {"ACCELERATE_USE_CPU": "true"}  # without it --multi_gpu on a CPU machine silently runs 1 process
+MITIGATIONS = ("none", "nemo", "pad_eot")
+
+
+def _comparable(report: dict) -> dict:
+    """report.json without what differs between any two runs: wall time and output folder."""
+    doc = json.loads(json.dumps(report))
+    for key in ("seconds", "output_dir"):
+        doc["settings"].pop(key)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def two_process_audit(tiny_testbed, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "audit"
+    two = _run_script(_script_args(tiny_testbed, out, *MITIGATIONS), launcher=LAUNCH_TWO, env=TWO_ENV)
     assert two.returncode == 0, two.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow  # several processes: the slow tier
+def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, two_process_audit, tmp_path):
+    one = _run_script([*_script_args(tiny_testbed, tmp_path / "one", *MITIGATIONS), "--report_to", "wandb"])
+    assert one.returncode == 0, one.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "report.json").read_text())
-    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    b = json.loads((two_process_audit / "report.json").read_text())
     assert (a["num_processes"], b["num_processes"]) == (1, 2)
     # fixed chunks of 2 targets and global attack streams: the same numbers, not just close ones
     drop = ("weights_checksum",)
@@ -369,6 +384,34 @@ def test_two_processes_equal_one_and_wandb_offline(tiny_testbed, tmp_path):
     # grid images are logged under keys "grids/<kind>": W&B nests the media folder by key
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     assert "-> baseline" in one.stdout and "wrote" in one.stdout
+
+
+@pytest.mark.slow  # several processes: the slow tier
+def test_killed_two_process_audit_resumes_to_the_same_report(tiny_testbed, two_process_audit, tmp_path):
+    """SIGKILL both ranks at a random moment after the first finished unit; the same command
+    with --resume reuses the finished units and writes the uninterrupted run's report.json."""
+    from factories import kill_after_first_unit
+    from memtrain.core.journal import journal_dir
+
+    out = tmp_path / "killed"
+    args = _script_args(tiny_testbed, out, *MITIGATIONS)
+    seed = int.from_bytes(os.urandom(2), "little")
+    print(f"kill seed {seed}")  # shown on failure: the moment can be replayed
+    done = kill_after_first_unit([*LAUNCH_TWO, str(REPO / "scripts" / "audit.py"), *args], out,
+                                 {**os.environ, **ENV, **TWO_ENV}, REPO, seed)
+    assert done >= 1 and not out.exists()
+    fresh = _run_script(args)  # without --resume: refused, nothing lost
+    assert fresh.returncode == 2 and "pass --resume" in fresh.stderr.strip().splitlines()[-1]
+    changed = _run_script([*args, "--resume", "--attack_steps", "3"])
+    last = changed.stderr.strip().splitlines()[-1]
+    assert changed.returncode == 2 and last.startswith("error: cannot resume") and "attack_steps" in last
+    resumed = _run_script([*args, "--resume"], launcher=LAUNCH_TWO, env=TWO_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming:" in resumed.stderr
+    a = json.loads((two_process_audit / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    assert _comparable(b) == _comparable(a)
+    assert not journal_dir(out).exists() and not any(".partial-" in p.name for p in tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- the real testbed

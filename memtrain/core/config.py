@@ -176,7 +176,8 @@ def flat_items(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def first_difference(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> str | None:
+def first_difference(saved: dict, current: dict, ignore: tuple[str, ...] = (),
+                     labels: tuple[str, str] = ("checkpoint", "now")) -> str | None:
     """The first dotted key (outside `ignore`; a trailing dot ignores a section) whose value
     differs between two configs, described for a one-line error; None if none does."""
     a, b = flat_items(saved), flat_items(current)
@@ -184,5 +185,5 @@ def first_difference(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignore):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            return f"{key} (checkpoint: {a.get(key, '<absent>')!r}, now: {b.get(key, '<absent>')!r})"
+            return f"{key} ({labels[0]}: {a.get(key, '<absent>')!r}, {labels[1]}: {b.get(key, '<absent>')!r})"
     return None

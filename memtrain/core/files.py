@@ -113,8 +113,10 @@ class StagedOutput:
             if self._lock_path.exists() and os.stat(self._lock_path).st_ino == os.fstat(self._lock.fileno()).st_ino:
                 break
             self._lock.close()
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        # holding the lock, any other staged folder is a killed run's leftover
+        for stale in self.path.parent.iterdir():
+            if stale.name.startswith(f".{self.path.name}.partial-"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from memtrain.core import report
 from memtrain.core import run as dist
-from memtrain.core.bundle import ModelDefaults, load_bundle
+from memtrain.core.bundle import ModelDefaults, load_bundle, weights_checksum
 from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
+from memtrain.core.journal import NoJournal, WorkJournal, check_fresh_start, decoder, encode_records, file_digests, json_unit
 from memtrain.core.manifest import ManifestItem, load_image, read_manifest
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds, sample
 from memtrain.eval import evaluate_report
@@ -50,6 +51,8 @@ class EvaluateConfig:
     seeds: int = option(10, "generations per prompt, seeds 0..N-1")
     output_dir: str | None = option(None, "default: evaluations/<model>-<manifest>-<time>")
     overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
+    resume: bool = option(False, "continue the interrupted run in --output_dir from its last finished unit "
+                                 "(same command line)")
     metric: str | None = option(None, "SSCD backend: onnx (default), a TorchScript/.onnx path, or standin")
     allow_standin: bool = option(False, "permit the named stand-in descriptor")
     strict: bool = option(False, "a missing training image fails instead of being skipped")
@@ -80,8 +83,11 @@ class EvaluateConfig:
         if self.chunk_items < 1 or self.grid_items < 0:
             raise MemtrainError("chunk_items must be >= 1 and grid_items >= 0")
         # files named on the command line fail now, before a testbed build or a model load
+        if self.resume and self.output_dir is None:
+            raise MemtrainError("--resume needs the --output_dir of the interrupted run")
         if self.output_dir is not None:
             check_output_dir(self.output_dir, self.overwrite)
+            check_fresh_start(self.output_dir, self.resume, self.overwrite)
         for path in (self.manifest, self.fid_manifest):
             if path is not None:
                 read_manifest(path)
@@ -144,6 +150,7 @@ def resolve_inputs(cfg: EvaluateConfig, defaults: ModelDefaults, accelerator=Non
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(defaults.model_dir, manifest)
     out = Path(dist.gather_list([str(out)], accelerator)[0])  # the main process's choice, everywhere
     check_output_dir(out, cfg.overwrite)
+    check_fresh_start(out, cfg.resume, cfg.overwrite)
     return Inputs(defaults.model_dir, manifest.absolute(), items, skipped, has_images, out)
 
 
@@ -186,8 +193,11 @@ def _score_chunk(chunk: Sequence[tuple[int, ManifestItem]], ctx: dict, cfg: Eval
     return out
 
 
-def score_items(items: list[ManifestItem], ctx: dict, cfg: EvaluateConfig, accelerator=None) -> list[ItemResult]:
-    """This process's chunks of prompts, scored; every process gets all results in order."""
+def score_items(items: list[ManifestItem], ctx: dict, cfg: EvaluateConfig, accelerator=None,
+                journal=None) -> list[ItemResult]:
+    """This process's chunks of prompts, scored (each chunk a unit of work of `journal`, reused on
+    --resume); every process gets all results in order."""
+    journal = journal or NoJournal()
     chunks = dist.shard_chunks(items, cfg.chunk_items, accelerator)
     if ctx["has_images"]:  # all processes fail together on a bad image, none waits forever
         dist.run_checked(lambda: [check_images([it for _, it in c]) for c in chunks], accelerator)
@@ -197,7 +207,8 @@ def score_items(items: list[ManifestItem], ctx: dict, cfg: EvaluateConfig, accel
     with tqdm(total=sum(map(len, chunks)), desc=f"evaluate (process 0 of {dist.world(accelerator)[1]})",
               unit="prompt", disable=not show) as bar:
         for chunk in chunks:
-            local += _score_chunk(chunk, ctx, cfg)
+            local += journal.unit(f"items.{chunk[0][0]}", lambda: _score_chunk(chunk, ctx, cfg), encode_records,
+                                  decoder(ItemResult))
             bar.update(len(chunk))
     return dist.gather_in_order(local, accelerator)
 
@@ -298,18 +309,31 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
                         trackers=owns) as out:
         ctx = {"bundle": bundle, "seeds": seeds, "descriptor": descriptor, "settings": settings,
                "scorer": scorer, "has_images": inputs.has_images}
-        results = score_items(inputs.items, ctx, cfg, accelerator)
-        fid_entry, kid_entry, fid_notes = fid_kid(
+        journal = WorkJournal(inputs.output_dir, fingerprint(cfg, inputs, bundle, fid_manifest), cfg.resume,
+                              accelerator)
+        results = score_items(inputs.items, ctx, cfg, accelerator, journal)
+        fid_entry, kid_entry, fid_notes = journal.unit("fid", lambda: fid_kid(
             fid_manifest, lambda prompts, s: sample(bundle, prompts, s, settings), max_prompts=cfg.fid_prompts,
-            seed=0, chunk_items=cfg.chunk_items, strict=cfg.strict, progress=cfg.progress, accelerator=accelerator)
+            seed=0, chunk_items=cfg.chunk_items, strict=cfg.strict, progress=cfg.progress, accelerator=accelerator),
+            *json_unit(), collective=True)
         metrics = assemble(cfg, defaults, inputs, results, descriptor, scorer, clip_reason, bundle, settings, seeds,
                            accelerator, fid_entry, kid_entry, fid_notes, time.time() - start)
         if out.folder is not None:
             grids = evaluate_report.write_outputs(out.folder, metrics, inputs.items, results, cfg.grid_cell)
             evaluate_report.log_tracker(accelerator, metrics, grids)
+    journal.close()
     if owns:
         accelerator.end_training()
     return metrics
+
+
+def fingerprint(cfg: EvaluateConfig, inputs: Inputs, bundle, fid_manifest: str | None) -> dict:
+    """What a resumed evaluation must share with the interrupted one: the command line (but how
+    it is run and shown), the model's weights and the bytes of the manifests and images."""
+    run_only = ("resume", "overwrite", "progress", "report_to", "project")
+    return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
+            "weights": weights_checksum(bundle), "manifests": file_digests([inputs.manifest_path, fid_manifest]),
+            "images": file_digests([it.image for it in inputs.items if inputs.has_images])}
 
 
 def assemble(cfg, defaults: ModelDefaults, inputs: Inputs, results, descriptor, scorer, clip_reason, bundle, settings, seeds,

@@ -23,6 +23,7 @@ staged folder (memtrain.core.run.OutputRun).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from memtrain.core import report
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_bundle, weights_checksum
 from memtrain.core.files import check_output_dir
+from memtrain.core.journal import (WorkJournal, check_fresh_start, decoder, encode_records, encode_stages,
+                                   file_digests, json_unit, stages_decoder)
 from memtrain.core.manifest import ManifestItem, read_manifest
 from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
@@ -85,6 +88,7 @@ def resolve_inputs(cfg: AuditConfig, defaults: ModelDefaults, recipe: AuditRecip
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(defaults.model_dir)
     out = Path(dist.gather_list([str(out)], accelerator)[0])  # the main process's choice everywhere
     check_output_dir(out, cfg.overwrite)
+    check_fresh_start(out, cfg.resume, cfg.overwrite)
     return Inputs(defaults.model_dir, recipe_path.absolute(), targets, control,
                   reference[: recipe.reference_prompts], manifests["utility"],
                   {k: str(Path(v).absolute()) if v else None for k, v in manifests.items()}, out)
@@ -139,25 +143,36 @@ def _sampler(ctx: Context, mitigation: Mitigation | None = None):
 
 
 def utility(ctx: Context, inputs: Inputs, mitigation: Mitigation | None = None) -> tuple[dict, dict, list[str]]:
-    """FID/KID of one generation per utility prompt (seed 0) vs the utility images (collective)."""
+    """FID/KID of one generation per utility prompt (seed 0) vs the utility images (collective;
+    one unit of work)."""
     if inputs.utility_manifest is None:
         reason = not_computed("no --utility_manifest given (and the model brings none)")
         return reason, reason, []
-    return fid_kid(inputs.utility_manifest, _sampler(ctx, mitigation), max_prompts=ctx.recipe.utility_prompts,
-                   seed=0, chunk_items=ctx.recipe.chunk_targets, accelerator=ctx.accelerator)
+
+    def compute():
+        return fid_kid(inputs.utility_manifest, _sampler(ctx, mitigation), max_prompts=ctx.recipe.utility_prompts,
+                       seed=0, chunk_items=ctx.recipe.chunk_targets, accelerator=ctx.accelerator)
+
+    key = f"{'unmitigated' if mitigation is None else mitigation.name}.utility"
+    return tuple(ctx.journal.unit(key, compute, *json_unit(), collective=True))
 
 
-def _run_chunks(ctx: Context, chunks, fn) -> list:
+def chunk_unit(ctx: Context, key: str, chunk, compute) -> list[tuple[int, ItemScores]]:
+    """One chunk's scored rows as a unit of work: computed once, reused on --resume."""
+    return ctx.journal.unit(f"{key}.{chunk[0][0]}", lambda: compute(chunk), encode_records, decoder(ItemScores))
+
+
+def _run_chunks(ctx: Context, chunks, fn, key: str) -> list:
     local = []
     for chunk in chunks:
-        local += fn(chunk)
+        local += chunk_unit(ctx, key, chunk, fn)
     return dist.gather_in_order(local, ctx.accelerator)
 
 
 def run_baseline(ctx: Context, inputs: Inputs, target_chunks) -> Baseline:
     """(a), computed once: the figures, the SSCD_Gen reference and the utility of the plain model."""
     ctx.log("audit: the unmitigated model on the memorized prompts")
-    items = _run_chunks(ctx, target_chunks, lambda c: unmitigated_chunk(ctx, c))
+    items = _run_chunks(ctx, target_chunks, lambda c: unmitigated_chunk(ctx, c), "unmitigated")
     reference = {r.index: r.gen_embeddings for r in items}
     return Baseline(items, stage_figures(items, ctx), reference, *utility(ctx, inputs))
 
@@ -177,25 +192,35 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
     per_prompt = _uses_per_prompt(ctx, mitigation, inputs.targets)
     local_prompt, local_attack, local_control = [], [], []
 
-    def targets_with(view, chunk) -> None:
-        p, a = target_chunk(ctx, view, chunk, baseline.reference)
-        local_prompt.extend(p)
-        local_attack.extend(a)
+    def targets_with(view_of, chunk, key: str) -> None:
+        """(b) and (c) for one chunk as a unit of work; `view_of()` gives the mitigation to use."""
+        def compute():
+            p, a = target_chunk(ctx, view_of(), chunk, baseline.reference)
+            return {"prompt": p, "attack": a}
+
+        rows = ctx.journal.unit(f"{name}.{key}.{chunk[0][0]}", compute, encode_stages, stages_decoder(ItemScores))
+        local_prompt.extend(rows["prompt"])
+        local_attack.extend(rows["attack"])
+
+    def own_prompt(prompt: str):
+        """The mitigation prepared for one prompt, applied (and undone) around that prompt's unit."""
+        view = mitigation.for_prompts([prompt])
+        stack.enter_context(applied(view, ctx.bundle))
+        return view
 
     ctx.log(f"audit: {name}: prompts, attack, control")
     with applied(mitigation, ctx.bundle):  # for all prompts at once
         if not per_prompt:
             for chunk in target_chunks:
-                targets_with(mitigation, chunk)
+                targets_with(lambda: mitigation, chunk, "targets")
         for chunk in control_chunks:
-            local_control += control_chunk(ctx, mitigation, chunk)
+            local_control += chunk_unit(ctx, f"{name}.control", chunk, lambda c: control_chunk(ctx, mitigation, c))
         fid, kid, notes = utility(ctx, inputs, mitigation)
     if per_prompt:  # each target under only its own prompt's pruning (singleton chunks)
         for chunk in target_chunks:
             for pair in chunk:
-                view = mitigation.for_prompts([pair[1].prompt])
-                with applied(view, ctx.bundle):
-                    targets_with(view, [pair])
+                with contextlib.ExitStack() as stack:  # a finished unit is reused without pruning at all
+                    targets_with(lambda: own_prompt(pair[1].prompt), [pair], "own_prompt")
     restored = verify_restored(ctx.bundle, checksum, name)
     rows = {stage: dist.gather_in_order(local, ctx.accelerator)
             for stage, local in (("prompt", local_prompt), ("attack", local_attack), ("control", local_control))}
@@ -220,7 +245,7 @@ def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: B
         return score(ctx, chunk, cond, _images(chunk), None, ablation)
 
     with applied(ablation, ctx.bundle):
-        items = _run_chunks(ctx, target_chunks, chunk_scores)
+        items = _run_chunks(ctx, target_chunks, chunk_scores, f"{name}.search_space")
     verify_restored(ctx.bundle, checksum, name)
     fig = stage_figures(items, ctx)
     mr, rule = fig["mr"], ctx.recipe.verdict
@@ -312,6 +337,8 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     tracker_config = {**dataclasses.asdict(cfg), "mitigations": ",".join(cfg.mitigations)}
     with dist.OutputRun(accelerator, inputs.output_dir, cfg.overwrite, cfg.project, tracker_config,
                         trackers=owns) as out:  # a caller's accelerator brings its own trackers
+        ctx.journal = WorkJournal(inputs.output_dir, fingerprint(cfg, recipe, inputs, checksum), cfg.resume,
+                                  accelerator)
         target_chunks = dist.shard_chunks(inputs.targets, recipe.chunk_targets, accelerator)
         control_chunks = dist.shard_chunks(inputs.control, recipe.chunk_targets, accelerator)
         baseline = run_baseline(ctx, inputs, target_chunks)
@@ -331,9 +358,20 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
         }
         if out.folder is not None:
             audit_report.write_outputs(out.folder, doc, inputs, baseline.items, runs, recipe, accelerator)
+    ctx.journal.close()
     if owns:
         accelerator.end_training()
     return doc
+
+
+def fingerprint(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, checksum: str) -> dict:
+    """What a resumed audit must share with the interrupted one: the command line (but how it is
+    run and shown), the recipe, the model's weights and the bytes of every manifest and image."""
+    run_only = ("resume", "overwrite", "progress", "report_to", "project")
+    images = [it.image for it in inputs.targets + inputs.control]
+    return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
+            "recipe": dataclasses.asdict(recipe), "weights": checksum,
+            "manifests": file_digests(list(inputs.manifests.values())), "images": file_digests(images)}
 
 
 def _settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, ctx: Context, notes: list[str],

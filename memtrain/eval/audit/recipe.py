@@ -14,6 +14,7 @@ from memtrain.core.cli import option
 from memtrain.core.config import apply_overrides, build, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
+from memtrain.core.journal import check_fresh_start
 from memtrain.core.manifest import read_manifest
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit.verdict import VerdictRule
@@ -102,6 +103,8 @@ class AuditConfig:
     utility_manifest: str | None = option(None, "prompts + images for FID/KID; default: the model's utility set")
     output_dir: str | None = option(None, "default: audits/<model>-<time>")
     overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
+    resume: bool = option(False, "continue the interrupted run in --output_dir from its last finished unit "
+                                 "(same command line)")
     report_to: str | None = option(None, "also log to a tracker: wandb, tensorboard (or none)")
     seeds: int | None = option(None, "generations per input, seeds 0..N-1 (default: the recipe's, 10)")
     recipe: str | None = option(None, "audit recipe YAML (default: the model's own, else recipes/audit_sd14.yaml)")
@@ -123,8 +126,11 @@ class AuditConfig:
             if value is not None and value < 1:
                 raise MemtrainError(f"--{key} must be >= 1, got {value}")
         # files named on the command line fail now, before a testbed build or a model load
+        if self.resume and self.output_dir is None:
+            raise MemtrainError("--resume needs the --output_dir of the interrupted run")
         if self.output_dir is not None:
             check_output_dir(self.output_dir, self.overwrite)
+            check_fresh_start(self.output_dir, self.resume, self.overwrite)
         for path in (self.manifest, self.control_manifest, self.reference_manifest, self.utility_manifest):
             if path is not None:
                 read_manifest(path)

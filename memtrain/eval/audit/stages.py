@@ -16,6 +16,7 @@ from memtrain.attack import AttackConfig, DoriAttack, attacked_condition
 from memtrain.core import report
 from memtrain.core import run as dist
 from memtrain.core.diffusion import images_to_latents
+from memtrain.core.journal import NoJournal
 from memtrain.core.manifest import load_image
 from memtrain.core.sampling import SamplerSettings
 from memtrain.core.text import encode_prompts
@@ -58,6 +59,7 @@ class Context:
     accelerator: Any = None
     progress: bool = False
     latents: dict = field(default_factory=dict)  # (stream, index) -> target latent (1, C, h, w)
+    journal: Any = field(default_factory=NoJournal)  # finished units (core.journal), reused on --resume
 
     def log(self, message: str) -> None:
         if self.progress and dist.is_main(self.accelerator):
