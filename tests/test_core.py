@@ -148,3 +148,41 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
     again.open()
     again.abort()
     assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_journal_round_trips_units_and_refuses_changed_runs(tmp_path):
+    """Units come back exactly (arrays, lists of arrays, None, strings); a fresh run without
+    --resume is refused while finished units exist; a changed fingerprint is named."""
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from memtrain.core.errors import MemtrainError
+    from memtrain.core.journal import WorkJournal, check_fresh_start, decoder, encode_records, journal_dir
+
+    @dataclass
+    class Row:
+        index: int
+        id: str
+        scores: np.ndarray | None = None
+        cells: list | None = None
+        failed: str | None = None
+
+    rows = [(0, Row(0, "a", np.arange(3, dtype=np.float32), [np.zeros((2, 2), np.uint8)])),
+            (1, Row(1, "b", None, None, "non-finite loss"))]
+    out = tmp_path / "out"
+    calls = []
+    journal = WorkJournal(out, {"seeds": 2}, resume=False)
+    journal.unit("t.0", lambda: calls.append(1) or rows, encode_records, decoder(Row))
+    again = WorkJournal(out, {"seeds": 2}, resume=True)
+    back = again.unit("t.0", lambda: calls.append(2) or rows, encode_records, decoder(Row))
+    assert calls == [1] and again.reused == 1
+    assert [i for i, _ in back] == [0, 1] and back[1][1].failed == "non-finite loss" and back[1][1].scores is None
+    assert back[0][1].scores.dtype == np.float32 and np.array_equal(back[0][1].scores, rows[0][1].scores)
+    assert np.array_equal(back[0][1].cells[0], rows[0][1].cells[0])
+    with pytest.raises(MemtrainError, match="pass --resume"):
+        check_fresh_start(out, resume=False, overwrite=False)
+    with pytest.raises(MemtrainError, match=r"cannot resume .*seeds \(interrupted run: 2, now: 3\)"):
+        WorkJournal(out, {"seeds": 3}, resume=True)
+    again.close()
+    assert not journal_dir(out).exists()

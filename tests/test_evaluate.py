@@ -234,6 +234,40 @@ def test_one_process_with_wandb_equals_two_processes(dev_testbed, small_manifest
     assert _no_partial_dirs(tmp_path)
 
 
+@pytest.mark.slow  # several processes: the slow tier
+def test_killed_two_process_evaluate_resumes_to_the_same_metrics(dev_testbed, tmp_path):
+    """SIGKILL both ranks at a random moment after the first finished unit (one prompt each);
+    the same command with --resume writes the uninterrupted run's metrics.json."""
+    from factories import kill_after_first_unit
+    from memtrain.core.journal import journal_dir
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+
+    def args(out: Path) -> list[str]:
+        return ["--model", str(dev_testbed / "model"), "--seeds", "2", "--no_progress", "--chunk_items", "1",
+                "--output_dir", str(out)]
+
+    whole = _run_script(args(tmp_path / "whole"), launcher=launcher, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    seed = int.from_bytes(os.urandom(2), "little")
+    print(f"kill seed {seed}")  # shown on failure: the moment can be replayed
+    done = kill_after_first_unit([*launcher, str(REPO / "scripts" / "evaluate.py"), *args(out)], out,
+                                 {**os.environ, **SUBPROCESS_ENV, **env}, REPO, seed)
+    assert done >= 1 and not out.exists()
+    resumed = _run_script([*args(out), "--resume"], launcher=launcher, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming:" in resumed.stderr
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    for doc in (a, b):
+        doc.pop("seconds"), doc.pop("output_dir")
+    assert b == a
+    assert not journal_dir(out).exists() and _no_partial_dirs(tmp_path)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

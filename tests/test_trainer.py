@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from memtrain.core.errors import MemtrainError
 from memtrain.core.manifest import ManifestItem, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +173,30 @@ def test_sigkill_then_resume_latest_is_bit_identical(tiny_setup, uninterrupted, 
     assert checksum(out)["sha256"] == checksum(uninterrupted)["sha256"]
     unet = Path("model/unet/diffusion_pytorch_model.safetensors")
     assert (out / unet).read_bytes() == (uninterrupted / unet).read_bytes()
+
+
+@pytest.mark.parametrize("harm", ["truncate", "flip", "delete"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, harm, caplog):
+    """A checkpoint whose files no longer match the digests saved in it is named and skipped."""
+    from memtrain.train.checkpoints import resolve_resume
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(uninterrupted / "checkpoints", root)
+    assert resolve_resume("latest", root).name == "checkpoint-6"
+    newest = max((p for p in (root / "checkpoint-6").rglob("*") if p.is_file() and p.suffix != ".json"),
+                 key=lambda p: p.stat().st_size)
+    data = newest.read_bytes()
+    if harm == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif harm == "flip":
+        newest.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        newest.unlink()
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("latest", root).name == "checkpoint-4"
+    assert "checkpoint-6 is damaged" in caplog.text and newest.name in caplog.text
+    with pytest.raises(MemtrainError, match="checkpoint-6 is damaged"):
+        resolve_resume(str(root / "checkpoint-6"), root)
 
 
 def test_resume_with_changed_recipe_names_the_key(tiny_setup, uninterrupted, tmp_path):

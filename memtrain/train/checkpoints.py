@@ -4,6 +4,7 @@ names, and the per-rank parameter digest the distributed tests compare."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +55,59 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
+def file_digests(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under a checkpoint folder (but the state file, which holds them)."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint whose files no longer match the digests saved in it (a
+    truncated copy, a flipped byte, a lost file), or None. Checkpoints saved without digests
+    (older runs) are trusted as before."""
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} unreadable ({e})"
+    if saved is None:
+        return None
+    now = file_digests(folder)
+    for name, digest in saved.items():
+        if name not in now:
+            return f"{name} is missing"
+        if now[name]["size"] != digest["size"]:
+            return f"{name} has {now[name]['size']} bytes, {digest['size']} were saved"
+        if now[name]["sha256"] != digest["sha256"]:
+            return f"{name} does not match its saved checksum"
+    return None
+
+
 def resolve_resume(arg: str | None, root: Path) -> Path | None:
-    """The checkpoint --resume_from_checkpoint names ('latest' or a path), or None for a fresh run."""
+    """The checkpoint --resume_from_checkpoint names ('latest' or a path), or None for a fresh run.
+    'latest' is the newest intact checkpoint: a damaged newer one is named and skipped."""
     if not arg:
         return None
     if arg == "latest":
         found = checkpoint_dirs(root)
-        if not found:
-            log.info("no checkpoint under %s: starting a fresh run", root)
-            return None
-        return found[-1]
+        for path in reversed(found):
+            problem = damage(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s): falling back to the previous one", path.name, problem)
+        if found:
+            raise MemtrainError(f"every checkpoint under {root} is damaged: rerun without --resume_from_checkpoint")
+        log.info("no checkpoint under %s: starting a fresh run", root)
+        return None
     path = Path(arg)
     if not (path / STATE_FILE).is_file():
         raise MemtrainError(f"--resume_from_checkpoint '{arg}' is not a memtrain checkpoint (no {STATE_FILE})")
+    problem = damage(path)
+    if problem is not None:
+        raise MemtrainError(f"checkpoint {path} is damaged ({problem}): resume from an earlier one or 'latest'")
     return path

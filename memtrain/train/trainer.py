@@ -42,7 +42,8 @@ from memtrain.core.run import finish_trackers, init_trackers, make_accelerator, 
 from memtrain.core.sampling import SAMPLER_FILE
 from memtrain.core.text import encode_prompts
 from memtrain.train import checks
-from memtrain.train.checkpoints import STATE_FILE, Position, checkpoint_dirs, param_checksum, resolve_resume
+from memtrain.train.checkpoints import (STATE_FILE, Position, checkpoint_dirs, file_digests, param_checksum,
+                                        resolve_resume)
 from memtrain.train.data import load_utility
 from memtrain.train.recipe import Recipe, check_resolved, first_difference
 from memtrain.train.surrogates import build_surrogates
@@ -232,7 +233,8 @@ class AdvFinetuner:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
-                         "world_size": self.world, "recipe": self.recipe.to_dict()}
+                         "world_size": self.world, "recipe": self.recipe.to_dict(),
+                         "files": file_digests(tmp)}  # resume checks them: a damaged copy is skipped
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
                 replace_dir(tmp, final)
         except OSError as e:  # disk full, quota, permissions: drop the partial folder, keep the rest
