@@ -23,6 +23,9 @@ from memtrain.core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+# Read before decoding: a 50 MB PNG can hold a 50-gigapixel image. SD trains at <= 1024 px; LAION's
+# largest photos are a few tens of megapixels.
+MAX_IMAGE_PIXELS = 64_000_000
 KNOWN_KEYS = ("id", "prompt", "image", "url", "label", "source")
 _OPTIONAL_STR_KEYS = ("image", "url", "label", "source")
 
@@ -117,8 +120,18 @@ def _parse_line(path: Path, lineno: int, line: str) -> ManifestItem:
             raise _fail(path, lineno, f"line {lineno}: \"{key}\" must be a string or null",
                         f"fix the \"{key}\" field")
         values[key] = value
+    if any(ord(c) < 32 or c == "\x7f" for c in raw_id):
+        raise _fail(path, lineno, f"line {lineno}: id {raw_id!r} holds control characters",
+                    "ids are names: printable text only")
     if values["image"] is not None:
         image = Path(values["image"]).expanduser()
+        if not image.is_absolute():
+            # relative paths stay inside the dataset: the manifest's folder, or the folder above
+            # it for the dataset/manifests + dataset/images layout write_manifest produces
+            root = path.parent.parent.resolve()
+            if not (path.parent / image).resolve().is_relative_to(root):
+                raise _fail(path, lineno, f"line {lineno}: image {values['image']!r} points outside the "
+                            f"manifest's dataset folder {root}", "keep images inside it, or give an absolute path")
         values["image"] = os.path.normpath(image if image.is_absolute() else path.parent / image)
     extra = {k: v for k, v in obj.items() if k not in KNOWN_KEYS}
     return ManifestItem(id=raw_id, prompt=prompt, extra=extra, **values)
@@ -221,6 +234,10 @@ def load_image(item: ManifestItem):
                             "scripts/fetch_images.py or add an \"image\" path")
     try:
         with Image.open(item.image) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS or im.width < 1 or im.height < 1:
+                raise ManifestError(f"{item.image}: image of item {item.id!r} is {im.width}x{im.height} pixels "
+                                    f"(allowed: 1 to {MAX_IMAGE_PIXELS} pixels, a decompression bomb guard); "
+                                    "replace it with a smaller copy")
             return to_rgb(im)
     except FileNotFoundError:
         raise ManifestError(f"{item.image}: image of item {item.id!r} not found; "

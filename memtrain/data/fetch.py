@@ -25,6 +25,7 @@ import socket
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -80,17 +81,31 @@ class DeadLink(Exception):
 # ---------------------------------------------------------------- one URL
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s): urllib's own handler also follows ftp:, and a hostile
+    host could point a LAION URL at a local or internal resource that way."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        if not target.lower().startswith(("http://", "https://")):
+            fp.close()
+            raise DeadLink(f"redirect to an unsupported URL scheme: {target.split(':', 1)[0]!r}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
 def _open(url: str, opts: FetchOptions):
     if not url.lower().startswith(("http://", "https://")):
         raise DeadLink(f"unsupported URL scheme: {url.split(':', 1)[0]!r}")
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
-    context = None
+    context = ssl.create_default_context()
     if not opts.verify_tls:
-        context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    opener = urllib.request.build_opener(_HttpOnlyRedirects, urllib.request.HTTPSHandler(context=context))
     try:
-        return urllib.request.urlopen(req, timeout=opts.timeout, context=context)
+        return opener.open(req, timeout=opts.timeout)
     except urllib.error.HTTPError as e:
         e.close()
         # 408/425/429 and 5xx may pass; other 4xx (404, 403, 410) will not
