@@ -28,7 +28,7 @@ import numpy as np
 from memtrain.core import run as dist
 from memtrain.core.config import first_difference
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import atomic_write_bytes, write_json
+from memtrain.core.files import atomic_write_bytes, sha256_file, write_json
 from memtrain.core.report import to_jsonable
 
 log = logging.getLogger(__name__)
@@ -134,20 +134,9 @@ class NoJournal:
         pass
 
 
-def file_digests(paths: Sequence[str | Path | None]) -> dict[str, str | None]:
-    """sha256 of each file's bytes (None for None): a resume refuses changed inputs."""
-    import hashlib
-
-    out: dict[str, str | None] = {}
-    for path in paths:
-        if path is None:
-            continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out[str(Path(path).absolute())] = h.hexdigest()
-    return out
+def file_digests(paths: Sequence[str | Path | None]) -> dict[str, str]:
+    """sha256 of each named file (None entries skipped): a resume refuses changed inputs."""
+    return {str(Path(path).absolute()): sha256_file(path) for path in paths if path is not None}
 
 
 # ----------------------------------------------------------------------------- records <-> files

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.files import sha256_file
 
 log = logging.getLogger(__name__)
 STATE_FILE = "memtrain_state.json"  # written last into a checkpoint: its presence means complete
@@ -59,11 +60,7 @@ def file_digests(folder: Path) -> dict[str, dict]:
     """Size and sha256 of every file under a checkpoint folder (but the state file, which holds them)."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return out
 
 
