@@ -97,10 +97,12 @@ def build_sd_shaped(folder: Path, tokenizer_dir: Path) -> Path:
 
 
 def kill_after_first_unit(cmd: list[str], output_dir: Path, env: dict, cwd: Path, seed: int,
-                          timeout: float = 600) -> int:
+                          max_units: int, timeout: float = 600) -> int:
     """Run `cmd` (an audit or evaluate writing `output_dir`) in its own process group, and once
-    its work journal holds a finished unit, SIGKILL every process of it at a random moment (up
-    to the time the first unit took, at most 3 s). Returns the number of finished units then."""
+    its work journal holds k finished units (k drawn from 1..max_units by `seed`; the caller
+    picks max_units below the run's unit count), SIGKILL every process of it. Returns the
+    number of finished units then. The moment is a unit count, not a delay: after the slow
+    start units can take milliseconds each, so a random delay may outlive the run (seen in CI)."""
     import contextlib
     import os
     import random
@@ -114,10 +116,9 @@ def kill_after_first_unit(cmd: list[str], output_dir: Path, env: dict, cwd: Path
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    while not list(units.glob("*.json")) and proc.poll() is None and time.time() < start + timeout:
-        time.sleep(0.02)
-    delay = random.Random(seed).uniform(0, min(time.time() - start, 3.0))
-    time.sleep(delay)
+    k = random.Random(seed).randint(1, max_units)
+    while len(list(units.glob("*.json"))) < k and proc.poll() is None and time.time() < start + timeout:
+        time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     import psutil  # torch's elastic agent starts the ranks in sessions of their own: kill them all
 

@@ -398,7 +398,7 @@ def test_killed_two_process_audit_resumes_to_the_same_report(tiny_testbed, two_p
     seed = int.from_bytes(os.urandom(2), "little")
     print(f"kill seed {seed}")  # shown on failure: the moment can be replayed
     done = kill_after_first_unit([*LAUNCH_TWO, str(REPO / "scripts" / "audit.py"), *args], out,
-                                 {**os.environ, **ENV, **TWO_ENV}, REPO, seed)
+                                 {**os.environ, **ENV, **TWO_ENV}, REPO, seed, max_units=3)
     assert done >= 1 and not out.exists()
     fresh = _run_script(args)  # without --resume: refused, nothing lost
     assert fresh.returncode == 2 and "pass --resume" in fresh.stderr.strip().splitlines()[-1]

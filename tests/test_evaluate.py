@@ -255,7 +255,7 @@ def test_killed_two_process_evaluate_resumes_to_the_same_metrics(dev_testbed, tm
     seed = int.from_bytes(os.urandom(2), "little")
     print(f"kill seed {seed}")  # shown on failure: the moment can be replayed
     done = kill_after_first_unit([*launcher, str(REPO / "scripts" / "evaluate.py"), *args(out)], out,
-                                 {**os.environ, **SUBPROCESS_ENV, **env}, REPO, seed)
+                                 {**os.environ, **SUBPROCESS_ENV, **env}, REPO, seed, max_units=3)
     assert done >= 1 and not out.exists()
     resumed = _run_script([*args(out), "--resume"], launcher=launcher, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
