@@ -235,9 +235,33 @@ def test_nemo_auto_threshold_and_zero_snr_v_prediction(tokenizer):
     assert 0.0 <= record["memorization_score"] < 0.999  # informative, not a constant image
 
 
-def test_nemo_needs_statistics(bundle):
-    with pytest.raises(MemtrainError, match="reference prompts"):
+def test_nemo_needs_statistics(bundle, tmp_path):
+    with pytest.raises(MemtrainError, match="reference prompts.*mitigations.nemo.statistics") as err:
         get_mitigation("nemo").prepare(bundle, PROMPTS, [], SEEDS)
+    assert "\n" not in str(err.value)
+    with pytest.raises(MemtrainError, match="does not exist"):
+        get_mitigation("nemo", statistics=str(tmp_path / "none.safetensors")).prepare(bundle, PROMPTS, [], SEEDS)
+
+
+def test_nemo_statistics_computed_once_then_cached(bundle, tmp_path):
+    from memtrain.mitigations.nemo import value_layers
+
+    cache = tmp_path / "stats" / "nemo_stats.safetensors"
+    first = prepared_nemo(bundle, statistics=str(cache))
+    assert cache.is_file() and not list(cache.parent.glob(".*partial"))
+    # without reference prompts the cached statistics are used: the same neurons come out
+    again = get_mitigation("nemo", **{**first.settings(), "tau_mem": -1.0})
+    again.prepare(bundle, PROMPTS, [], SEEDS)
+    assert again.neurons() == first.neurons()
+    state = first.state_dict()
+    layers = value_layers(bundle.unet)
+    assert all(torch.equal(again.state_dict()[f"mean.{n}"], state[f"mean.{n}"]) for n in layers)
+    # a file for another model (a layer's width differs) is refused by name
+    from safetensors.torch import save_file
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({f"{k}.{n}": torch.zeros(3) for n in layers for k in ("mean", "std")}, str(wrong))
+    with pytest.raises(MemtrainError, match="do not fit this model"):
+        get_mitigation("nemo", statistics=str(wrong)).prepare(bundle, PROMPTS, [], SEEDS)
 
 
 def test_models_without_the_layers_are_refused(tokenizer):

@@ -41,9 +41,11 @@ import contextlib
 import copy
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from memtrain.core.errors import MemtrainError
 from memtrain.mitigations.base import (
@@ -298,6 +300,9 @@ class NeMo(PruningMitigation):
     refinement_budget: int | None = 500
     layers: str = "down_mid"
     batch_size: int = 16
+    # a safetensors file of per-neuron activation statistics (mean.<layer>, std.<layer>): loaded
+    # when it exists, else computed once from the reference prompts and written there
+    statistics: str | None = None
 
     _mean: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _std: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
@@ -321,12 +326,19 @@ class NeMo(PruningMitigation):
         seeds = [int(s) for s in seeds][: int(self.num_seeds)]
         if len(seeds) < 2:
             raise MemtrainError("nemo: pass at least 2 seeds (the score compares seeds)")
-        if reference_prompts:
+        cached = Path(self.statistics).expanduser() if self.statistics else None
+        if cached is not None and cached.is_file():
+            self._mean, self._std = load_statistics(cached, layers)
+        elif reference_prompts:
             self._mean, self._std = self._statistics(bundle, layers, list(reference_prompts))
+            if cached is not None:
+                save_statistics(cached, self._mean, self._std)
         elif not self._mean:
             raise MemtrainError(
-                "nemo: needs non-memorized reference prompts for its activation statistics "
-                "(or load saved statistics with load()/load_state_dict() first)"
+                "nemo: needs activation statistics of non-memorized prompts: pass reference prompts "
+                "(audit: --reference_manifest M; computed once and cached when mitigations.nemo.statistics "
+                "names a file) or set mitigations.nemo.statistics to a saved statistics file"
+                + (f" ('{cached}' does not exist)" if cached is not None else "")
             )
         self._tau_used = self._threshold(bundle, layers, list(reference_prompts), seeds)
         for prompt in memorized_prompts:
@@ -499,6 +511,33 @@ class NeMo(PruningMitigation):
         self._records = meta.get("records", {})
         self._tau_used = meta.get("tau_used")
         self._active = meta.get("active")
+
+
+def save_statistics(path: Path, mean: dict, std: dict) -> None:
+    """Write NeMo's per-neuron statistics as safetensors (atomically: a killed run leaves none)."""
+    tensors = {f"mean.{n}": t.float().contiguous().cpu() for n, t in mean.items()}
+    tensors.update({f"std.{n}": t.float().contiguous().cpu() for n, t in std.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_statistics(path: Path, layers: dict) -> tuple[dict, dict]:
+    """Read statistics written by `save_statistics`; every value layer must be there with its width."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # not safetensors, truncated
+        raise MemtrainError(f"nemo statistics '{path}' cannot be read ({type(err).__name__}): "
+                            "delete it to recompute from reference prompts") from None
+    mean, std = {}, {}
+    for name, layer in layers.items():
+        m, s = tensors.get(f"mean.{name}"), tensors.get(f"std.{name}")
+        if m is None or s is None or m.shape != (layer.out_features,) or s.shape != m.shape:
+            raise MemtrainError(f"nemo statistics '{path}' do not fit this model (layer {name}, "
+                                f"{layer.out_features} neurons): compute them for this model from reference prompts")
+        mean[name], std[name] = m, s
+    return mean, std
 
 
 def _nonempty(blocked: dict) -> dict:
