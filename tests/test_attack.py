@@ -1,7 +1,7 @@
 """The Dori attack (paper 004 Alg. 1) on a tiny random SD1.x-shaped bundle: it lowers the
 diffusion loss, the batched run equals the per-target loop, targets are isolated, mitigation
 transforms sit in the forward, the L2 ball holds, NaN targets are stopped and reported.
-The slow test runs the real audit check on the memorizing testbed."""
+The real check on the memorizing testbed is in test_audit.py (slow tier)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from factories import tiny_bundle  # noqa: E402
 from memtrain.attack import (  # noqa: E402
     AttackConfig, DoriAttack, attack, attack_loop, attacked_condition, diffusion_loss,
 )
-from memtrain.core.diffusion import frozen, images_to_latents  # noqa: E402
+from memtrain.core.diffusion import frozen  # noqa: E402
 from memtrain.core.errors import MemtrainError  # noqa: E402
 from memtrain.mitigations import get_mitigation  # noqa: E402
 from memtrain.core.tokenizer import build_clip_tokenizer  # noqa: E402
@@ -207,40 +207,7 @@ def test_nan_target_is_stopped_and_reported(bundle):
     assert looped.failed == [1] and 1 in looped.reasons
 
 
-# --- the real check on the memorizing testbed (slow) --------------------------------------------
-
-# The testbed recipe (docs/measurements.md: from N(0, I), lr 0.01 beat 0.1 on these models).
-TESTBED_ATTACK = AttackConfig(steps=50, lr=0.01, init="random", noise_samples=8)
-TESTBED_SEEDS = list(range(10))
-ATTACK_MR_MIN = 0.5  # memorized targets come back under attack
-CONTROL_MR_MAX = 0.1  # the false-positive control: held-out targets do not
-
-
-def _attack_mr(bundle, descriptor, items, config: AttackConfig) -> float:
-    from memtrain.core.manifest import load_image
-    from memtrain.eval.measure import measure
-
-    images = [load_image(it) for it in items]
-    result = attack(bundle, images_to_latents(bundle, images), [it.prompt for it in items], config)
-    assert not result.failed, result.reasons
-    m = measure(bundle, attacked_condition(result), TESTBED_SEEDS, descriptor,
-                bundle.sampler_settings, train_images=images)
-    return m.figures()["mr"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("config", [TESTBED_ATTACK], ids=["testbed-recipe"])
-def test_attack_restores_memorized_but_not_held_out(testbed_dir, config):
-    from memtrain.core.manifest import read_manifest
-    from memtrain.metrics import get_descriptor
-    from memtrain.core.bundle import load_bundle
-
-    bundle = load_bundle(testbed_dir / "model")
-    descriptor = get_descriptor()
-    manifests = testbed_dir / "manifests"
-    memorized = read_manifest(manifests / "memorized.jsonl", require_images=True)
-    held_out = read_manifest(manifests / "held_out.jsonl", require_images=True)[:10]
-    attacked_mr = _attack_mr(bundle, descriptor, memorized, config)
-    control_mr = _attack_mr(bundle, descriptor, held_out, config)
-    assert control_mr <= CONTROL_MR_MAX, f"false positives: held-out MR {control_mr:.2f}"
-    assert attacked_mr >= ATTACK_MR_MIN, f"memorized MR under attack only {attacked_mr:.2f}"
+# The real check on the memorizing testbed (the testbed attack recipe brings the memorized images
+# back, MR >= 0.9 over 10 targets, and no held-out one, control MR <= 0.1) is the slow
+# tests/test_audit.py::test_default_audit_on_the_real_testbed: the audit runs this attack on both
+# splits, so a separate run here only repeated three minutes of CI.

@@ -1,7 +1,10 @@
 """Slow tier: the README's fine-tuning figures on the real testbed with the real SSCD. Full
 fine-tuning of the U-Net removes the memorized images (attack MR <= 0.3); LoRA on attention
 does not (attack MR >= 0.7), as paper 004 found. The closing audit runs the testbed audit recipe
-at 4 seeds instead of 10 to keep CI in minutes (fewer seeds can only lower an MR)."""
+at 4 seeds instead of 10 to keep CI in minutes (fewer seeds can only lower an MR). To keep the
+suite within its 40 minutes neither run does the per-epoch audits (the fast tier covers them)
+and the LoRA run stops at the closing small audit (its attack MR is the claim checked here; the
+README's 10 x 10 LoRA figures come from the full command)."""
 
 from __future__ import annotations
 
@@ -16,18 +19,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def finetune(tmp_path: Path, name: str, *overrides: str) -> dict:
+def finetune(tmp_path: Path, name: str, *overrides: str, full_audit: bool = True) -> dict:
     recipe = tmp_path / "audit_4_seeds.yaml"
     recipe.write_text((REPO / "recipes" / "audit_testbed.yaml").read_text().replace("seeds: 10 ", "seeds: 4 "))
     out = tmp_path / name
     env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "adv_finetune.py"), str(REPO / "recipes" / "testbed.yaml"),
-                           f"output_dir={out}", f"audit.full_recipe={recipe}", *overrides],
+                           f"output_dir={out}", f"audit.full_recipe={recipe}", "audit.epoch_end=false",
+                           f"audit.full={str(full_audit).lower()}", f"audit.kid={str(full_audit).lower()}", *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "audit" / "report.json").read_text())
-    full = json.loads((out / "audit" / "full" / "report.json").read_text())
-    assert full["settings"]["seeds"] == [0, 1, 2, 3] and full["settings"]["n_targets"] == 10
+    if full_audit:
+        full = json.loads((out / "audit" / "full" / "report.json").read_text())
+        assert full["settings"]["seeds"] == [0, 1, 2, 3] and full["settings"]["n_targets"] == 10
     return report
 
 
@@ -35,5 +40,6 @@ def finetune(tmp_path: Path, name: str, *overrides: str) -> dict:
 def test_full_finetune_removes_and_lora_does_not(testbed_dir, tmp_path):
     full = finetune(tmp_path, "full")
     assert full["mr_attack"] <= 0.3 and full["mr_control"] <= 0.1
-    lora = finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3")
-    assert lora["mr_attack"] >= 0.7
+    lora = finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3", full_audit=False)
+    # the closing small audit (4 items x 2 seeds, the training attack: weaker than the audit's)
+    assert lora["memorization"]["attack/mr"] >= 0.7

@@ -41,3 +41,20 @@ def test_unknown_variant_and_bad_resolution_are_refused():
         variant("sd3")
     with pytest.raises(MemtrainError, match="multiple of 64"):
         sd_modules("sd14", resolution=300)
+
+
+def test_photo_manifests_are_laion_like_and_refuse_a_taken_folder(tmp_path):
+    from PIL import Image
+
+    from memtrain.core.manifest import load_image, read_manifest
+    from memtrain.testbed.photos import write_photo_manifests
+
+    folder = write_photo_manifests(tmp_path / "photos")
+    memorized = read_manifest(folder / "memorized.jsonl", require_images=True)
+    held_out = read_manifest(folder / "held_out.jsonl", require_images=True)
+    assert len(memorized) == len(held_out) == 4 and not {m.id for m in memorized} & {h.id for h in held_out}
+    modes = {Image.open(it.image).mode for it in memorized + held_out}
+    assert {"CMYK", "L", "RGBA", "P"} <= modes  # what a scraped dataset holds
+    assert all(load_image(it).mode == "RGB" for it in memorized + held_out)
+    with pytest.raises(MemtrainError, match="already exists"):
+        write_photo_manifests(folder)
