@@ -40,6 +40,8 @@ def finetune(tmp_path: Path, name: str, *overrides: str, full_audit: bool = True
 def test_full_finetune_removes_and_lora_does_not(testbed_dir, tmp_path):
     full = finetune(tmp_path, "full")
     assert full["mr_attack"] <= 0.3 and full["mr_control"] <= 0.1
-    lora = finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3", full_audit=False)
-    # the closing small audit (4 items x 2 seeds, the training attack: weaker than the audit's)
-    assert lora["memorization"]["attack/mr"] >= 0.7
+    lora = finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3", "audit.max_items=10",
+                    full_audit=False)
+    # the closing small audit on all 10 targets x 2 seeds under the training attack (20 steps,
+    # weaker than the audit's; measured: attack MR 0.9, prompts 0.1)
+    assert lora["memorization"]["attack/n"] == 10 and lora["memorization"]["attack/mr"] >= 0.7
