@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from factories import build_sd_shaped
+from memtrain.core.manifest import read_manifest, write_manifest
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -33,3 +34,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "testbed_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def dev_testbed(tmp_path_factory) -> Path:
+    """A small, barely trained testbed (same layout as the real one: model/, manifests/, clip/,
+    testbed_card.json) with a 4-step default sampler so every evaluation takes seconds."""
+    from memtrain.core.sampling import SamplerSettings
+    from memtrain.testbed.build import TestbedConfig, build_testbed
+    from memtrain.testbed.train_unet import TrainConfig, UNetConfig
+
+    root = tmp_path_factory.mktemp("dev") / "testbed"
+    config = TestbedConfig(
+        n_unique=20, n_held_out=4, n_utility=10, clip_hidden=64, clip_layers=2, clip_steps=20,
+        card_seeds=2, card_unique=4, unet=UNetConfig(block_out_channels=(32, 64)),
+        train=TrainConfig(steps=20, warmup_steps=5, batch_size=8),
+        sampler=SamplerSettings(scheduler="ddim", num_inference_steps=4, guidance_scale=3.0),
+    )
+    build_testbed(root, config=config, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_manifest(dev_testbed, tmp_path_factory) -> Path:
+    """The first 4 memorized items."""
+    items = read_manifest(dev_testbed / "manifests" / "memorized.jsonl")[:4]
+    return write_manifest(tmp_path_factory.mktemp("manifests") / "small.jsonl", items)

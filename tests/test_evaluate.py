@@ -30,32 +30,6 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": 
                   "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="session")
-def dev_testbed(tmp_path_factory) -> Path:
-    """A small, barely trained testbed (same layout as the real one: model/, manifests/, clip/,
-    testbed_card.json) with a 4-step default sampler so every evaluation takes seconds."""
-    from memtrain.core.sampling import SamplerSettings
-    from memtrain.testbed.build import TestbedConfig, build_testbed
-    from memtrain.testbed.train_unet import TrainConfig, UNetConfig
-
-    root = tmp_path_factory.mktemp("dev") / "testbed"
-    config = TestbedConfig(
-        n_unique=20, n_held_out=4, n_utility=10, clip_hidden=64, clip_layers=2, clip_steps=20,
-        card_seeds=2, card_unique=4, unet=UNetConfig(block_out_channels=(32, 64)),
-        train=TrainConfig(steps=20, warmup_steps=5, batch_size=8),
-        sampler=SamplerSettings(scheduler="ddim", num_inference_steps=4, guidance_scale=3.0),
-    )
-    build_testbed(root, config=config, progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
-def small_manifest(dev_testbed, tmp_path_factory) -> Path:
-    """The first 4 memorized items."""
-    items = read_manifest(dev_testbed / "manifests" / "memorized.jsonl")[:4]
-    return write_manifest(tmp_path_factory.mktemp("manifests") / "small.jsonl", items)
-
-
 def _cfg(dev_testbed: Path, manifest: Path, out: Path, **kw) -> EvaluateConfig:
     base = dict(model=str(dev_testbed / "model"), manifest=str(manifest), seeds=2, output_dir=str(out),
                 progress=False)  # the real SSCD (ONNX)

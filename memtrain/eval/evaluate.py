@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -289,11 +289,14 @@ def item_rows(items: Sequence[ManifestItem], results: Sequence[ItemResult], m: M
 # ----------------------------------------------------------------------------- entry point
 
 
-def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, accelerator=None) -> dict:
+def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, accelerator=None,
+             extra_outputs: Callable[[Path, dict, list[ManifestItem]], None] | None = None) -> dict:
     """Run the evaluation; returns metrics.json's content (on every process) and writes the
     outputs (main process only). `defaults`: the model's manifests and CLIP (scripts get them
     from the testbed resolver); without them `cfg.model` and `cfg.manifest` must be given.
-    Bad input raises MemtrainError before anything is written."""
+    `extra_outputs(folder, metrics, items)` adds files to the staged output folder before it is
+    renamed into place (triage's manifests). Bad input raises MemtrainError before anything is
+    written."""
     start = time.time()
     defaults = defaults or ModelDefaults.plain(cfg.model)
     owns = accelerator is None
@@ -321,6 +324,8 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
         if out.folder is not None:
             grids = evaluate_report.write_outputs(out.folder, metrics, inputs.items, results, cfg.grid_cell)
             evaluate_report.log_tracker(accelerator, metrics, grids)
+            if extra_outputs is not None:
+                extra_outputs(out.folder, metrics, inputs.items)
     journal.close()
     if owns:
         accelerator.end_training()
