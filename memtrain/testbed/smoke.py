@@ -1,0 +1,156 @@
+"""The full-size smoke: every command, as the README prints it, on random-weight SD fixtures.
+
+For each variant (default: sd14 and sd21-base at 256 px) it builds the fixture once into the
+work folder, writes the LAION-like photo manifests, then runs each command with the smallest
+budgets as a subprocess and checks what it wrote (not only its exit code). Each step's wall time
+and the peak resident memory of its process go into WORK/smoke.json. Figures from random
+weights mean nothing; that every path runs at SD's real shapes and sizes is the point.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import write_json
+from memtrain.core.manifest import read_manifest, write_manifest
+from memtrain.testbed.photos import write_photo_manifests
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+FINETUNE = [  # recipes/sd14.yaml at the smallest budget that still runs each part once
+    "train.epochs=1", "train.updates_per_embedding=1", "train.surrogate_batch_size=1", "train.mixed_precision=no",
+    "attack.steps=2", "attack.noise_samples=1", "surrogates.mitigation=pad_mask", "surrogates.per_prompt=1",
+    "surrogates.sampler.num_inference_steps=2", "audit.seeds=1", "audit.max_items=1", "audit.kid=false",
+    "audit.sampler.num_inference_steps=2", "audit.full_recipe=recipes/audit_smoke.yaml", "audit.full_max_targets=1",
+    "checkpointing.steps=2", "report_to=wandb",
+]
+
+
+def run_step(argv: list[str], log: Path) -> dict:
+    """Run one command; its wall time, exit code and peak RSS (GB; the scripts run in one process)."""
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **ENV}, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return {"seconds": round(time.time() - start, 1), "exit_code": code, "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def _script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / f"{name}.py"), *map(str, args)]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the smoke prints its own rows only
+        pass
+
+
+def _serve(folder: Path) -> http.server.ThreadingHTTPServer:
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Callable[[], None]]]:
+    """(name, command, check of its outputs) for every command on one fixture."""
+    mem, held = photos / "memorized.jsonl", photos / "held_out.jsonl"
+    common = ["--model", model, "--seeds", "1", "--no_progress"]
+
+    def check_evaluate() -> None:
+        m = json.loads((out / "evaluate" / "metrics.json").read_text())
+        assert m["manifest"]["n_evaluated"] == 4 and isinstance(m["mr"], float), m["manifest"]
+
+    def check_triage() -> None:
+        t = json.loads((out / "triage" / "triage.json").read_text())
+        assert t["n_replicating"] + t["n_non_replicating"] == 4, t
+
+    def check_audit() -> None:
+        r = json.loads((out / "audit" / "report.json").read_text())
+        assert [x["mitigation"] for x in r["results"]] == ["none", "pad_eot", "pad_mask", "nemo", "wanda"]
+        assert all(x["verdict"] and x["weights_restored"] for x in r["results"]), r["results"]
+
+    def check_finetune(name: str) -> Callable[[], None]:
+        def check() -> None:
+            report = json.loads((out / name / "audit" / "report.json").read_text())
+            assert "memorization" in report and (out / name / "model").is_dir(), sorted(report)
+            assert list((out / name / "wandb").glob("offline-run-*")) or list((out / name).rglob("offline-run-*"))
+        return check
+
+    finetune = _script("adv_finetune", "recipes/sd14.yaml", f"model={model}", f"memorized_manifest={mem}",
+                       "utility.format=manifest", f"utility.path={held}", f"audit.heldout_manifest={held}", *FINETUNE)
+    return [
+        ("evaluate", _script("evaluate", *common, "--manifest", mem, "--steps", "2", "--output_dir", out / "evaluate"),
+         check_evaluate),
+        ("triage", _script("triage", mem, *common, "--steps", "2", "--output_dir", out / "triage"), check_triage),
+        ("audit", _script("audit", "--mitigation", "none", "pad_eot", "pad_mask", "nemo", "wanda", *common,
+                          "--manifest", mem, "--control_manifest", held, "--reference_manifest", held,
+                          "--recipe", "recipes/audit_smoke.yaml", "--output_dir", out / "audit"), check_audit),
+        ("adv_finetune full", finetune + [f"output_dir={out / 'finetune_full'}"], check_finetune("finetune_full")),
+        ("adv_finetune lora", finetune + ["train.finetune=lora", f"output_dir={out / 'finetune_lora'}"],
+         check_finetune("finetune_lora")),
+    ]
+
+
+def fetch_step(photos: Path, out: Path) -> tuple[str, list[str], Callable[[], None], http.server.HTTPServer]:
+    """fetch_images on the photos served over local HTTP (the only network here)."""
+    server = _serve(photos)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    items = read_manifest(photos / "memorized.jsonl")
+    for it in items:
+        it.url, it.image = f"{base}/{Path(it.image).name}", None
+    release = write_manifest(out / "release_urls.jsonl", items)
+
+    def check() -> None:
+        report = json.loads((out / "fetch" / "fetch_report.json").read_text())
+        assert report["fetched"] == 4 and not report["dead"], report
+
+    return "fetch_images", _script("fetch_images", release, "--output_dir", out / "fetch", "--no_progress"), check, server
+
+
+def _check_built(model: Path) -> None:
+    assert (model / "model_index.json").is_file() and (model / "unet").is_dir(), f"no diffusers folder at {model}"
+
+
+def run_smoke(work: Path, variants: list[str], only: set[str] | None = None) -> list[dict]:
+    """Every step on every variant; a failed step is recorded (with its log) and the rest go on."""
+    work.mkdir(parents=True, exist_ok=True)
+    photos = work / "photos"
+    if not (photos / "memorized.jsonl").is_file():
+        write_photo_manifests(photos)
+    results = []
+    name, argv, check, server = fetch_step(photos, work)
+    todo = [(None, name, argv, check)] if not only or name in only else []
+    for variant in variants:
+        model = work / f"{variant}-256"
+        if not (model / "model_index.json").is_file():  # built once, kept for the next smoke
+            build = _script("build_sd_fixture", variant, model, "--resolution", "256", "--overwrite")
+            todo.append((variant, "build_sd_fixture", build, functools.partial(_check_built, model)))
+        todo += [(variant, n, a, c) for n, a, c in steps(model, photos, work / variant) if not only or n in only]
+    for variant, name, argv, check in todo:
+        folder = work / (variant or "")
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"{name.replace(' ', '_')}.log"
+        row = {"variant": variant, "step": name, **run_step(argv, log), "log": str(log)}
+        try:
+            if row["exit_code"] != 0:
+                raise MemtrainError(log.read_text().strip().splitlines()[-1] if log.stat().st_size else "no output")
+            check()
+            row["ok"] = True
+        except (AssertionError, MemtrainError, OSError, KeyError, ValueError) as e:
+            row.update(ok=False, error=str(e)[:300])
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(work / "smoke.json", results)
+    server.shutdown()
+    return results

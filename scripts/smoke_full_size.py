@@ -1,0 +1,32 @@
+"""Run every command on random-weight full-size SD fixtures with the smallest budgets and check
+what each wrote; wall time and peak memory per step go to WORK/smoke.json.
+
+    python scripts/smoke_full_size.py [--work runs/smoke] [--variants sd14 sd21-base] [--only audit ...]
+
+Fixtures are built once into WORK (4 GB each at 256 px) and reused. Exit 1 if any step failed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from memtrain.core.cli import run_main
+from memtrain.testbed.full_size import VARIANTS
+from memtrain.testbed.smoke import run_smoke
+
+
+@run_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/smoke")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["sd14", "sd21-base"])
+    parser.add_argument("--only", nargs="+", default=None, help="step names (evaluate, triage, audit, ...)")
+    args = parser.parse_args()
+    results = run_smoke(Path(args.work), args.variants, set(args.only) if args.only else None)
+    failed = [f"{r['variant']}/{r['step']}" for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)} of {len(results)} steps passed" + (f"; failed: {failed}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
