@@ -28,7 +28,7 @@ def test_generation_and_attack_figures_and_report(sd_shaped_dir):
     bundle = load_bundle(sd_shaped_dir)
     gen = bench_generation(bundle, ["a photo", "a cat"], [0, 1], SamplerSettings(num_inference_steps=2), repeats=1)
     assert gen["images"] == 4 and gen["ratio"] > 0 and gen["resolution"] == bundle.pixel_resolution
-    att = bench_full_attack(bundle, None, 2, AttackConfig(steps=1, noise_samples=1))
+    att = bench_full_attack(bundle, None, 2, AttackConfig(steps=1, noise_samples=1), matmul_size=512)
     assert att["targets"] == 2 and att["step_tflops_per_s"] > 0 and 0 < att["fraction_of_matmul"]
     text = format_full_size("sd-shaped", "cpu", gen, att, None)
-    assert text.splitlines()[-1] == f"ratio: {gen['ratio']:.2f}" and "float32 matmul" in text
+    assert text.splitlines()[-1] == f"ratio: {gen['ratio']:.2f}" and "512x512 float32 matmul" in text

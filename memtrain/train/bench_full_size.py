@@ -82,13 +82,14 @@ def reference_matmul_flops_per_s(device: torch.device, n: int = 4096, repeats: i
     return 2 * n**3 / seconds, f"{n}x{n} {str(dtype).removeprefix('torch.')}"
 
 
-def bench_full_attack(bundle, manifest: str | None, n_targets: int, config: AttackConfig) -> dict:
+def bench_full_attack(bundle, manifest: str | None, n_targets: int, config: AttackConfig,
+                      matmul_size: int = 4096) -> dict:
     """Targets/s of the batched attack and one step's FLOP/s against the device's matmul."""
     latents, prompts, _ = bench_targets(bundle, n_targets, manifest)
     attack(bundle, latents[:1], prompts[:1], dataclasses.replace(config, steps=1))  # warm-up
     seconds = timed(lambda: attack(bundle, latents, prompts, config), bundle.device)
     flops, step_s = attack_step_cost(bundle, latents, prompts, config, repeats=1)
-    matmul, matmul_kind = reference_matmul_flops_per_s(bundle.device)
+    matmul, matmul_kind = reference_matmul_flops_per_s(bundle.device, matmul_size)
     return {"targets": n_targets, "steps": config.steps, "noise_samples": config.noise_samples,
             "targets_per_s": n_targets / seconds, "step_tflops_per_s": flops / step_s / 1e12,
             "matmul_tflops_per_s": matmul / 1e12, "matmul": matmul_kind, "fraction_of_matmul": flops / step_s / matmul}
