@@ -93,7 +93,8 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
         ("evaluate", _script("evaluate", *common, "--manifest", mem, "--steps", "2", "--output_dir", out / "evaluate"),
          check_evaluate),
         ("triage", _script("triage", mem, *common, "--steps", "2", "--output_dir", out / "triage"), check_triage),
-        ("audit", _script("audit", "--mitigation", "none", "pad_eot", "pad_mask", "nemo", "wanda", *common,
+        # NeMo's memorization score compares seeds: the audit needs two
+        ("audit", _script("audit", "--mitigation", "none", "pad_eot", "pad_mask", "nemo", "wanda", *common, "--seeds", "2",
                           "--manifest", mem, "--control_manifest", held, "--reference_manifest", held,
                           "--recipe", "recipes/audit_smoke.yaml", "--output_dir", out / "audit"), check_audit),
         ("adv_finetune full", finetune + [f"output_dir={out / 'finetune_full'}"], check_finetune("finetune_full")),
