@@ -60,17 +60,15 @@ def duplicate_groups(items: list[ManifestItem], embeddings: np.ndarray, threshol
             k = parent[k]
         return k
 
-    pairs = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items)) if sim[i, j] > threshold]
-    for i, j in pairs:
-        parent[root(i)] = root(j)
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            if sim[i, j] > threshold:
+                parent[root(i)] = root(j)
     members: dict[int, list[int]] = {}
-    for i, j in pairs:
-        members.setdefault(root(i), [])
     for k in range(len(items)):
-        if root(k) in members:
-            members[root(k)].append(k)
+        members.setdefault(root(k), []).append(k)
     groups = []
-    for ks in members.values():
+    for ks in (ks for ks in members.values() if len(ks) > 1):
         block = sim[np.ix_(ks, ks)]
         off = block[~np.eye(len(ks), dtype=bool)]
         groups.append({"ids": [items[k].id for k in ks], "max_sscd": round(float(off.max()), 4),
