@@ -27,6 +27,10 @@ from memtrain.core.text import TextEmbedding, TokenLayout, encode_prompts
 
 _REGISTRY: dict[str, type["Mitigation"]] = {}
 
+# What the attacker can touch (issue #12): `weights` (has the released weights and runs their own
+# sampler), `embedding` (feeds text embeddings through the deployed pipeline), `prompt` (types text).
+THREAT_MODELS = ("weights", "embedding", "prompt")
+
 
 def _canonical(name: str) -> str:
     return str(name).strip().lower().replace("-", "_")
@@ -85,6 +89,11 @@ class Mitigation:
 
     name: ClassVar[str] = ""
     changes: ClassVar[str] = ""  # one sentence: "text-embedding path: ..." / "U-Net weights: ..."
+    # True when it acts at generation time (text path, sampler, forward pass), not in the weights:
+    # an attacker holding the weights simply runs a sampler without it.
+    inference_time: ClassVar[bool] = False
+    # False for prompt-string transforms: an attacker feeding embeddings never passes through them.
+    sees_embeddings: ClassVar[bool] = True
 
     @classmethod
     def setting_names(cls) -> list[str]:
@@ -109,7 +118,26 @@ class Mitigation:
         mitigations return themselves."""
         return self
 
+    # threat models -----------------------------------------------------------------------------
+    def threat_model_reason(self, threat_model: str) -> str | None:
+        """Why `threat_model` does not apply to this mitigation, or None when it does."""
+        if threat_model not in THREAT_MODELS:
+            raise MemtrainError(f"unknown threat model '{threat_model}': choose one of {', '.join(THREAT_MODELS)}")
+        if threat_model == "embedding" and not self.sees_embeddings:
+            return (f"'{self.name}' rewrites the prompt string, which an attacker feeding text embeddings never "
+                    f"passes through: audit it under 'prompt' (or 'weights')")
+        return None
+
+    def bypassed_by(self, threat_model: str) -> bool:
+        """True when an attacker of this kind skips the mitigation for free (no attack needed)."""
+        return threat_model == "weights" and self.inference_time
+
     # text path ---------------------------------------------------------------------------------
+    def transform_prompts(self, prompts: list[str], tokenizer) -> list[str]:
+        """Rewrite prompt strings before `tokenizer` sees them (random-token insertion, ...);
+        identity by default. Deterministic per prompt, so a rewrite never depends on the batch."""
+        return list(prompts)
+
     def tokenizer(self, bundle):
         """The tokenizer prompts are encoded with."""
         return bundle.tokenizer
@@ -121,7 +149,9 @@ class Mitigation:
 
     def encode(self, bundle, prompts: list[str] | str) -> TextEmbedding:
         """Prompts -> the conditioning the mitigated model sees."""
-        raw = encode_prompts(bundle, prompts, tokenizer=self.tokenizer(bundle))
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        raw = encode_prompts(bundle, self.transform_prompts(prompts, self.tokenizer(bundle)),
+                             tokenizer=self.tokenizer(bundle))
         transformed = self.transform_embeddings(raw.embeddings, raw.layout)
         return TextEmbedding(embeddings=transformed, input_ids=raw.input_ids, layout=raw.layout)
 
@@ -142,6 +172,24 @@ class Mitigation:
         Extension point for mitigations acting inside the forward pass."""
         return None
 
+    def guidance_hook(self, bundle, settings) -> Callable | None:
+        """A per-step hook for `sample(hook=...)` (memtrain.core.sampling.GuidanceHook) that may
+        change the guidance scale per image and step; None keeps the sampler's. A fresh hook per
+        call: hooks may keep per-trajectory state."""
+        return None
+
+    def text_timesteps(self, num_train_timesteps: int) -> tuple[int, int] | None:
+        """The [lo, hi) training timesteps at which the mitigated sampler still uses the text
+        condition, when that is fixed in advance (the adaptive attack spends its budget there);
+        None when the text is used at every step or when it depends on the trajectory."""
+        return None
+
+    def sampling_kwargs(self, bundle, settings) -> dict:
+        """The keyword arguments of `sample` that make it the mitigated sampler: the null-branch
+        embedding, the U-Net call and the guidance hook. Every caller samples through this."""
+        return {"uncond": self.unconditional(bundle), "unet_forward": self.unet_forward(bundle),
+                "hook": self.guidance_hook(bundle, settings)}
+
     # reports and persistence -------------------------------------------------------------------
     def details(self) -> dict:
         """What prepare found (selected neurons, pruned fractions, ...); {} by default."""
@@ -149,7 +197,7 @@ class Mitigation:
 
     def describe(self) -> dict:
         return {"name": self.name, "changes": self.changes, "settings": self.settings(),
-                **self.details()}
+                "inference_time": self.inference_time, **self.details()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors (safetensors-compatible) holding what prepare computed."""

@@ -33,6 +33,7 @@ class PadEot(Mitigation):
     """Pad with '!' instead of <eot> and replace the <eot> embedding (paper 000 Sec. 4.2)."""
 
     name = "pad_eot"
+    inference_time = True
     changes = ("text-embedding path: prompts are padded with '!' instead of <eot>, and the "
                "<eot> embedding is replaced (zero vector or a '!' pad embedding)")
 
@@ -93,6 +94,7 @@ class PadMask(Mitigation):
     """Zero a fraction of the <pad> embeddings (paper 000 Sec. 4.2)."""
 
     name = "pad_mask"
+    inference_time = True
     changes = "text-embedding path: a fraction of the <pad> embeddings is set to zero vectors"
 
     fraction: float = 0.7

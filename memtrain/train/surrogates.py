@@ -50,8 +50,7 @@ def _generate_with_mitigation(bundle, spec: SurrogateSpec, prompts: list[str],
         m = mitigation.for_prompts([prompt])
         with applied(m, bundle):
             cond = m.encode(bundle, [prompt]).embeddings
-            images = sample(bundle, cond, seeds, settings, uncond=m.unconditional(bundle),
-                            unet_forward=m.unet_forward(bundle)).images
+            images = sample(bundle, cond, seeds, settings, **m.sampling_kwargs(bundle, settings)).images
         out.append(images[0])
     return torch.stack(out)
 

@@ -136,8 +136,7 @@ def _sampler(ctx: Context, mitigation: Mitigation | None = None):
     def run(prompts: list[str], seeds: list[int]):
         cond = prompts if mitigation is None else mitigation.encode(ctx.bundle, prompts)
         return sample(ctx.bundle, cond, seeds, ctx.settings,
-                      uncond=None if mitigation is None else mitigation.unconditional(ctx.bundle),
-                      unet_forward=None if mitigation is None else mitigation.unet_forward(ctx.bundle))
+                      **({} if mitigation is None else mitigation.sampling_kwargs(ctx.bundle, ctx.settings)))
 
     return run
 

@@ -88,8 +88,7 @@ def score(ctx: Context, chunk, cond: torch.Tensor, images, reference: np.ndarray
             ctx.bundle, cond[live], ctx.seeds, ctx.descriptor, ctx.settings,
             train_images=[images[k] for k in live],
             reference_embeddings=None if reference is None else reference[live],
-            uncond=None if mitigation is None else mitigation.unconditional(ctx.bundle),
-            unet_forward=None if mitigation is None else mitigation.unet_forward(ctx.bundle),
+            **({} if mitigation is None else mitigation.sampling_kwargs(ctx.bundle, ctx.settings)),
         )
         cos = None
         if ctx.scorer is not None:

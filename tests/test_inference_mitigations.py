@@ -1,0 +1,123 @@
+"""The sampler-side (paper 002, 003) and prompt-string (Somepalli et al.) mitigations on a tiny
+random SD1.x-shaped bundle: each changes only what it claims (guidance scale per step, or the
+prompt string), leaves weights and text path alone, and without it sampling is bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factories import tiny_bundle
+from memtrain.core.errors import MemtrainError
+from memtrain.core.sampling import SamplerSettings, sample
+from memtrain.core.text import encode_prompts
+from memtrain.core.tokenizer import build_clip_tokenizer
+from memtrain.mitigations import THREAT_MODELS, decomposition_delta, get_mitigation
+
+PROMPT = ["a photo of a cat"]
+SETTINGS = SamplerSettings(scheduler="ddim", guidance_scale=3.0, num_inference_steps=5)
+SAMPLER_SIDE = ["guidance_static", "guidance_dynamic", "guidance_opposite", "overestimation_switch"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tiny_bundle(None, tokenizer=build_clip_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def recorded(bundle, mitigation):
+    """Images with the mitigated sampler, and the (t, scale) the hook chose at each step."""
+    kwargs = mitigation.sampling_kwargs(bundle, SETTINGS)
+    seen, hook = [], kwargs["hook"]
+
+    def spy(step, t, x, eps_c, eps_u):
+        scale = hook(step, t, x, eps_c, eps_u)
+        seen.append((t, scale))
+        return scale
+
+    kwargs["hook"] = spy if hook is not None else None
+    return sample(bundle, mitigation.encode(bundle, PROMPT), [0, 1], SETTINGS, **kwargs).images, seen
+
+
+def test_no_mitigation_keeps_sampling_bit_identical(bundle):
+    none = get_mitigation("none")
+    plain = sample(bundle, PROMPT, [0, 1], SETTINGS).images
+    assert torch.equal(plain, sample(bundle, none.encode(bundle, PROMPT), [0, 1], SETTINGS,
+                                     **none.sampling_kwargs(bundle, SETTINGS)).images)
+
+
+@pytest.mark.parametrize("name", SAMPLER_SIDE)
+def test_sampler_side_changes_only_the_guidance(bundle, name):
+    m = get_mitigation(name)
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    assert torch.equal(m.encode(bundle, PROMPT).embeddings, encode_prompts(bundle, PROMPT).embeddings)
+    assert m.inference_time and m.bypassed_by("weights") and m.threat_model_reason("embedding") is None
+    images, seen = recorded(bundle, m)
+    assert all(torch.equal(v, bundle.unet.state_dict()[k]) for k, v in before.items())
+    assert len(seen) == SETTINGS.num_inference_steps
+    plain = sample(bundle, PROMPT, [0, 1], SETTINGS).images
+    changed = any(s is not None and not torch.all(torch.as_tensor(s) == SETTINGS.guidance_scale) for _, s in seen)
+    assert changed and not torch.equal(images, plain)  # it changed the scale somewhere, and that is visible
+    # a hook that keeps the sampler's scale everywhere reproduces the plain images exactly
+    keep = sample(bundle, PROMPT, [0, 1], SETTINGS, hook=lambda *a: None).images
+    assert torch.equal(keep, plain)
+
+
+def test_static_switches_at_the_transition_timestep(bundle):
+    _, seen = recorded(bundle, get_mitigation("guidance_static", transition_t=500))
+    assert [s for t, s in seen] == [0.0 if t > 500 else None for t, _ in seen]
+    assert get_mitigation("guidance_static").text_timesteps(1000) == (0, 501)
+    assert get_mitigation("guidance_static", transition_fraction=0.3).transition(1000) == 300
+    with pytest.raises(MemtrainError, match="transition_fraction"):
+        get_mitigation("guidance_static", transition_fraction=1.5)
+
+
+@pytest.mark.parametrize("name, before", [("guidance_dynamic", 0.0), ("guidance_opposite", -3.0)])
+def test_dynamic_switches_after_the_first_local_minimum(bundle, name, before):
+    """Alg. 1 of paper 003 on a synthetic d_t sequence 9, 4, 1, 2, 5, 0.5: the first local minimum
+    is d=1 (step 2), seen at step 3, so steps 0-2 use `before` and steps 3.. the full scale."""
+    hook = get_mitigation(name).guidance_hook(bundle, SETTINGS)
+    x = torch.zeros(1, 4, 2, 2)
+    scales = []
+    for step, d in enumerate([9.0, 4.0, 1.0, 2.0, 5.0, 0.5]):
+        eps_c = torch.zeros_like(x)
+        eps_c.view(-1)[0] = d ** 0.5
+        scales.append(float(hook(step, 999 - step, x, eps_c, torch.zeros_like(x))[0]))
+    assert scales == [before] * 3 + [3.0] * 3
+
+
+def test_decomposition_delta_is_exact_on_a_known_mixture():
+    torch.manual_seed(0)
+    x0, xT = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    abar = 0.36  # sqrt 0.6, sqrt(1 - abar) 0.8
+    x_t = 0.7 * x0 + 0.5 * xT
+    delta = decomposition_delta(x_t, x0, xT, abar)
+    assert torch.allclose(delta, torch.full((2,), (0.7 - 0.6) - (0.5 - 0.8)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rta", "rna"])
+def test_random_insertion_changes_only_the_prompt_string(bundle, name):
+    m = get_mitigation(name, count=3, seed=7)
+    rewritten = m.transform_prompts(PROMPT * 2 + ["two dogs"], bundle.tokenizer)
+    assert rewritten[0] == rewritten[1] != PROMPT[0]  # seeded per prompt, not per batch position
+    added = [w for w in rewritten[0].split() if w not in PROMPT[0].split()]
+    assert len(rewritten[0].split()) == len(PROMPT[0].split()) + 3 and added
+    if name == "rna":
+        assert all(w.isdigit() for w in added)
+    else:
+        vocab = bundle.tokenizer.get_vocab()
+        assert all(f"{w}</w>" in vocab for w in added)
+    assert torch.equal(m.encode(bundle, PROMPT).embeddings, encode_prompts(bundle, rewritten[:1]).embeddings)
+    assert m.sampling_kwargs(bundle, SETTINGS)["hook"] is None
+    assert "prompt string" in m.threat_model_reason("embedding") and m.threat_model_reason("prompt") is None
+    assert get_mitigation(name, seed=8).transform_prompts(PROMPT, bundle.tokenizer) != rewritten[:1]
+
+
+def test_threat_models_are_checked():
+    assert THREAT_MODELS == ("weights", "embedding", "prompt")
+    with pytest.raises(MemtrainError, match="choose one of weights, embedding, prompt"):
+        get_mitigation("nemo").threat_model_reason("api")
+    nemo = get_mitigation("nemo")
+    assert not nemo.bypassed_by("weights") and get_mitigation("pad_eot").bypassed_by("weights")
+    with pytest.raises(MemtrainError, match="count must be >= 1"):
+        get_mitigation("rta", count=0)
