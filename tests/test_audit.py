@@ -108,7 +108,8 @@ def tiny_testbed(tmp_path_factory) -> Path:
 
 def _config(root: Path, out: Path, mitigations: list[str], **kw) -> AuditConfig:
     base = dict(mitigations=mitigations, model=str(root / "model"), recipe=str(root / "recipe.yaml"),
-                output_dir=str(out), progress=False)  # the real SSCD (ONNX)
+                output_dir=str(out), progress=False,  # the real SSCD (ONNX)
+                threat_models=["embedding"])  # the plumbing tests; test_threat_models covers the others
     return AuditConfig(**{**base, **kw})
 
 
@@ -272,6 +273,39 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
         f"{m}{kind}_000.png" for m in ("none", "wanda", "nan_probe") for kind in ("", "_control"))
     assert doc["results"][0]["verdict"] == "baseline"
     assert not any(".partial-" in p.name for p in tmp_path.iterdir())
+
+
+def test_threat_models(tiny_testbed, tmp_path):
+    """The default audits each mitigation under every threat model that applies: weight edits face
+    the embedding attack under `weights`, inference-time fixes are `bypassed` (nothing computed),
+    prompt rewrites skip `embedding`; the prompt-space attack's strings and every attack's output
+    are exported; a named threat model that does not apply is a one-line error."""
+    out = tmp_path / "audit"
+    doc = _audit(_config(tiny_testbed, out, ["wanda", "rta", "guidance_static"], max_targets=2, threat_models=None))
+    rows = {(r["mitigation"], r["threat_model"]): r for r in doc["results"]}
+    assert set(rows) == {("wanda", t) for t in ("weights", "embedding", "prompt")} | {
+        ("rta", "weights"), ("rta", "prompt"), ("guidance_static", "weights"), ("guidance_static", "embedding"),
+        ("guidance_static", "prompt")}
+    assert rows[("rta", "weights")]["verdict"] == "bypassed" == rows[("guidance_static", "weights")]["verdict"]
+    assert "runs a sampler without" in rows[("rta", "weights")]["verdict_reason"]
+    weights, embedding = rows[("wanda", "weights")], rows[("wanda", "embedding")]
+    assert weights["mr_attack"] == embedding["mr_attack"] and weights["attack_space"] == "embedding"
+    assert rows[("guidance_static", "embedding")]["attack_variant"].startswith("adaptive: timesteps [0, 501)")
+    found = [it["found_prompt"] for it in rows[("rta", "prompt")]["per_item"]]
+    assert len(found) == 2 and all(isinstance(p, str) and p for p in found)
+    prompts = json.loads((out / "attacks" / "prompts.json").read_text())
+    assert list(prompts["rta [prompt]"]["attack"].values()) == found
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "attacks" / "wanda_attack.safetensors")
+    assert set(saved) == {"mem_astronaut", "mem_camera"} and saved["mem_astronaut"].shape[0] == 77
+    text = (out / "report.md").read_text()
+    assert "| rta [weights]: bypassed (sampled without it) |" in text and "rta [prompt] + attack" in text
+    with pytest.raises(MemtrainError, match="--threat_model embedding does not apply to --mitigation rta: "):
+        _audit(_config(tiny_testbed, tmp_path / "other", ["rta"], threat_models=["embedding"]))
+    with pytest.raises(MemtrainError, match="unknown --threat_model 'api': choose one of weights, embedding, prompt"):
+        _config(tiny_testbed, tmp_path / "other", ["rta"], threat_models=["api"])
+    assert not (tmp_path / "other").exists()
 
 
 def test_search_space_check(tiny_testbed, tmp_path):

@@ -4,9 +4,10 @@ possibly mitigated U-Net. Imports only the core layer."""
 from memtrain.attack.dori import (INITS, AttackConfig, AttackResult, DoriAttack, UNetForward, attack,
                                   attack_loop, attacked_condition, cat_layouts, diffusion_loss,
                                   initial_embeddings, project_l2, resolve_forward, slice_layout)
+from memtrain.attack.prompt_space import PromptAttack, word_token_ids
 
 __all__ = [
     "INITS", "AttackConfig", "AttackResult", "DoriAttack", "UNetForward", "attack", "attack_loop",
     "attacked_condition", "cat_layouts", "diffusion_loss", "initial_embeddings", "project_l2",
-    "resolve_forward", "slice_layout",
+    "resolve_forward", "slice_layout", "PromptAttack", "word_token_ids",
 ]

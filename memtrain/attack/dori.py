@@ -96,6 +96,7 @@ class AttackResult:
     layout: TokenLayout  # token layout of the init prompts (what mitigation transforms use)
     failed: list[int] = field(default_factory=list)  # targets stopped on a non-finite loss/grad
     reasons: dict[int, str] = field(default_factory=dict)  # target index -> why and when
+    prompts: list[str] | None = None  # the prompt-space attack's token strings (None: embedding attack)
 
     @property
     def final_loss(self) -> torch.Tensor:
@@ -205,8 +206,7 @@ class DoriAttack:
         self.t_range = self.config.timesteps(self.scheduler.config.num_train_timesteps)
         self.forward = resolve_forward(bundle, mitigation, unet_forward)
         self.generators = [generator(self.config.seed, i) for i in self.indices]
-        start, self.layout = initial_embeddings(bundle, init_prompts, self.config,
-                                                self.generators, mitigation)
+        start, self.layout = self.initial_state(list(init_prompts))
         self.latents = target_latents.detach().float().cpu()
         # Adam state stays in float32 even for half-precision models
         self.y = torch.nn.Parameter(start.to(self.device))
@@ -215,6 +215,10 @@ class DoriAttack:
         self.failed: list[int] = []
         self.reasons: dict[int, str] = {}
         self.trace: list[torch.Tensor] = []
+
+    def initial_state(self, init_prompts: list[str]) -> tuple[torch.Tensor, TokenLayout]:
+        """The optimized parameter's start (B, ...) and the token layout the mitigation sees."""
+        return initial_embeddings(self.bundle, init_prompts, self.config, self.generators, self.mitigation)
 
     def condition(self) -> torch.Tensor:
         """What the U-Net sees: the mitigation's transform of y_adv (differentiable)."""

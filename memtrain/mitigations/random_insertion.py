@@ -59,8 +59,10 @@ class _RandomInsertion(Mitigation):
 @functools.lru_cache(maxsize=4)
 def vocabulary_words(tokenizer) -> tuple[str, ...]:
     """Whole-word, letters-only entries of a CLIP BPE tokenizer's vocabulary, sorted."""
+    # ASCII only: byte-level BPE spells other bytes as letters like 'ð', which would pass isalpha
     words = tuple(sorted(token[: -len(END_OF_WORD)] for token in tokenizer.get_vocab()
-                   if token.endswith(END_OF_WORD) and token[: -len(END_OF_WORD)].isalpha()))
+                         if token.endswith(END_OF_WORD) and token[: -len(END_OF_WORD)].isascii()
+                         and token[: -len(END_OF_WORD)].isalpha()))
     if not words:
         raise MemtrainError("rta: the tokenizer's vocabulary has no whole-word entries to insert")
     return words

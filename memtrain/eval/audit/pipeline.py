@@ -28,6 +28,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -42,12 +43,12 @@ from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
 from memtrain.eval.audit.recipe import AuditConfig, AuditRecipe, build_mitigations, resolve_recipe
-from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, control_chunk, score, stage_figures,
-                                        target_chunk, unmitigated_chunk, _images, _max)
+from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, attack_config, control_chunk, score,
+                                        stage_figures, target_chunk, unmitigated_chunk, _images, _max)
 from memtrain.eval.audit.verdict import verdict, verdict_reason
 from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
 from memtrain.metrics import get_descriptor, not_computed
-from memtrain.mitigations import Mitigation, applied, search_space_ablation
+from memtrain.mitigations import THREAT_MODELS, Mitigation, applied, search_space_ablation
 
 ROLES = {"targets": ("memorized", "--manifest", True), "control": ("held_out", "--control_manifest", True),
          "reference": ("unique", "--reference_manifest", False), "utility": ("utility", "--utility_manifest", False)}
@@ -184,22 +185,43 @@ def _uses_per_prompt(ctx: Context, mitigation, targets: list[ManifestItem]) -> b
 
 
 
+def plan_threats(mitigation: Mitigation, requested: Sequence[str] | None) -> dict[str, str]:
+    """threat model -> how it is answered: "bypassed" (no compute) or the attack space
+    ("embedding", "prompt"). `requested` None: every threat model that applies; a named one that
+    does not apply is a MemtrainError saying why."""
+    plan = {}
+    for threat in requested or THREAT_MODELS:
+        reason = mitigation.threat_model_reason(threat)
+        if reason is not None:
+            if requested:
+                raise MemtrainError(f"--threat_model {threat} does not apply to --mitigation {mitigation.name}: {reason}")
+            continue
+        if mitigation.bypassed_by(threat):
+            plan[threat] = "bypassed"
+        else:  # with the weights, an attacker feeds embeddings to their own sampler on the edited weights
+            plan[threat] = "prompt" if threat == "prompt" else "embedding"
+    return plan
+
+
 def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, control_chunks,
-                   baseline: Baseline, checksum: str) -> MitigationRun:
-    """(b), (c), (d) and utility for one prepared mitigation; undone and verified afterwards."""
+                   baseline: Baseline, checksum: str, plan: dict[str, str]) -> list[MitigationRun]:
+    """(b), (c), (d) and utility for one prepared mitigation under each threat model of `plan`;
+    undone and verified afterwards. One run per threat model."""
     name = mitigation.name
+    spaces = [s for s in ("embedding", "prompt") if s in plan.values()]
+    if not spaces:
+        return [bypassed_run(mitigation, threat, baseline) for threat in plan]
     per_prompt = _uses_per_prompt(ctx, mitigation, inputs.targets)
-    local_prompt, local_attack, local_control = [], [], []
+    local = {key: [] for key in ["prompt"] + [f"{stage}.{s}" for s in spaces for stage in ("attack", "control")]}
+    tag = "" if spaces == ["embedding"] else "_" + "_".join(spaces)  # units of a plain audit keep their keys
 
     def targets_with(view_of, chunk, key: str) -> None:
         """(b) and (c) for one chunk as a unit of work; `view_of()` gives the mitigation to use."""
-        def compute():
-            p, a = target_chunk(ctx, view_of(), chunk, baseline.reference)
-            return {"prompt": p, "attack": a}
-
-        rows = ctx.journal.unit(f"{name}.{key}.{chunk[0][0]}", compute, encode_stages, stages_decoder(ItemScores))
-        local_prompt.extend(rows["prompt"])
-        local_attack.extend(rows["attack"])
+        rows = ctx.journal.unit(f"{name}.{key}{tag}.{chunk[0][0]}",
+                                lambda: target_chunk(ctx, view_of(), chunk, baseline.reference, spaces),
+                                encode_stages, stages_decoder(ItemScores))
+        for stage, part in rows.items():
+            local[stage].extend(part)
 
     def own_prompt(prompt: str):
         """The mitigation prepared for one prompt, applied (and undone) around that prompt's unit."""
@@ -207,13 +229,16 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
         stack.enter_context(applied(view, ctx.bundle))
         return view
 
-    ctx.log(f"audit: {name}: prompts, attack, control")
+    ctx.log(f"audit: {name}: prompts, attack ({', '.join(spaces)}), control")
     with applied(mitigation, ctx.bundle):  # for all prompts at once
         if not per_prompt:
             for chunk in target_chunks:
                 targets_with(lambda: mitigation, chunk, "targets")
-        for chunk in control_chunks:
-            local_control += chunk_unit(ctx, f"{name}.control", chunk, lambda c: control_chunk(ctx, mitigation, c))
+        for space in spaces:
+            key = f"{name}.control" + ("" if space == "embedding" else f".{space}")
+            for chunk in control_chunks:
+                local[f"control.{space}"] += chunk_unit(ctx, key, chunk,
+                                                        lambda c: control_chunk(ctx, mitigation, c, space))
         fid, kid, notes = utility(ctx, inputs, mitigation)
     if per_prompt:  # each target under only its own prompt's pruning (singleton chunks)
         for chunk in target_chunks:
@@ -221,16 +246,46 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
                 with contextlib.ExitStack() as stack:  # a finished unit is reused without pruning at all
                     targets_with(lambda: own_prompt(pair[1].prompt), [pair], "own_prompt")
     restored = verify_restored(ctx.bundle, checksum, name)
-    rows = {stage: dist.gather_in_order(local, ctx.accelerator)
-            for stage, local in (("prompt", local_prompt), ("attack", local_attack), ("control", local_control))}
-    result = assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
-    check = ctx.recipe.search_space_check
-    if check == "always" or (check == "ineffective" and result["verdict"] == "ineffective"):  # same on every rank
-        ablation = search_space_ablation(mitigation, ctx.bundle.unet)
-        if ablation is not None:
-            result["search_space_ablation"] = run_search_space_ablation(ctx, ablation, target_chunks, baseline,
-                                                                        checksum, name)
-    return MitigationRun(result, rows)
+    gathered = {stage: dist.gather_in_order(rows, ctx.accelerator) for stage, rows in local.items()}
+    runs, checked = [], False
+    for threat, space in plan.items():
+        if space == "bypassed":
+            runs.append(bypassed_run(mitigation, threat, baseline))
+            continue
+        rows = {"prompt": gathered["prompt"], "attack": gathered[f"attack.{space}"],
+                "control": gathered[f"control.{space}"]}
+        result = assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
+        result.update(threat_model=threat, label=result_label(name, threat), attack_space=space,
+                      attack_variant=attack_config(ctx, mitigation)[1])
+        check = ctx.recipe.search_space_check
+        if not checked and (check == "always" or (check == "ineffective" and result["verdict"] == "ineffective")):
+            ablation = search_space_ablation(mitigation, ctx.bundle.unet)  # same on every rank
+            checked = True
+            if ablation is not None:
+                result["search_space_ablation"] = run_search_space_ablation(ctx, ablation, target_chunks, baseline,
+                                                                            checksum, name)
+        runs.append(MitigationRun(result, rows))
+    return runs
+
+
+def result_label(name: str, threat: str) -> str:
+    """A result's name in tables and grids: the mitigation, with its threat model unless `embedding`
+    (today's attack, the label plain audits have always used)."""
+    return name if threat == "embedding" else f"{name} [{threat}]"
+
+
+def bypassed_run(mitigation: Mitigation, threat: str, baseline: Baseline) -> MitigationRun:
+    """An inference-time mitigation under `weights`: the attacker samples without it, so the images
+    come back exactly as from the unmitigated model. Nothing is computed."""
+    mr = baseline.figures["mr"]
+    reason = (f"an attacker with the released weights runs a sampler without '{mitigation.name}' (it acts at "
+              f"generation time, not in the weights): the memorized images replicate as unmitigated (MR "
+              f"{report.format_value(mr)})")
+    result = {"mitigation": mitigation.name, "threat_model": threat, "label": result_label(mitigation.name, threat),
+              "attack_space": None, "attack_variant": "none needed", "mr_unmitigated": mr, "mr_prompt": mr,
+              "mr_attack": mr, "mr_control": not_computed("no attack was run"), "verdict": "bypassed",
+              "verdict_reason": reason, "description": mitigation.describe(), "failed_targets": []}
+    return MitigationRun(result, {})
 
 
 def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: Baseline, checksum: str,
@@ -289,9 +344,11 @@ def assemble_result(ctx: Context, mitigation, rows: dict, baseline: Baseline, fi
         description=mitigation.describe(),
         weights_restored=True, weights_checksum=checksum,
         per_item=[{"id": u.id, "sscd_orig_unmitigated": _max(u), "sscd_orig_prompt": _max(p),
-                   "sscd_orig_attack": _max(a), "attack_failed": a.failed is not None}
+                   "sscd_orig_attack": _max(a), "attack_failed": a.failed is not None,
+                   **({"found_prompt": a.found_prompt} if a.found_prompt is not None else {})}
                   for u, p, a in zip(baseline.items, rows["prompt"], rows["attack"])],
-        control_items=[{"id": c.id, "sscd_orig_attack": _max(c), "attack_failed": c.failed is not None}
+        control_items=[{"id": c.id, "sscd_orig_attack": _max(c), "attack_failed": c.failed is not None,
+                        **({"found_prompt": c.found_prompt} if c.found_prompt is not None else {})}
                        for c in rows["control"]],
         failed_targets=failed,
     )
@@ -317,6 +374,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     defaults = defaults or ModelDefaults.plain(cfg.model)
     recipe, recipe_path = resolve_recipe(cfg, defaults)
     mitigations = build_mitigations(cfg.mitigations, recipe)  # unknown names fail here, listing the known
+    plans = {m.name: plan_threats(m, cfg.threat_models) for m in mitigations}  # before any model loads
     owns = accelerator is None
     accelerator = accelerator or dist.make_accelerator(cfg.report_to)
     inputs = resolve_inputs(cfg, defaults, recipe, recipe_path, accelerator)
@@ -333,7 +391,8 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
                   cfg.progress)
     checksum = weights_checksum(bundle)
     dist.run_checked(lambda: prepare_mitigations(ctx, mitigations, inputs), accelerator)
-    tracker_config = {**dataclasses.asdict(cfg), "mitigations": ",".join(cfg.mitigations)}
+    tracker_config = {**dataclasses.asdict(cfg), "mitigations": ",".join(cfg.mitigations),
+                      "threat_models": ",".join(cfg.threat_models or THREAT_MODELS)}
     with dist.OutputRun(accelerator, inputs.output_dir, cfg.overwrite, cfg.project, tracker_config,
                         trackers=owns) as out:  # a caller's accelerator brings its own trackers
         ctx.journal = WorkJournal(inputs.output_dir, fingerprint(cfg, recipe, inputs, checksum), cfg.resume,
@@ -341,8 +400,8 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
         target_chunks = dist.shard_chunks(inputs.targets, recipe.chunk_targets, accelerator)
         control_chunks = dist.shard_chunks(inputs.control, recipe.chunk_targets, accelerator)
         baseline = run_baseline(ctx, inputs, target_chunks)
-        runs = [run_mitigation(ctx, m, inputs, target_chunks, control_chunks, baseline, checksum)
-                for m in mitigations]
+        runs = [run for m in mitigations
+                for run in run_mitigation(ctx, m, inputs, target_chunks, control_chunks, baseline, checksum, plans[m.name])]
         notes = list(baseline.notes)
         if descriptor.name.startswith("standin"):
             notes.insert(0, f"copy descriptor is the stand-in '{descriptor.name}', NOT SSCD")
@@ -377,6 +436,7 @@ def _settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, ctx: Co
                   seconds: float) -> dict:
     return {
         "mitigations": list(cfg.mitigations), "manifests": inputs.manifests,
+        "threat_models": list(cfg.threat_models or THREAT_MODELS), "adaptive_attack": recipe.adaptive_attack,
         "n_targets": len(inputs.targets), "n_control": len(inputs.control),
         "n_reference_prompts": len(inputs.reference_prompts), "seeds": ctx.seeds, "threshold": recipe.threshold,
         "sampler": ctx.settings.to_dict(), "attack": dataclasses.asdict(ctx.attack),

@@ -19,7 +19,7 @@ from memtrain.core.manifest import read_manifest
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit.verdict import VerdictRule
 from memtrain.metrics import MR_THRESHOLD
-from memtrain.mitigations import Mitigation, get_mitigation, mitigation_class
+from memtrain.mitigations import THREAT_MODELS, Mitigation, available_mitigations, get_mitigation, mitigation_class
 
 REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 MODEL_RECIPE = "audit_sd14.yaml"  # a checkpoint that brings no recipe of its own: paper 004's defaults
@@ -43,6 +43,9 @@ class AuditRecipe:
     # verdict), "always" or "never".
     search_space_check: str = "ineffective"
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # Against a mitigation that uses the text only at known timesteps (guidance_static), spend the
+    # attack's budget on those timesteps (the adaptive variant); reports say which variant ran.
+    adaptive_attack: bool = True
     sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
     mitigations: dict = field(default_factory=dict)  # name -> that mitigation's typed settings
     verdict: VerdictRule = field(default_factory=VerdictRule)
@@ -91,7 +94,9 @@ class AuditConfig:
     """What the command line sets; the per-model settings are in the recipe."""
 
     mitigations: list[str] = option(dataclasses.MISSING, "mitigations to audit (none, nemo, wanda, pad_eot, "
-                                    "pad_mask, ...)", "--mitigation")
+                                    "pad_mask, guidance_static, rta, ..., or all)", "--mitigation")
+    threat_models: list[str] | None = option(None, "weights, embedding, prompt (default: every one that applies "
+                                                   "to each mitigation)", "--threat_model")
     model: str | None = option(None, "diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
     lora: str | None = option(None, "U-Net LoRA weights to fuse into --model first (adv_finetune's output_dir/model "
                                     "of a finetune: lora run)")
@@ -119,6 +124,9 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if not self.mitigations:
             raise MemtrainError("name at least one mitigation (--mitigation none nemo ...)")
+        for threat in self.threat_models or ():
+            if threat not in THREAT_MODELS:
+                raise MemtrainError(f"unknown --threat_model '{threat}': choose one of {', '.join(THREAT_MODELS)}")
         if self.report_to not in (None, "none", "wandb", "tensorboard"):
             raise MemtrainError(f"--report_to must be wandb, tensorboard or none, got '{self.report_to}'")
         for key in ("seeds", "max_targets", "attack_steps"):
@@ -150,7 +158,10 @@ def resolve_recipe(cfg: AuditConfig, defaults: ModelDefaults) -> tuple[AuditReci
 
 
 def build_mitigations(names: Sequence[str], recipe: AuditRecipe) -> list[Mitigation]:
-    """Fresh mitigations with the recipe's settings; an unknown or repeated name is an error."""
+    """Fresh mitigations with the recipe's settings ("all": every registered one, `none` first);
+    an unknown or repeated name is an error."""
+    if any(str(n).lower() == "all" for n in names):
+        names = ["none"] + [n for n in available_mitigations() if n != "none"]
     seen, out = set(), []
     for name in names:
         m = recipe.mitigation(name)

@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from memtrain.core import report
 from memtrain.core.files import write_json
@@ -46,13 +49,16 @@ TABLE_COLUMNS = ["setting", "n", "MR", "SSCD_Orig median", "SSCD_Orig mean ± st
 def table_rows(results: Sequence[dict]) -> list[dict]:
     """Paper 004 Table 1's layout: no mitigation, then per mitigation its prompts, + attack and the
     control + attack rows (FID/KID belong to the model, so only the prompt rows carry them)."""
-    if not results:
+    if not results or not any("unmitigated" in r for r in results):
         return []
-    base = results[0]
+    base = next(r for r in results if "unmitigated" in r)
     rows = [table_row("no mitigation (prompts)", base["unmitigated"], base["utility"]["fid_unmitigated"],
                       base["utility"]["kid_unmitigated"], sscd_gen=False)]
     for r in results:
-        name = r["mitigation"]
+        name = r["label"]
+        if r["verdict"] == "bypassed":
+            rows.append(table_row(f"{name}: bypassed (sampled without it)", base["unmitigated"], sscd_gen=False))
+            continue
         rows += [table_row(f"{name} (prompts)", r["prompt"], r["utility"]["fid"], r["utility"]["kid"]),
                  table_row(f"{name} + attack", r["attack"]),
                  table_row(f"control: held-out + attack ({name})", r["control"], sscd_gen=False)]
@@ -61,14 +67,22 @@ def table_rows(results: Sequence[dict]) -> list[dict]:
 
 def findings(results: Sequence[dict], rule: VerdictRule) -> str:
     """A paragraph generated from the figures: what happened, mitigation by mitigation."""
-    if not results:
-        return ""
-    base = results[0]["unmitigated"]
+    computed = [r for r in results if "unmitigated" in r]
+    if not computed:
+        return " ".join(f"`{r['label']}` ({r['verdict']}): {r['verdict_reason']}." for r in results)
+    base = computed[0]["unmitigated"]
     fmt = report.format_value
     parts = [f"Without mitigation the model replicates at MR {fmt(base['mr'])} on its {base['n']} memorized "
              f"prompts (median SSCD_Orig {fmt(base.get('sscd_orig_median'))})."]
     for r in results:
-        sentence = f"`{r['mitigation']}` ({r['verdict']}): {r['verdict_reason']}."
+        sentence = f"`{r['label']}` ({r['verdict']}): {r['verdict_reason']}."
+        if r["verdict"] == "bypassed":
+            parts.append(sentence)
+            continue
+        if r.get("attack_space") == "prompt":
+            sentence += f" Attack: hard prompts ({r['attack_variant']})."
+        elif r.get("attack_variant", "").startswith("adaptive"):
+            sentence += f" Attack: {r['attack_variant']}."
         if "search_space_ablation" in r:
             sentence += f" Search-space check: {r['search_space_ablation']['reading']}."
         fid, fid0 = r["utility"]["fid"], r["utility"]["fid_unmitigated"]
@@ -95,6 +109,12 @@ def _describe_rows(description: dict, limit: int = 300) -> dict:
     return rows
 
 
+def grid_prefix(result: dict) -> str:
+    """File-name prefix of a result's grids: the mitigation, then its threat model unless `embedding`."""
+    threat = result.get("threat_model", "embedding")
+    return result["mitigation"] if threat == "embedding" else f"{result['mitigation']}_{threat}"
+
+
 def write_grids(folder: Path, inputs, baseline_items: Sequence, runs: Sequence, cell: int) -> dict:
     """Per mitigation: training image | no mitigation | mitigated prompt | mitigated + attack;
     and the control: held-out image | attack. Generations shown: the seed with max SSCD_Orig."""
@@ -102,16 +122,18 @@ def write_grids(folder: Path, inputs, baseline_items: Sequence, runs: Sequence, 
     base = {r.index: r.thumb for r in baseline_items}
     for run in runs:
         r, rows = run.result, run.rows
+        if not rows:  # bypassed: nothing was generated
+            continue
         shown = [(p, a) for p, a in zip(rows["prompt"], rows["attack"]) if p.index in base and base[p.index] is not None]
         if shown:
             cells = [[load_image(inputs.targets[p.index]), base[p.index], p.thumb, a.thumb] for p, a in shown]
-            grids[r["mitigation"]] = report.save_grids(folder, cells, [p.id for p, _ in shown], cell=cell,
-                                                       prefix=r["mitigation"])
+            grids[r["label"]] = report.save_grids(folder, cells, [p.id for p, _ in shown], cell=cell,
+                                                  prefix=grid_prefix(r))
         control = [c for c in rows["control"] if c.thumb is not None]
         if control:
             cells = [[load_image(inputs.control[c.index]), c.thumb] for c in control]
-            grids[f"{r['mitigation']} control"] = report.save_grids(folder, cells, [c.id for c in control], cell=cell,
-                                                                    prefix=f"{r['mitigation']}_control")
+            grids[f"{r['label']} control"] = report.save_grids(folder, cells, [c.id for c in control], cell=cell,
+                                                               prefix=f"{grid_prefix(r)}_control")
     return grids
 
 
@@ -140,24 +162,30 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
                  "(attack rows: against the target's prompt). FID/KID: one generation per utility prompt vs the "
                  "utility images.")
     md.heading("Verdicts")
-    md.table([{k: r[k] for k in ("mitigation", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict")}
+    md.table([{"mitigation": r["mitigation"], "threat model": r["threat_model"], "attack": r["attack_variant"],
+               **{k: r[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict")}}
               for r in results])
+    md.paragraph("Threat models: `weights` (the attacker has the released weights and runs their own sampler: an "
+                 "inference-time mitigation is `bypassed`, a weight edit faces the embedding attack), `embedding` "
+                 "(adversarial text embeddings fed through the deployed pipeline), `prompt` (hard prompts: token "
+                 "strings that go through the whole pipeline, prompt rewrites included).")
     md.paragraph(f"Rule (first match): `none` is the `baseline`; `inconclusive` if the unmitigated MR is not above "
                  f"the control MR + {rule.control_margin}; `removes` if MR under attack <= control MR + "
                  f"{rule.control_margin}; `conceals` if the prompt MR <= {rule.concealed_mr} or <= "
                  f"{rule.clearly_below} x the unmitigated MR while the attack beats the control; else `ineffective`.")
     md.heading("Findings").paragraph(findings(results, rule))
-    notes = s["notes"] + [n for r in results for n in r["utility"]["notes"]]
+    notes = s["notes"] + [n for r in results if "utility" in r for n in r["utility"]["notes"]]
     md.bullets(dict.fromkeys(notes))  # each note once, in order
     failed = [{"mitigation": r["mitigation"], **f} for r in results for f in r["failed_targets"]]
     if failed:
         md.heading("Failed targets").table(failed, ["mitigation", "id", "stage", "reason"])
     md.heading("Mitigations")
     for r in results:
-        md.heading(f"{r['mitigation']}", level=3)
+        md.heading(f"{r['label']}", level=3)
         check = r.get("search_space_ablation")
-        md.key_values({**_describe_rows(r["description"]), "pruning scope": r["pruning"],
-                       "weights restored after undo": r["weights_restored"],
+        md.key_values({**_describe_rows(r["description"]), "threat model": r["threat_model"],
+                       "attack": r["attack_variant"], "pruning scope": r.get("pruning", "n/a"),
+                       "weights restored after undo": r.get("weights_restored", "n/a (nothing applied)"),
                        **({"prompt MR with its whole search space zeroed": check["mr"]} if check else {})})
     if grids:
         md.heading("Grids")
@@ -171,21 +199,47 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
 
 def tracker_figures(results: Sequence[dict]) -> dict:
     """The scalar figures logged to trackers, per mitigation and stage."""
-    figures = {"unmitigated": results[0]["unmitigated"]} if results else {}
+    computed = [r for r in results if "unmitigated" in r]
+    figures = {"unmitigated": computed[0]["unmitigated"]} if computed else {}
     for r in results:
-        figures[r["mitigation"]] = {k: r[k] for k in ("prompt", "attack", "control")}
-        figures[r["mitigation"]]["verdict_index"] = VERDICTS.index(r["verdict"])
+        key = r["mitigation"] if r["threat_model"] == "embedding" else f"{r['mitigation']}/{r['threat_model']}"
+        figures[key] = {k: r[k] for k in ("prompt", "attack", "control") if k in r}
+        figures[key]["verdict_index"] = VERDICTS.index(r["verdict"])
     return figures
+
+
+def write_attacks(folder: Path, runs: Sequence) -> None:
+    """attacks/<mitigation>[_<threat>]_{attack,control}.safetensors: every attack's output (L, D)
+    keyed by input id, so a user can re-run or share it; attacks/prompts.json: the hard prompts."""
+    prompts: dict = {}
+    for run in runs:
+        for stage in ("attack", "control"):
+            rows = [r for r in run.rows.get(stage, []) if r.adv_embedding is not None]
+            if not rows:
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            r = run.result
+            save_file({row.id: torch.from_numpy(np.ascontiguousarray(row.adv_embedding)) for row in rows},
+                      str(folder / f"{grid_prefix(r)}_{stage}.safetensors"),
+                      metadata={"mitigation": r["mitigation"], "threat_model": r["threat_model"],
+                                "attack_space": str(r["attack_space"]), "stage": stage,
+                                "what": "text-encoder states (L, D) the attack found, before the mitigation's text path"})
+            found = {row.id: row.found_prompt for row in rows if row.found_prompt is not None}
+            if found:
+                prompts.setdefault(r["label"], {})[stage] = found
+    if prompts:
+        write_json(folder / "prompts.json", prompts)
 
 
 def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, runs: Sequence,
                   recipe, accelerator) -> None:
-    """report.json, report.md, grids/ into the (staged) folder; figures and grids to the trackers."""
+    """report.json, report.md, grids/, attacks/ into the (staged) folder; figures and grids to the trackers."""
     grids = write_grids(folder / "grids", inputs, baseline_items, runs, recipe.grid_cell)
+    write_attacks(folder / "attacks", runs)
     clean = doc["results"]
     write_json(folder / "report.json", doc)
     markdown(doc, grids, folder, recipe.verdict).write(folder / "report.md")
-    columns = ["mitigation", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict"]
+    columns = ["mitigation", "threat_model", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict"]
     # one key per grid kind: a tracker shows a list of images only if they share a size
     images = {f"grids/{label.replace(' ', '_')}": [Image.open(p).convert("RGB") for p, _ in written]
               for label, written in grids.items()}
@@ -199,7 +253,7 @@ def summary(doc: dict) -> str:
     lines = [f"audited {doc['settings']['n_targets']} targets x {len(doc['settings']['seeds'])} seeds on "
              f"{doc['num_processes']} process(es) with {doc['metric_backend']}"]
     for r in doc["results"]:
-        lines.append(f"  {r['mitigation']:<10} MR unmitigated={fmt(r['mr_unmitigated'])} prompt={fmt(r['mr_prompt'])} "
+        lines.append(f"  {r['label']:<22} MR unmitigated={fmt(r['mr_unmitigated'])} prompt={fmt(r['mr_prompt'])} "
                      f"attack={fmt(r['mr_attack'])} control={fmt(r['mr_control'])} -> {r['verdict']}")
         if "search_space_ablation" in r:
             check = r["search_space_ablation"]

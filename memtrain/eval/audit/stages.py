@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from memtrain.attack import AttackConfig, DoriAttack, attacked_condition
+import dataclasses
+
+from memtrain.attack import AttackConfig, DoriAttack, PromptAttack, attacked_condition
 from memtrain.core import report
 from memtrain.core import run as dist
 from memtrain.core.diffusion import images_to_latents
@@ -42,6 +44,8 @@ class ItemScores:
     a_clip: np.ndarray | None = None  # (S,) cosine of each generation with the input's prompt
     thumb: np.ndarray | None = None  # uint8 HWC: the best-SSCD_Orig generation (grid rows only)
     failed: str | None = None  # the attack stopped on this input (non-finite loss); not scored
+    found_prompt: str | None = None  # the prompt-space attack's string (attack rows)
+    adv_embedding: np.ndarray | None = None  # the attack's (L, D) output, exported with the report
 
 
 @dataclass
@@ -107,10 +111,45 @@ def score(ctx: Context, chunk, cond: torch.Tensor, images, reference: np.ndarray
     return [(chunk[k][0], out[k]) for k in range(len(chunk))]
 
 
-def _attack(ctx: Context, chunk, latents: torch.Tensor, mitigation, stream_offset: int = 0):
+def attack_config(ctx: Context, mitigation) -> tuple[AttackConfig, str]:
+    """The attack's settings against `mitigation` and which variant they are: the adaptive variant
+    spends its budget only on the timesteps where the mitigated sampler still uses the text."""
+    config = ctx.attack
+    window = None if mitigation is None else mitigation.text_timesteps(
+        ctx.bundle.scheduler.config.num_train_timesteps)
+    if window is None or not ctx.recipe.adaptive_attack:
+        return config, "standard: all timesteps"
+    lo, hi = config.timesteps(ctx.bundle.scheduler.config.num_train_timesteps)
+    lo, hi = max(lo, window[0]), min(hi, window[1])
+    if lo >= hi:
+        return config, "standard: all timesteps (the text window misses the attack's range)"
+    return dataclasses.replace(config, timestep_range=(lo, hi)), f"adaptive: timesteps [{lo}, {hi})"
+
+
+def _attack(ctx: Context, chunk, latents: torch.Tensor, mitigation, stream_offset: int = 0, space: str = "embedding"):
     indices = [stream_offset + i for i, _ in chunk]  # global: results do not depend on world size
-    return DoriAttack(ctx.bundle, latents, [it.prompt for _, it in chunk], ctx.attack,
-                      mitigation=mitigation, indices=indices).run()
+    cls = PromptAttack if space == "prompt" else DoriAttack
+    return cls(ctx.bundle, latents, [it.prompt for _, it in chunk], attack_config(ctx, mitigation)[0],
+               mitigation=mitigation, indices=indices).run()
+
+
+def _attacked(ctx: Context, result, mitigation) -> torch.Tensor:
+    """What the deployed pipeline samples from: an embedding through the mitigation's text path,
+    or a found prompt string through the whole of it (prompt rewrites included)."""
+    if result.prompts is not None:
+        m = mitigation
+        return (m.encode(ctx.bundle, result.prompts) if m is not None else encode_prompts(ctx.bundle, result.prompts)).embeddings
+    return attacked_condition(result, mitigation)
+
+
+def _with_attack(rows, result) -> list:
+    """Attack rows with the found prompt and the adversarial embedding attached (for export)."""
+    out = []
+    for k, (index, row) in enumerate(rows):
+        row.adv_embedding = result.embeddings[k].numpy()
+        row.found_prompt = None if result.prompts is None else result.prompts[k]
+        out.append((index, row))
+    return out
 
 
 def _images(chunk) -> list:
@@ -123,24 +162,26 @@ def unmitigated_chunk(ctx: Context, chunk) -> list[tuple[int, ItemScores]]:
     return score(ctx, chunk, cond, _images(chunk))
 
 
-def target_chunk(ctx: Context, mitigation, chunk, reference: dict[int, np.ndarray]):
-    """(b) and (c) for one chunk with `mitigation` in place: prompt rows, attack rows."""
+def target_chunk(ctx: Context, mitigation, chunk, reference: dict[int, np.ndarray], spaces=("embedding",)):
+    """(b) and (c) for one chunk with `mitigation` in place: {"prompt": rows, "attack.<space>": rows}
+    for each attack space (embedding, prompt)."""
     images = _images(chunk)
     ref = np.stack([reference[i] for i, _ in chunk])
     cond = mitigation.encode(ctx.bundle, [it.prompt for _, it in chunk]).embeddings
-    prompt_rows = score(ctx, chunk, cond, images, ref, mitigation)
-    result = _attack(ctx, chunk, _latents(ctx, "target", chunk, images), mitigation)
-    attack_rows = score(ctx, chunk, attacked_condition(result, mitigation), images, ref, mitigation,
-                        failed=result.reasons)
-    return prompt_rows, attack_rows
+    rows = {"prompt": score(ctx, chunk, cond, images, ref, mitigation)}
+    for space in spaces:
+        result = _attack(ctx, chunk, _latents(ctx, "target", chunk, images), mitigation, space=space)
+        scored = score(ctx, chunk, _attacked(ctx, result, mitigation), images, ref, mitigation, failed=result.reasons)
+        rows[f"attack.{space}"] = _with_attack(scored, result)
+    return rows
 
 
-def control_chunk(ctx: Context, mitigation, chunk) -> list[tuple[int, ItemScores]]:
+def control_chunk(ctx: Context, mitigation, chunk, space: str = "embedding") -> list[tuple[int, ItemScores]]:
     """(d): the same attack on held-out images, scored against them."""
     images = _images(chunk)
-    result = _attack(ctx, chunk, _latents(ctx, "control", chunk, images), mitigation, CONTROL_STREAM)
-    return score(ctx, chunk, attacked_condition(result, mitigation), images, None, mitigation,
-                 failed=result.reasons)
+    result = _attack(ctx, chunk, _latents(ctx, "control", chunk, images), mitigation, CONTROL_STREAM, space)
+    return _with_attack(score(ctx, chunk, _attacked(ctx, result, mitigation), images, None, mitigation,
+                              failed=result.reasons), result)
 
 
 def stage_figures(items: Sequence[ItemScores], ctx: Context) -> dict:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from memtrain.core.report import format_value
 
-VERDICTS = ("baseline", "removes", "conceals", "ineffective", "inconclusive")
+VERDICTS = ("baseline", "removes", "conceals", "ineffective", "inconclusive", "bypassed")
 @dataclass(frozen=True)
 class VerdictRule:
     """The documented constants of the verdict (all memorization rates, 0..1)."""
