@@ -127,7 +127,7 @@ def _run_script(args: list[str], launcher: list[str] | None = None, env: dict | 
 
 def _script_args(root: Path, out: Path, *mitigations: str) -> list[str]:
     return ["--mitigation", *mitigations, "--model", str(root / "model"), "--recipe", str(root / "recipe.yaml"),
-            "--output_dir", str(out), "--no_progress"]
+            "--output_dir", str(out), "--no_progress", "--threat_model", "embedding"]
 
 
 # ----------------------------------------------------------------------------- verdict

@@ -131,7 +131,9 @@ def full_audit(trainer, model_dir: Path) -> dict | None:
                                            "set audit.heldout_manifest")}
     lora = r.train.finetune == "lora"  # model_dir then holds only the LoRA weights: fuse them into the base
     config = AuditConfig(
-        mitigations=["none"], model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
+        # the embedding attack: what an attacker holding the fine-tuned weights runs
+        mitigations=["none"], threat_models=["embedding"],
+        model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
         manifest=r.memorized_manifest,
         control_manifest=str(control), output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
         recipe=a.full_recipe, max_targets=a.full_max_targets,

@@ -28,7 +28,6 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -37,14 +36,15 @@ from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_bundle, weights_checksum
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import (WorkJournal, check_fresh_start, decoder, encode_records, encode_stages,
-                                   file_digests, json_unit, stages_decoder)
+                                   json_unit, stages_decoder)
 from memtrain.core.manifest import ManifestItem, read_manifest
 from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
-from memtrain.eval.audit.recipe import AuditConfig, AuditRecipe, build_mitigations, resolve_recipe
+from memtrain.eval.audit.recipe import AuditConfig, AuditRecipe, build_mitigations, fingerprint, resolve_recipe
 from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, attack_config, control_chunk, score,
                                         stage_figures, target_chunk, unmitigated_chunk, _images, _max)
+from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
 from memtrain.eval.audit.verdict import verdict, verdict_reason
 from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
 from memtrain.metrics import get_descriptor, not_computed
@@ -185,24 +185,6 @@ def _uses_per_prompt(ctx: Context, mitigation, targets: list[ManifestItem]) -> b
 
 
 
-def plan_threats(mitigation: Mitigation, requested: Sequence[str] | None) -> dict[str, str]:
-    """threat model -> how it is answered: "bypassed" (no compute) or the attack space
-    ("embedding", "prompt"). `requested` None: every threat model that applies; a named one that
-    does not apply is a MemtrainError saying why."""
-    plan = {}
-    for threat in requested or THREAT_MODELS:
-        reason = mitigation.threat_model_reason(threat)
-        if reason is not None:
-            if requested:
-                raise MemtrainError(f"--threat_model {threat} does not apply to --mitigation {mitigation.name}: {reason}")
-            continue
-        if mitigation.bypassed_by(threat):
-            plan[threat] = "bypassed"
-        else:  # with the weights, an attacker feeds embeddings to their own sampler on the edited weights
-            plan[threat] = "prompt" if threat == "prompt" else "embedding"
-    return plan
-
-
 def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, control_chunks,
                    baseline: Baseline, checksum: str, plan: dict[str, str]) -> list[MitigationRun]:
     """(b), (c), (d) and utility for one prepared mitigation under each threat model of `plan`;
@@ -210,7 +192,7 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
     name = mitigation.name
     spaces = [s for s in ("embedding", "prompt") if s in plan.values()]
     if not spaces:
-        return [bypassed_run(mitigation, threat, baseline) for threat in plan]
+        return [MitigationRun(bypassed_result(mitigation, threat, baseline.figures["mr"]), {}) for threat in plan]
     per_prompt = _uses_per_prompt(ctx, mitigation, inputs.targets)
     local = {key: [] for key in ["prompt"] + [f"{stage}.{s}" for s in spaces for stage in ("attack", "control")]}
     tag = "" if spaces == ["embedding"] else "_" + "_".join(spaces)  # units of a plain audit keep their keys
@@ -250,7 +232,7 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
     runs, checked = [], False
     for threat, space in plan.items():
         if space == "bypassed":
-            runs.append(bypassed_run(mitigation, threat, baseline))
+            runs.append(MitigationRun(bypassed_result(mitigation, threat, baseline.figures["mr"]), {}))
             continue
         rows = {"prompt": gathered["prompt"], "attack": gathered[f"attack.{space}"],
                 "control": gathered[f"control.{space}"]}
@@ -266,26 +248,6 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
                                                                             checksum, name)
         runs.append(MitigationRun(result, rows))
     return runs
-
-
-def result_label(name: str, threat: str) -> str:
-    """A result's name in tables and grids: the mitigation, with its threat model unless `embedding`
-    (today's attack, the label plain audits have always used)."""
-    return name if threat == "embedding" else f"{name} [{threat}]"
-
-
-def bypassed_run(mitigation: Mitigation, threat: str, baseline: Baseline) -> MitigationRun:
-    """An inference-time mitigation under `weights`: the attacker samples without it, so the images
-    come back exactly as from the unmitigated model. Nothing is computed."""
-    mr = baseline.figures["mr"]
-    reason = (f"an attacker with the released weights runs a sampler without '{mitigation.name}' (it acts at "
-              f"generation time, not in the weights): the memorized images replicate as unmitigated (MR "
-              f"{report.format_value(mr)})")
-    result = {"mitigation": mitigation.name, "threat_model": threat, "label": result_label(mitigation.name, threat),
-              "attack_space": None, "attack_variant": "none needed", "mr_unmitigated": mr, "mr_prompt": mr,
-              "mr_attack": mr, "mr_control": not_computed("no attack was run"), "verdict": "bypassed",
-              "verdict_reason": reason, "description": mitigation.describe(), "failed_targets": []}
-    return MitigationRun(result, {})
 
 
 def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: Baseline, checksum: str,
@@ -420,16 +382,6 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     if owns:
         accelerator.end_training()
     return doc
-
-
-def fingerprint(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, checksum: str) -> dict:
-    """What a resumed audit must share with the interrupted one: the command line (but how it is
-    run and shown), the recipe, the model's weights and the bytes of every manifest and image."""
-    run_only = ("resume", "overwrite", "progress", "report_to", "project")
-    images = [it.image for it in inputs.targets + inputs.control]
-    return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
-            "recipe": dataclasses.asdict(recipe), "weights": checksum,
-            "manifests": file_digests(list(inputs.manifests.values())), "images": file_digests(images)}
 
 
 def _settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, ctx: Context, notes: list[str],

@@ -14,7 +14,7 @@ from memtrain.core.cli import option
 from memtrain.core.config import apply_overrides, build, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
-from memtrain.core.journal import check_fresh_start
+from memtrain.core.journal import check_fresh_start, file_digests
 from memtrain.core.manifest import read_manifest
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit.verdict import VerdictRule
@@ -170,3 +170,13 @@ def build_mitigations(names: Sequence[str], recipe: AuditRecipe) -> list[Mitigat
         seen.add(m.name)
         out.append(m)
     return out
+
+
+def fingerprint(cfg: AuditConfig, recipe: AuditRecipe, inputs, checksum: str) -> dict:
+    """What a resumed audit must share with the interrupted one: the command line (but how it is
+    run and shown), the recipe, the model's weights and the bytes of every manifest and image."""
+    run_only = ("resume", "overwrite", "progress", "report_to", "project")
+    images = [it.image for it in inputs.targets + inputs.control]
+    return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
+            "recipe": dataclasses.asdict(recipe), "weights": checksum,
+            "manifests": file_digests(list(inputs.manifests.values())), "images": file_digests(images)}
