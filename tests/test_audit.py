@@ -281,7 +281,10 @@ def test_threat_models(tiny_testbed, tmp_path):
     prompt rewrites skip `embedding`; the prompt-space attack's strings and every attack's output
     are exported; a named threat model that does not apply is a one-line error."""
     out = tmp_path / "audit"
-    doc = _audit(_config(tiny_testbed, out, ["wanda", "rta", "guidance_static"], max_targets=2, threat_models=None))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY_RECIPE + "robustness_budgets: [1, 5]\n")  # 5 >= the 2 attack steps: the full attack
+    doc = _audit(_config(tiny_testbed, out, ["wanda", "rta", "guidance_static"], max_targets=2, threat_models=None,
+                         recipe=str(recipe)))
     rows = {(r["mitigation"], r["threat_model"]): r for r in doc["results"]}
     assert set(rows) == {("wanda", t) for t in ("weights", "embedding", "prompt")} | {
         ("rta", "weights"), ("rta", "prompt"), ("guidance_static", "weights"), ("guidance_static", "embedding"),
@@ -301,8 +304,17 @@ def test_threat_models(tiny_testbed, tmp_path):
     assert set(saved) == {"mem_astronaut", "mem_camera"} and saved["mem_astronaut"].shape[0] == 77
     text = (out / "report.md").read_text()
     assert "| rta [weights]: bypassed (sampled without it) |" in text and "rta [prompt] + attack" in text
+    curve = rows[("rta", "prompt")]["robustness"]
+    assert curve["budgets"] == [1, 2] and curve["mr_attack"][-1] == rows[("rta", "prompt")]["mr_attack"]
+    assert all(0.0 <= v <= 1.0 for v in curve["mr_attack"] + curve["mr_control"])
+    assert "robustness" not in rows[("rta", "weights")]  # bypassed: nothing attacked
+    assert (out / "robustness.png").is_file() and "![robustness](robustness.png)" in text
     with pytest.raises(MemtrainError, match="--threat_model embedding does not apply to --mitigation rta: "):
         _audit(_config(tiny_testbed, tmp_path / "other", ["rta"], threat_models=["embedding"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_RECIPE + "robustness_budgets: [0, 5]\n")
+    with pytest.raises(MemtrainError, match="every attack budget must be an integer >= 1, got 0"):
+        _audit(_config(tiny_testbed, tmp_path / "other", ["rta"], recipe=str(bad)))
     with pytest.raises(MemtrainError, match="unknown --threat_model 'api': choose one of weights, embedding, prompt"):
         _config(tiny_testbed, tmp_path / "other", ["rta"], threat_models=["api"])
     assert not (tmp_path / "other").exists()

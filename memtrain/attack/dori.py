@@ -97,6 +97,7 @@ class AttackResult:
     failed: list[int] = field(default_factory=list)  # targets stopped on a non-finite loss/grad
     reasons: dict[int, str] = field(default_factory=dict)  # target index -> why and when
     prompts: list[str] | None = None  # the prompt-space attack's token strings (None: embedding attack)
+    snapshots: dict[int, "AttackResult"] = field(default_factory=dict)  # budget (steps) -> the result then
 
     @property
     def final_loss(self) -> torch.Tensor:
@@ -305,11 +306,19 @@ class DoriAttack:
             layout=self.layout, failed=sorted(self.failed), reasons=dict(self.reasons),
         )
 
-    def run(self) -> AttackResult:
+    def run(self, budgets: Sequence[int] = ()) -> AttackResult:
+        """All `config.steps` steps; `budgets` (< steps) also keep the result after that many steps
+        (a robustness curve from one run: the first b steps of a longer attack are the b-step attack)."""
+        keep = sorted({int(b) for b in budgets if 0 < int(b) < self.config.steps})
+        snapshots = {}
         with frozen(self.bundle.unet):
-            for _ in range(self.config.steps):
+            for step in range(1, self.config.steps + 1):
                 self.step()
-        return self.result()
+                if step in keep:
+                    snapshots[step] = self.result()
+        final = self.result()
+        final.snapshots = snapshots
+        return final
 
 
 def attack(bundle, target_latents: torch.Tensor, init_prompts: Sequence[str],

@@ -41,9 +41,11 @@ from memtrain.core.manifest import ManifestItem, read_manifest
 from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
-from memtrain.eval.audit.recipe import AuditConfig, AuditRecipe, build_mitigations, fingerprint, resolve_recipe
+from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, build_mitigations, fingerprint, resolve_recipe,
+                                       settings_doc)
 from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, attack_config, control_chunk, score,
                                         stage_figures, target_chunk, unmitigated_chunk, _images, _max)
+from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
 from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
 from memtrain.eval.audit.verdict import verdict, verdict_reason
 from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
@@ -194,7 +196,9 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
     if not spaces:
         return [MitigationRun(bypassed_result(mitigation, threat, baseline.figures["mr"]), {}) for threat in plan]
     per_prompt = _uses_per_prompt(ctx, mitigation, inputs.targets)
-    local = {key: [] for key in ["prompt"] + [f"{stage}.{s}" for s in spaces for stage in ("attack", "control")]}
+    stages = [f"{stage}.{s}" for s in spaces for stage in ("attack", "control")]
+    # every key known up front: each process gathers the same stages, chunks or not
+    local = {key: [] for key in ["prompt"] + stages + [f"curve.{st}.{b}" for st in stages for b in curve_budgets(ctx)]}
     tag = "" if spaces == ["embedding"] else "_" + "_".join(spaces)  # units of a plain audit keep their keys
 
     def targets_with(view_of, chunk, key: str) -> None:
@@ -219,8 +223,10 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
         for space in spaces:
             key = f"{name}.control" + ("" if space == "embedding" else f".{space}")
             for chunk in control_chunks:
-                local[f"control.{space}"] += chunk_unit(ctx, key, chunk,
-                                                        lambda c: control_chunk(ctx, mitigation, c, space))
+                rows = ctx.journal.unit(f"{key}.{chunk[0][0]}", lambda: control_chunk(ctx, mitigation, chunk, space),
+                                        encode_stages, stages_decoder(ItemScores))
+                for stage, part in rows.items():
+                    local[stage].extend(part)
         fid, kid, notes = utility(ctx, inputs, mitigation)
     if per_prompt:  # each target under only its own prompt's pruning (singleton chunks)
         for chunk in target_chunks:
@@ -239,6 +245,8 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
         result = assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
         result.update(threat_model=threat, label=result_label(name, threat), attack_space=space,
                       attack_variant=attack_config(ctx, mitigation)[1])
+        if curve_budgets(ctx):
+            result["robustness"] = robustness_curve(ctx, gathered, space, result)
         check = ctx.recipe.search_space_check
         if not checked and (check == "always" or (check == "ineffective" and result["verdict"] == "ineffective")):
             ablation = search_space_ablation(mitigation, ctx.bundle.unet)  # same on every rank
@@ -371,7 +379,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
             "metric_backend": descriptor.name,
             "model": {"source": cfg.model or defaults.label or defaults.model_dir, "path": inputs.model_dir,
                       "lora": cfg.lora, "defaults": defaults.label},
-            "settings": _settings_doc(cfg, recipe, inputs, ctx, notes, time.time() - start),
+            "settings": settings_doc(cfg, recipe, inputs, ctx, notes, time.time() - start),
             "versions": versions(),
             "num_processes": dist.world(accelerator)[1],
             "results": [r.result for r in runs],
@@ -382,19 +390,3 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     if owns:
         accelerator.end_training()
     return doc
-
-
-def _settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs: Inputs, ctx: Context, notes: list[str],
-                  seconds: float) -> dict:
-    return {
-        "mitigations": list(cfg.mitigations), "manifests": inputs.manifests,
-        "threat_models": list(cfg.threat_models or THREAT_MODELS), "adaptive_attack": recipe.adaptive_attack,
-        "n_targets": len(inputs.targets), "n_control": len(inputs.control),
-        "n_reference_prompts": len(inputs.reference_prompts), "seeds": ctx.seeds, "threshold": recipe.threshold,
-        "sampler": ctx.settings.to_dict(), "attack": dataclasses.asdict(ctx.attack),
-        "control_attack_streams": f"seed {ctx.attack.seed}, indices {CONTROL_STREAM} + held-out index",
-        "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": str(inputs.recipe_path),
-        "recipe": dataclasses.asdict(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
-        "device": str(ctx.bundle.device), "seconds": round(seconds, 1), "notes": notes,
-        "output_dir": str(inputs.output_dir.absolute()),
-    }

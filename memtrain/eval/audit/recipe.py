@@ -24,6 +24,9 @@ from memtrain.mitigations import THREAT_MODELS, Mitigation, available_mitigation
 REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 MODEL_RECIPE = "audit_sd14.yaml"  # a checkpoint that brings no recipe of its own: paper 004's defaults
 SEARCH_SPACE_CHECKS = ("ineffective", "always", "never")
+# The control's attack streams are named CONTROL_STREAM + held-out index, so they never share
+# noise with a target's stream whatever the number of targets.
+CONTROL_STREAM = 1_000_000
 
 
 @dataclass
@@ -46,6 +49,9 @@ class AuditRecipe:
     # Against a mitigation that uses the text only at known timesteps (guidance_static), spend the
     # attack's budget on those timesteps (the adaptive variant); reports say which variant ran.
     adaptive_attack: bool = True
+    # Robustness curve: MR under attack (and of the control) after each of these attack budgets
+    # (steps), from the one attack run; [] skips it. Paper 004: NeMo is back at MR 0.73 after 1 step.
+    robustness_budgets: list = field(default_factory=list)
     sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
     mitigations: dict = field(default_factory=dict)  # name -> that mitigation's typed settings
     verdict: VerdictRule = field(default_factory=VerdictRule)
@@ -64,6 +70,10 @@ class AuditRecipe:
         if self.search_space_check not in SEARCH_SPACE_CHECKS:
             raise MemtrainError(f"recipe key 'search_space_check' must be one of {', '.join(SEARCH_SPACE_CHECKS)}, "
                                 f"got {self.search_space_check!r}")
+        for budget in self.robustness_budgets:
+            if not isinstance(budget, int) or budget < 1:
+                raise MemtrainError(f"recipe key 'robustness_budgets': every attack budget must be an integer >= 1, "
+                                    f"got {budget!r}")
         if self.grid_items < 0:
             raise MemtrainError(f"recipe key 'grid_items' must be >= 0, got {self.grid_items}")
         if self.attack.init == "alternate":
@@ -180,3 +190,20 @@ def fingerprint(cfg: AuditConfig, recipe: AuditRecipe, inputs, checksum: str) ->
     return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
             "recipe": dataclasses.asdict(recipe), "weights": checksum,
             "manifests": file_digests(list(inputs.manifests.values())), "images": file_digests(images)}
+
+
+def settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs, ctx, notes: list[str],
+                 seconds: float) -> dict:
+    """report.json's `settings`: what ran, on what, with which recipe, and how long it took."""
+    return {
+        "mitigations": list(cfg.mitigations), "manifests": inputs.manifests,
+        "threat_models": list(cfg.threat_models or THREAT_MODELS), "adaptive_attack": recipe.adaptive_attack,
+        "n_targets": len(inputs.targets), "n_control": len(inputs.control),
+        "n_reference_prompts": len(inputs.reference_prompts), "seeds": ctx.seeds, "threshold": recipe.threshold,
+        "sampler": ctx.settings.to_dict(), "attack": dataclasses.asdict(ctx.attack),
+        "control_attack_streams": f"seed {ctx.attack.seed}, indices {CONTROL_STREAM} + held-out index",
+        "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": str(inputs.recipe_path),
+        "recipe": dataclasses.asdict(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
+        "device": str(ctx.bundle.device), "seconds": round(seconds, 1), "notes": notes,
+        "output_dir": str(inputs.output_dir.absolute()),
+    }

@@ -15,6 +15,7 @@ from memtrain.core import report
 from memtrain.core.files import write_json
 from memtrain.core.manifest import load_image
 from memtrain.core.run import log_to_trackers
+from memtrain.eval.audit.robustness import plot_robustness
 from memtrain.eval.audit.verdict import VERDICTS, VerdictRule
 
 
@@ -173,6 +174,18 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
                  f"the control MR + {rule.control_margin}; `removes` if MR under attack <= control MR + "
                  f"{rule.control_margin}; `conceals` if the prompt MR <= {rule.concealed_mr} or <= "
                  f"{rule.clearly_below} x the unmitigated MR while the attack beats the control; else `ineffective`.")
+    curves = [r for r in results if "robustness" in r]
+    if curves:
+        md.heading("Robustness: MR against the attack budget")
+        budgets = curves[0]["robustness"]["budgets"]
+        md.table([{"result": r["label"], **{f"{b} steps": f"{report.format_value(a)} / {report.format_value(c)}"
+                                             for b, a, c in zip(budgets, r["robustness"]["mr_attack"],
+                                                                r["robustness"]["mr_control"])}}
+                  for r in curves], ["result"] + [f"{b} steps" for b in budgets])
+        md.paragraph("Cells: MR under attack / MR of the held-out control after that many attack steps (the "
+                     "first b steps of the one full attack).")
+        if (root / "robustness.png").is_file():
+            md.image("robustness.png", "robustness")
     md.heading("Findings").paragraph(findings(results, rule))
     notes = s["notes"] + [n for r in results if "utility" in r for n in r["utility"]["notes"]]
     md.bullets(dict.fromkeys(notes))  # each note once, in order
@@ -236,6 +249,7 @@ def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, run
     """report.json, report.md, grids/, attacks/ into the (staged) folder; figures and grids to the trackers."""
     grids = write_grids(folder / "grids", inputs, baseline_items, runs, recipe.grid_cell)
     write_attacks(folder / "attacks", runs)
+    curve = plot_robustness(doc["results"], folder / "robustness.png")
     clean = doc["results"]
     write_json(folder / "report.json", doc)
     markdown(doc, grids, folder, recipe.verdict).write(folder / "report.md")
@@ -243,6 +257,8 @@ def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, run
     # one key per grid kind: a tracker shows a list of images only if they share a size
     images = {f"grids/{label.replace(' ', '_')}": [Image.open(p).convert("RGB") for p, _ in written]
               for label, written in grids.items()}
+    if curve is not None:
+        images["robustness"] = [Image.open(curve).convert("RGB")]
     log_to_trackers(accelerator, tracker_figures(clean), images=images or None,
                            table=(columns, [[r[c] for c in columns] for r in clean]), table_name="verdicts")
 

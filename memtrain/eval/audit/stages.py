@@ -22,13 +22,10 @@ from memtrain.core.journal import NoJournal
 from memtrain.core.manifest import load_image
 from memtrain.core.sampling import SamplerSettings
 from memtrain.core.text import encode_prompts
-from memtrain.eval.audit.recipe import AuditRecipe
+from memtrain.eval.audit.recipe import CONTROL_STREAM, AuditRecipe
 from memtrain.eval.measure import Measurement, measure
 from memtrain.metrics import not_computed
 
-# The control's attack streams are named CONTROL_STREAM + held-out index, so they never share
-# noise with a target's stream whatever the number of targets.
-CONTROL_STREAM = 1_000_000
 logger = logging.getLogger(__name__)
 
 
@@ -81,7 +78,7 @@ def _latents(ctx: Context, stream: str, chunk, images) -> torch.Tensor:
 
 
 def score(ctx: Context, chunk, cond: torch.Tensor, images, reference: np.ndarray | None = None,
-          mitigation=None, failed: dict[int, str] | None = None) -> list[tuple[int, ItemScores]]:
+          mitigation=None, failed: dict[int, str] | None = None, thumbs: bool = True) -> list[tuple[int, ItemScores]]:
     """Sample every live row of `cond` (N, L, D) x seeds with the (mitigated) sampler, score it
     against the training images (and the reference generations), and A_CLIP with the prompts."""
     failed = failed or {}
@@ -102,7 +99,7 @@ def score(ctx: Context, chunk, cond: torch.Tensor, images, reference: np.ndarray
             index = chunk[k][0]
             best = int(np.argmax(m.sscd_orig[row]))
             thumb = (np.asarray(report.thumbnail(m.images[row, best], ctx.recipe.grid_cell))
-                     if index < ctx.recipe.grid_items else None)
+                     if thumbs and index < ctx.recipe.grid_items else None)
             out[k] = ItemScores(
                 index=index, id=chunk[k][1].id, sscd_orig=m.sscd_orig[row], gen_embeddings=m.gen_embeddings[row],
                 sscd_gen=None if m.sscd_gen is None else m.sscd_gen[row],
@@ -130,7 +127,19 @@ def _attack(ctx: Context, chunk, latents: torch.Tensor, mitigation, stream_offse
     indices = [stream_offset + i for i, _ in chunk]  # global: results do not depend on world size
     cls = PromptAttack if space == "prompt" else DoriAttack
     return cls(ctx.bundle, latents, [it.prompt for _, it in chunk], attack_config(ctx, mitigation)[0],
-               mitigation=mitigation, indices=indices).run()
+               mitigation=mitigation, indices=indices).run(ctx.recipe.robustness_budgets)
+
+
+def _scored_attack(ctx: Context, chunk, result, images, ref, mitigation, stage: str) -> dict:
+    """{stage: rows} for the attack's result, plus {"curve.<stage>.<b>": rows} for each budget
+    snapshot (the robustness curve; no grid thumbnails)."""
+    rows = {stage: _with_attack(score(ctx, chunk, _attacked(ctx, result, mitigation), images, ref, mitigation,
+                                      failed=result.reasons), result)}
+    for budget, snap in result.snapshots.items():
+        scored = score(ctx, chunk, _attacked(ctx, snap, mitigation), images, ref, mitigation, failed=snap.reasons,
+                       thumbs=False)
+        rows[f"curve.{stage}.{budget}"] = scored
+    return rows
 
 
 def _attacked(ctx: Context, result, mitigation) -> torch.Tensor:
@@ -171,17 +180,15 @@ def target_chunk(ctx: Context, mitigation, chunk, reference: dict[int, np.ndarra
     rows = {"prompt": score(ctx, chunk, cond, images, ref, mitigation)}
     for space in spaces:
         result = _attack(ctx, chunk, _latents(ctx, "target", chunk, images), mitigation, space=space)
-        scored = score(ctx, chunk, _attacked(ctx, result, mitigation), images, ref, mitigation, failed=result.reasons)
-        rows[f"attack.{space}"] = _with_attack(scored, result)
+        rows.update(_scored_attack(ctx, chunk, result, images, ref, mitigation, f"attack.{space}"))
     return rows
 
 
-def control_chunk(ctx: Context, mitigation, chunk, space: str = "embedding") -> list[tuple[int, ItemScores]]:
-    """(d): the same attack on held-out images, scored against them."""
+def control_chunk(ctx: Context, mitigation, chunk, space: str = "embedding") -> dict:
+    """(d): the same attack on held-out images, scored against them: {"control.<space>": rows, curves}."""
     images = _images(chunk)
     result = _attack(ctx, chunk, _latents(ctx, "control", chunk, images), mitigation, CONTROL_STREAM, space)
-    return _with_attack(score(ctx, chunk, _attacked(ctx, result, mitigation), images, None, mitigation,
-                              failed=result.reasons), result)
+    return _scored_attack(ctx, chunk, result, images, None, mitigation, f"control.{space}")
 
 
 def stage_figures(items: Sequence[ItemScores], ctx: Context) -> dict:
