@@ -4,7 +4,7 @@ image back, for an attacker who can only type text.
 The PEZ idea (Wen et al. 2023): keep continuous token embeddings P (B, n, d) in the text
 encoder's input space; at every step project each row onto its nearest vocabulary embedding,
 compute Dori's loss (memtrain.attack.dori) with the *projected* tokens, and apply the gradient
-to P (straight-through). The attack's output is the projected tokens decoded to a string; the
+to P (straight-through). The attack's output is the hard prompt with the lowest loss it tried, decoded to a string; the
 audit re-encodes that string through the deployed pipeline, so prompt-side transforms (random
 tokens inserted, '!' padding) act on it exactly as on a typed prompt. Candidates are whole-word
 vocabulary entries only, so the string re-tokenizes to the tokens that were optimized (the
@@ -85,10 +85,21 @@ class PromptAttack(DoriAttack):
         dist = torch.cdist(embeddings.detach().float().cpu().flatten(0, 1), candidates)
         return self.candidates[dist.argmin(dim=1)].reshape(embeddings.shape[:2])
 
+    def step(self) -> torch.Tensor:
+        """One step; the loss it reports is the loss of the hard prompt it started from, which is
+        kept when it is the lowest so far (an attacker keeps the best string it has tried)."""
+        tried = self._project(self.y)
+        losses = super().step()
+        if not hasattr(self, "best_ids"):
+            self.best_ids, self.best_loss = tried.clone(), torch.full((len(tried),), float("inf"))
+        better = torch.isfinite(losses) & (losses < self.best_loss)
+        self.best_ids[better], self.best_loss[better] = tried[better], losses[better]
+        return losses
+
     def token_ids(self) -> torch.Tensor:
-        """(B, L) the current hard prompts as full token rows."""
+        """(B, L) the best hard prompts so far (before any step: the start) as full token rows."""
         ids = self.template.clone()
-        ids[:, 1 : 1 + self.length] = self._project(self.y)
+        ids[:, 1 : 1 + self.length] = self.best_ids if hasattr(self, "best_ids") else self._project(self.y)
         return ids
 
     def condition(self) -> torch.Tensor:

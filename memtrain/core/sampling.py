@@ -112,7 +112,7 @@ def scheduler_step(scheduler, output: torch.Tensor, t, x: torch.Tensor, generato
     return scheduler.step(output, t, x).prev_sample
 
 
-def _eps_from_output(scheduler, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+def eps_from_output(scheduler, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
     """The model's prediction expressed as noise, whatever its prediction_type."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -195,8 +195,8 @@ def sample(
             x_in = sched.scale_model_input(torch.cat([x, x]), t)
             out = forward(x_in, t, torch.cat([y_uncond, y_cond]))
             out_uncond, out_cond = out.chunk(2)
-            eps_uncond = _eps_from_output(sched, out_uncond, x, t)
-            eps_cond = _eps_from_output(sched, out_cond, x, t)
+            eps_uncond = eps_from_output(sched, out_uncond, x, t)
+            eps_cond = eps_from_output(sched, out_cond, x, t)
             scale = guidance_scale
             if hook is not None:
                 new_scale = hook(step, int(t), x, eps_cond, eps_uncond)

@@ -379,6 +379,13 @@ class NeMo(PruningMitigation):
                            self.timestep_index, self.batch_size)
 
     @torch.no_grad()
+    def memorization_score(self, bundle, prompt: str, seeds: list[int]) -> float:
+        """NeMo's detection score of one prompt: the max over seeds of the MS-SSIM between its
+        first-step noise difference and the other seeds' (high: every seed goes the same way)."""
+        layers = value_layers(bundle.unet, self.layers, bundle.source)
+        return float(max_pairwise_ssim(self._probe(bundle, layers, prompt, list(seeds)).noise_diff()).max())
+
+    @torch.no_grad()
     def _localize(self, bundle, layers, prompt: str, seeds: list[int]) -> dict:
         tau = self._tau_used
         probe = self._probe(bundle, layers, prompt, seeds)

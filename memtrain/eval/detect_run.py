@@ -1,0 +1,125 @@
+"""scripts/detect.py's run: every detector of memtrain.eval.detect on memorized against
+non-memorized prompts; OUT/detect.json, OUT/detect.md, OUT/roc.png (one staged folder)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memtrain.core import report
+from memtrain.core import run as dist
+from memtrain.core.bundle import ModelDefaults, load_bundle
+from memtrain.core.cli import option
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import check_output_dir, write_json
+from memtrain.core.manifest import read_manifest
+from memtrain.core.sampling import SamplerOverrides, check_seeds
+from memtrain.eval.detect import DETECTORS, auc, roc_points, score_prompts, tpr_at_fpr
+from memtrain.eval.utility import versions
+
+
+@dataclass
+class DetectConfig:
+    """What scripts/detect.py sets (its flags are these fields)."""
+
+    model: str | None = option(None, "diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
+    memorized: str | None = option(None, "manifest of memorized prompts; default: the model's memorized set")
+    non_memorized: str | None = option(None, "manifest of non-memorized prompts; default: the model's unique set")
+    detectors: list[str] | None = option(None, f"which detectors ({', '.join(DETECTORS)}); default: all")
+    seeds: int = option(4, "generations per prompt, seeds 0..N-1")
+    max_prompts: int | None = option(None, "at most N prompts from each manifest")
+    sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
+    output_dir: str | None = option(None, "default: detections/<model>-<time>")
+    overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
+    progress: bool = option(True, "progress logging")
+
+    def __post_init__(self) -> None:
+        for name in self.detectors or ():
+            if name not in DETECTORS:
+                raise MemtrainError(f"unknown detector '{name}': choose one of {', '.join(DETECTORS)}")
+        if self.seeds < 2:
+            raise MemtrainError(f"--seeds must be >= 2 (NeMo's score compares seeds), got {self.seeds}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise MemtrainError(f"--max_prompts must be >= 1, got {self.max_prompts}")
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, self.overwrite)
+        for path in (self.memorized, self.non_memorized):
+            if path is not None:
+                read_manifest(path)
+
+
+def _prompts(path: str | None, flag: str, defaults: ModelDefaults, role: str, limit: int | None) -> tuple[str, list[str]]:
+    path = path or defaults.manifest(role)
+    if path is None:
+        raise MemtrainError(f"no {flag} given and the model '{defaults.model_dir}' brings none: pass {flag}")
+    return str(Path(path).absolute()), [it.prompt for it in read_manifest(path)][:limit]
+
+
+def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
+    """Score every detector; returns detect.json's content and writes the outputs."""
+    defaults = defaults or ModelDefaults.plain(cfg.model)
+    names = list(cfg.detectors or DETECTORS)
+    pos_path, positives = _prompts(cfg.memorized, "--memorized", defaults, "memorized", cfg.max_prompts)
+    neg_path, negatives = _prompts(cfg.non_memorized, "--non_memorized", defaults, "unique", cfg.max_prompts)
+    name = Path(defaults.model_dir).name if Path(defaults.model_dir).name != "model" else Path(defaults.model_dir).parent.name
+    out = Path(cfg.output_dir or Path("detections") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output_dir(out, cfg.overwrite)
+    accelerator = dist.make_accelerator(None)
+    bundle = load_bundle(defaults.model_dir, device=accelerator.device)
+    settings = bundle.sampler_settings.with_overrides(cfg.sampler)
+    seeds = check_seeds(range(cfg.seeds))
+    results = {}
+    for detector in names:
+        pos, pos_seconds = score_prompts(bundle, detector, positives, seeds, settings)
+        neg, neg_seconds = score_prompts(bundle, detector, negatives, seeds, settings)
+        results[detector] = {
+            "auc": auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
+            "seconds_per_prompt": (pos_seconds * len(pos) + neg_seconds * len(neg)) / (len(pos) + len(neg)),
+            "scores": {"memorized": pos, "non_memorized": neg}, "roc": dict(zip(("fpr", "tpr"), roc_points(pos, neg))),
+        }
+    doc = {"model": cfg.model or defaults.label or defaults.model_dir, "memorized": pos_path, "non_memorized": neg_path,
+           "n_memorized": len(positives), "n_non_memorized": len(negatives), "seeds": seeds,
+           "sampler": settings.to_dict(), "device": str(bundle.device), "versions": versions(),
+           "tpr_note": (f"TPR at 1% FPR with {len(negatives)} non-memorized prompts: 1% allows "
+                        f"{int(0.01 * len(negatives))} of them past the threshold"),
+           "detectors": results}
+    with dist.OutputRun(accelerator, out, cfg.overwrite, "memtrain-detect", dataclasses.asdict(cfg), trackers=False) as run:
+        if run.folder is not None:
+            write_json(run.folder / "detect.json", doc)
+            plot_roc(results, run.folder / "roc.png")
+            markdown(doc).write(run.folder / "detect.md")
+    doc["output_dir"] = str(out.absolute())
+    return doc
+
+
+def plot_roc(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, r in results.items():
+        ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], drawstyle="steps-post", label=f"{name} (AUC {r['auc']:.2f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false-positive rate (non-memorized prompts)")
+    ax.set_ylabel("true-positive rate (memorized prompts)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(doc: dict) -> report.MarkdownReport:
+    md = report.MarkdownReport("Memorization detection")
+    md.key_values({"model": doc["model"], "memorized": f"{doc['n_memorized']} from {doc['memorized']}",
+                   "non-memorized": f"{doc['n_non_memorized']} from {doc['non_memorized']}",
+                   "seeds": len(doc["seeds"]), "sampler": doc["sampler"]})
+    md.table([{"detector": n, "AUC": r["auc"], "TPR at 1% FPR": r["tpr_at_1pct_fpr"],
+               "seconds per prompt": r["seconds_per_prompt"]} for n, r in doc["detectors"].items()],
+             ["detector", "AUC", "TPR at 1% FPR", "seconds per prompt"])
+    md.paragraph(doc["tpr_note"] + ". Every score is higher for 'memorized'; definitions in memtrain/eval/detect.py.")
+    md.image("roc.png", "ROC")
+    return md
