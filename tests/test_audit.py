@@ -471,9 +471,17 @@ def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
     doc = _audit(AuditConfig(mitigations=["none"], output_dir=str(out), progress=False, seeds=4))
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(doc)) and not saved["settings"]["metric_is_standin"]
-    none = saved["results"][0]
+    rows = {r["threat_model"]: r for r in saved["results"]}
+    assert sorted(rows) == ["embedding", "prompt", "weights"]
+    none = rows["embedding"]
     assert RESULT_KEYS <= set(none) and none["verdict"] == "baseline" and none["weights_restored"]
     assert none["prompt"]["n"] == saved["settings"]["n_targets"] == 10
     assert none["mr_unmitigated"] >= 0.9
     assert none["mr_attack"] >= 0.9 and none["mr_control"] <= 0.1
+    assert rows["weights"]["mr_attack"] == none["mr_attack"]  # with the weights: the embedding attack
+    # issue #12: hard prompts found from random tokens bring back at least one memorized image from
+    # text alone, while the same attack on held-out images brings back (almost) none
+    hard = rows["prompt"]
+    assert hard["mr_attack"] >= 0.1 and hard["mr_control"] <= 0.1
+    assert all(it["found_prompt"] for it in hard["per_item"])
     assert (out / "report.md").is_file() and list((out / "grids").glob("*.png"))

@@ -121,3 +121,34 @@ def test_threat_models_are_checked():
     assert not nemo.bypassed_by("weights") and get_mitigation("pad_eot").bypassed_by("weights")
     with pytest.raises(MemtrainError, match="count must be >= 1"):
         get_mitigation("rta", count=0)
+
+
+def test_overhead_benchmark_measures_every_mitigation(bundle):
+    from memtrain.eval.bench import bench_mitigation_overhead
+
+    ms = [get_mitigation(n) for n in SAMPLER_SIDE + ["rta"]]
+    ratios = bench_mitigation_overhead(bundle, PROMPT, [0], SETTINGS, ms, repeats=1)
+    assert set(ratios) == set(SAMPLER_SIDE + ["rta"]) and all(0 < r < float("inf") for r in ratios.values())
+
+
+def test_ren_rescales_the_first_tokens_cross_attention_logit_only_inside_its_call(bundle):
+    from memtrain.mitigations.attention import cross_attention_keys
+
+    ren = get_mitigation("ren")
+    plain = sample(bundle, PROMPT, [0, 1], SETTINGS).images
+    assert ren.bypassed_by("weights") and ren.threat_model_reason("embedding") is None
+    forward = ren.unet_forward(bundle)
+    x = torch.randn(2, bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+    y = encode_prompts(bundle, PROMPT * 2).embeddings
+    t = torch.tensor(500)
+    ones = get_mitigation("ren", factor=1.0).unet_forward(bundle)(x, t, y)
+    assert torch.allclose(ones, bundle.unet(x, t, encoder_hidden_states=y).sample, atol=1e-6)  # factor 1: no change
+    assert not torch.allclose(forward(x, t, y), ones, atol=1e-4)
+    keys = cross_attention_keys(bundle.unet)
+    assert keys and all(not m._forward_hooks for m in keys.values())  # hooks gone after the call
+    images = sample(bundle, ren.encode(bundle, PROMPT), [0, 1], SETTINGS, **ren.sampling_kwargs(bundle, SETTINGS)).images
+    assert not torch.equal(images, plain)
+    assert torch.equal(sample(bundle, PROMPT, [0, 1], SETTINGS).images, plain)  # the plain pipeline is untouched
+    y_adv = y.clone().requires_grad_(True)
+    forward(x, t, y_adv).sum().backward()
+    assert y_adv.grad is not None and torch.isfinite(y_adv.grad).all()  # the attack can push through it

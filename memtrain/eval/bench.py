@@ -176,3 +176,23 @@ def format_sampling_bench(r: dict, model: str, n_prompts: int, n_seeds: int) -> 
         f"one at a time: {r['single_images_per_s']:.2f} images/s ({r['single_seconds']:.2f} s)",
         f"speedup: {r['speedup']:.2f}",
     ])
+
+
+def bench_mitigation_overhead(bundle, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
+                              mitigations: Sequence, repeats: int = 3) -> dict[str, float]:
+    """Seconds of mitigated over plain sampling (text encoding included in both) per mitigation,
+    medians of `repeats` interleaved runs (plain, mitigated, plain, ...), all in this one run."""
+    seeds = check_seeds(seeds)
+
+    def plain():
+        sample(bundle, list(prompts), seeds, settings)
+
+    ratios = {}
+    for m in mitigations:
+        def mitigated(m=m):
+            sample(bundle, m.encode(bundle, list(prompts)), seeds, settings, **m.sampling_kwargs(bundle, settings))
+
+        mitigated()  # warm-up (vocabulary caches, scheduler construction)
+        pairs = [(timed(plain, bundle.device), timed(mitigated, bundle.device)) for _ in range(repeats)]
+        ratios[m.name] = statistics.median(b / a for a, b in pairs)
+    return ratios

@@ -1,0 +1,43 @@
+"""Overhead of each inference-time mitigation over plain sampling, measured in one run.
+
+    python scripts/bench_mitigations.py [--model DIR] [--prompts 8] [--seeds 2] [--repeats 3]
+
+Default model: the cached testbed (its memorized prompts, its sampler). One line per mitigation,
+`<name>: X.XXX` (mitigated / plain seconds, median of interleaved repeats); the last line is
+`max_overhead: X.XXX`. Target: at most 1.05 for every one (issue #12).
+"""
+
+import argparse
+
+from memtrain.core.bundle import load_bundle
+from memtrain.core.cli import config_from_cli, run_main
+from memtrain.core.sampling import SamplerOverrides
+from memtrain.eval.bench import bench_mitigation_overhead, bench_prompts
+from memtrain.mitigations import available_mitigations, get_mitigation
+from memtrain.testbed.resolver import resolve_model
+
+
+def flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats")
+
+
+@run_main
+def main(argv=None) -> None:
+    overrides, args = config_from_cli(SamplerOverrides, __doc__, argv, extra=flags)
+    defaults = resolve_model(args.get("model"))
+    bundle = load_bundle(defaults.model_dir)
+    prompts = bench_prompts(defaults.manifest("memorized"), args["prompts"], 1, args["prompts"])
+    mitigations = [get_mitigation(n) for n in available_mitigations()]
+    mitigations = [m for m in mitigations if m.inference_time]
+    ratios = bench_mitigation_overhead(bundle, prompts, list(range(args["seeds"])),
+                                       bundle.sampler_settings.with_overrides(overrides), mitigations, args["repeats"])
+    for name, ratio in ratios.items():
+        print(f"{name}: {ratio:.3f}")
+    print(f"max_overhead: {max(ratios.values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
