@@ -4,6 +4,8 @@ prompt string), leaves weights and text path alone, and without it sampling is b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -152,3 +154,17 @@ def test_ren_rescales_the_first_tokens_cross_attention_logit_only_inside_its_cal
     y_adv = y.clone().requires_grad_(True)
     forward(x, t, y_adv).sum().backward()
     assert y_adv.grad is not None and torch.isfinite(y_adv.grad).all()  # the attack can push through it
+
+
+def test_wen_optimizes_each_batchs_condition_once_and_only_below_its_target(bundle):
+    plain = sample(bundle, PROMPT, [0, 1], SETTINGS).images
+    idle = get_mitigation("wen", target_loss=1e9)  # already below the target: nothing to optimize
+    kwargs = idle.sampling_kwargs(bundle, SETTINGS)
+    assert torch.equal(sample(bundle, idle.encode(bundle, PROMPT), [0, 1], SETTINGS, **kwargs).images, plain)
+    assert idle.details()["mean_steps"] == 0
+    wen = get_mitigation("wen", target_loss=1e-6, max_steps=3)
+    two_batches = dataclasses.replace(SETTINGS, batch_size=1)
+    images = sample(bundle, wen.encode(bundle, PROMPT), [0, 1], two_batches, **wen.sampling_kwargs(bundle, two_batches)).images
+    assert not torch.equal(images, plain)
+    assert wen.details()["optimized_batches"] == 2 and wen.details()["mean_steps"] == 3  # once per trajectory
+    assert wen.attack_forward(bundle) is None and wen.bypassed_by("weights")

@@ -139,10 +139,11 @@ def default_forward(bundle) -> UNetForward:
 
 
 def resolve_forward(bundle, mitigation=None, unet_forward: UNetForward | None = None) -> UNetForward:
-    """An explicit unet_forward wins, then the mitigation's, then the plain U-Net call."""
+    """An explicit unet_forward wins, then the mitigation's (its `attack_forward`: the U-Net call the
+    attack differentiates through), then the plain U-Net call."""
     if unet_forward is not None:
         return unet_forward
-    custom = mitigation.unet_forward(bundle) if mitigation is not None else None
+    custom = mitigation.attack_forward(bundle) if mitigation is not None else None
     return custom or default_forward(bundle)
 
 

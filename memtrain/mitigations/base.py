@@ -172,6 +172,11 @@ class Mitigation:
         Extension point for mitigations acting inside the forward pass."""
         return None
 
+    def attack_forward(self, bundle) -> Callable | None:
+        """The U-Net call the attack's loss goes through (single timesteps, no trajectory): the
+        mitigation's `unet_forward` unless that only makes sense inside a sampling trajectory."""
+        return self.unet_forward(bundle)
+
     def guidance_hook(self, bundle, settings) -> Callable | None:
         """A per-step hook for `sample(hook=...)` (memtrain.core.sampling.GuidanceHook) that may
         change the guidance scale per image and step; None keeps the sampler's. A fresh hook per
