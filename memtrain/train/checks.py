@@ -136,7 +136,7 @@ def full_audit(trainer, model_dir: Path) -> dict | None:
         model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
         manifest=r.memorized_manifest,
         control_manifest=str(control), output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
-        recipe=a.full_recipe, max_targets=a.full_max_targets,
+        recipe=a.full_recipe, max_targets=a.full_max_targets, overrides=["robustness_budgets=[]"],
         utility_manifest=r.utility.path if r.utility.format == "manifest" else None,
         metric=None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
         allow_standin=r.surrogates.descriptor == "standin", progress=False,

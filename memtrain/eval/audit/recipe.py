@@ -123,6 +123,8 @@ class AuditConfig:
     report_to: str | None = option(None, "also log to a tracker: wandb, tensorboard (or none)")
     seeds: int | None = option(None, "generations per input, seeds 0..N-1 (default: the recipe's, 10)")
     recipe: str | None = option(None, "audit recipe YAML (default: the model's own, else recipes/audit_sd14.yaml)")
+    overrides: list[str] | None = option(None, "recipe keys to change, key=value (e.g. robustness_budgets=[] "
+                                               "attack.steps=10)", "--set")
     metric: str | None = option(None, "SSCD backend: onnx (default), a TorchScript/.onnx path, or standin")
     allow_standin: bool = option(False, "permit the named stand-in descriptor")
     max_targets: int | None = option(None, "audit only the first N targets (default: the recipe's)")
@@ -152,14 +154,14 @@ class AuditConfig:
         for path in (self.manifest, self.control_manifest, self.reference_manifest, self.utility_manifest):
             if path is not None:
                 read_manifest(path)
-        if self.recipe is not None:
-            load_audit_recipe(self.recipe)
+        if self.recipe is not None or self.overrides:
+            load_audit_recipe(self.recipe or REPO_RECIPES / MODEL_RECIPE, self.overrides or ())
 
 
 def resolve_recipe(cfg: AuditConfig, defaults: ModelDefaults) -> tuple[AuditRecipe, Path]:
     """The recipe (--recipe, else the model's own, else audit_sd14.yaml) with the CLI's overrides."""
     path = Path(cfg.recipe or defaults.audit_recipe or REPO_RECIPES / MODEL_RECIPE)
-    recipe = load_audit_recipe(path)
+    recipe = load_audit_recipe(path, cfg.overrides or ())
     changes = {"seeds": cfg.seeds, "max_targets": cfg.max_targets}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
     if cfg.attack_steps is not None:
