@@ -4,9 +4,10 @@ batch's images) is below a target loss (3; 1 is stronger), Adam on the whole (77
 
 It acts inside the sampler's U-Net call: the first call of each sampling batch (a new trajectory
 starts when the timestep does not decrease) optimizes that batch's condition against the batch's
-own initial noise, and every later step of the trajectory uses the optimized condition. On a
-zero-terminal-SNR model (abar_T = 0) eps(x_T) is x_T whatever the prompt, so the magnitude is
-probed at the largest training timestep with abar > 0. The attack differentiates through the
+own latents, measured on the noise prediction (whatever the model predicts), and every later step
+of the trajectory uses the optimized condition. On a zero-terminal-SNR model (abar_T = 0) eps(x_T)
+is x_T whatever the prompt, so the optimization happens at the trajectory's first step with
+abar_t > 0 (the t = T step, where only the x0 prediction depends on the text, runs unoptimized). The attack differentiates through the
 plain U-Net call (`attack_forward`): the embedding it finds is then optimized by the deployed
 pipeline like any prompt's.
 """
@@ -18,6 +19,7 @@ import dataclasses
 import torch
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.sampling import eps_from_output
 from memtrain.mitigations.base import Mitigation, register_mitigation
 
 
@@ -44,46 +46,45 @@ class Wen(Mitigation):
     def attack_forward(self, bundle):
         return None
 
-    def probe_timestep(self, bundle) -> torch.Tensor:
-        abar = bundle.scheduler.alphas_cumprod
-        return torch.tensor(int((abar > 0).nonzero().max()))
-
-    def optimize(self, bundle, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """`cond` (B, L, D) optimized against the initial noise x_T (B, C, h, w)."""
-        t = self.probe_timestep(bundle).to(x_T.device)
-        unet = bundle.unet
+    def optimize(self, bundle, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """`cond` (B, L, D) optimized against the batch's latents x_t (B, C, h, w) at step t."""
+        unet, scheduler = bundle.unet, bundle.scheduler
         with torch.no_grad():
-            eps_null = unet(x_T, t, encoder_hidden_states=uncond).sample.float()
+            eps_null = eps_from_output(scheduler, unet(x_t, t, encoder_hidden_states=uncond).sample, x_t, t).float()
         e = cond.detach().clone().float().requires_grad_(True)
         optimizer = torch.optim.Adam([e], lr=float(self.lr))
         steps, loss = 0, float("nan")
         with torch.enable_grad():
             for steps in range(int(self.max_steps) + 1):
-                eps = unet(x_T, t, encoder_hidden_states=e.to(cond.dtype)).sample.float()
-                magnitude = (eps - eps_null).flatten(1).norm(dim=1).mean()
-                loss = float(magnitude)
+                out = unet(x_t, t, encoder_hidden_states=e.to(cond.dtype)).sample
+                magnitude = (eps_from_output(scheduler, out, x_t, t).float() - eps_null).flatten(1).norm(dim=1).mean()
+                loss = float(magnitude.detach())
                 if loss < float(self.target_loss) or steps == int(self.max_steps):
                     break
                 optimizer.zero_grad()
                 magnitude.backward()
                 optimizer.step()
-        self._log.append({"steps": steps, "final_magnitude": loss})
+        self._log.append({"steps": steps, "final_magnitude": loss, "timestep": int(t)})
         return e.detach().to(cond.dtype)
 
     def unet_forward(self, bundle):
-        unet = bundle.unet
+        unet, abar = bundle.unet, bundle.scheduler.alphas_cumprod
         state: dict = {"t": None, "cond": None}
 
         def forward(x, t, y):
             uncond, cond = y.chunk(2)
-            if state["t"] is None or int(t) >= state["t"] or state["cond"] is None or len(state["cond"]) != len(cond):
-                state["cond"] = self.optimize(bundle, x.chunk(2)[1], cond, uncond)  # x is cat([x, x])
+            if state["t"] is None or int(t) >= state["t"]:  # a new trajectory (the sampler's next batch)
+                state["cond"] = None
             state["t"] = int(t)
-            return unet(x, t, encoder_hidden_states=torch.cat([uncond, state["cond"]])).sample
+            if state["cond"] is None and float(abar[int(t)]) > 0:  # first step where eps can depend on the text
+                state["cond"] = self.optimize(bundle, x.chunk(2)[1], t, cond, uncond)  # x is cat([x, x])
+            used = cond if state["cond"] is None else state["cond"]
+            return unet(x, t, encoder_hidden_states=torch.cat([uncond, used])).sample
 
         return forward
 
     def details(self) -> dict:
         steps = [r["steps"] for r in self._log]
         return {"optimized_batches": len(steps), "mean_steps": (sum(steps) / len(steps)) if steps else None,
-                "probe": "the sampler's initial noise at the largest training timestep with abar > 0"}
+                "mean_final_magnitude": (sum(r["final_magnitude"] for r in self._log) / len(steps)) if steps else None,
+                "probe": "each trajectory's latents at its first step with abar_t > 0, noise prediction"}

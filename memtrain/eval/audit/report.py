@@ -260,7 +260,9 @@ def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, run
     if curve is not None:
         images["robustness"] = [Image.open(curve).convert("RGB")]
     log_to_trackers(accelerator, tracker_figures(clean), images=images or None,
-                           table=(columns, [[r[c] for c in columns] for r in clean]), table_name="verdicts")
+                    # one type per column: a tracker table refuses a number next to a "not computed" text
+                    table=(columns, [[report.format_value(r[c]) if c.startswith("mr_") else r[c] for c in columns]
+                                     for r in clean]), table_name="verdicts")
 
 
 def summary(doc: dict) -> str:

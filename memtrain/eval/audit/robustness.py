@@ -28,6 +28,9 @@ def robustness_curve(ctx: Context, gathered: dict, space: str, result: dict) -> 
 def plot_robustness(results: Sequence[dict], path: Path) -> Path | None:
     """One PNG: MR under attack (solid) and of the control (dashed) against the budget, per result."""
     curves = [r for r in results if "robustness" in r]
+    embedding = {r["mitigation"] for r in curves if r["threat_model"] == "embedding"}
+    # a weight edit's `weights` row is its embedding attack again: drawn once
+    curves = [r for r in curves if not (r["threat_model"] == "weights" and r["mitigation"] in embedding)]
     if not curves:
         return None
     import matplotlib
@@ -35,19 +38,21 @@ def plot_robustness(results: Sequence[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    colors = plt.get_cmap("tab20")
     for k, r in enumerate(curves):
         c = r["robustness"]
-        color = f"C{k % 10}"
+        color = colors(k % 20)
         numeric = lambda ys: [y if isinstance(y, (int, float)) else float("nan") for y in ys]  # noqa: E731
-        ax.plot(c["budgets"], numeric(c["mr_attack"]), "-o", color=color, label=r["label"], markersize=3)
-        ax.plot(c["budgets"], numeric(c["mr_control"]), "--", color=color, alpha=0.5)
+        style = ":o" if r["threat_model"] == "prompt" else "-o"
+        ax.plot(c["budgets"], numeric(c["mr_attack"]), style, color=color, label=r["label"], markersize=3)
+        ax.plot(c["budgets"], numeric(c["mr_control"]), "--", color=color, alpha=0.4, linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("attack budget (steps)")
     ax.set_ylabel("MR")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title("MR under attack (solid) and held-out control (dashed)")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title("MR under attack (solid: embedding, dotted: hard prompt) and held-out control (dashed)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
