@@ -21,18 +21,14 @@ import torch
 from memtrain.attack.dori import AttackResult, DoriAttack
 from memtrain.core.errors import MemtrainError
 from memtrain.core.text import TokenLayout, token_layout, tokenize
-
-END_OF_WORD = "</w>"
-
+from memtrain.core.tokenizer import END_OF_WORD, whole_word_vocabulary
 
 def word_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of whole-word vocabulary entries (letters, digits), the hard prompt's candidates."""
-    # ASCII only: byte-level BPE spells other bytes as letters like 'ð', which would pass isalnum
-    ids = [i for token, i in tokenizer.get_vocab().items() if token.endswith(END_OF_WORD)
-           and token[: -len(END_OF_WORD)].isascii() and token[: -len(END_OF_WORD)].isalnum()]
+    """Ids of whole-word vocabulary entries (ASCII letters, digits), the hard prompt's candidates."""
+    ids = sorted(whole_word_vocabulary(tokenizer).values())
     if not ids:
         raise MemtrainError("prompt attack: the tokenizer has no whole-word vocabulary entries")
-    return torch.tensor(sorted(ids))
+    return torch.tensor(ids)
 
 
 class PromptAttack(DoriAttack):

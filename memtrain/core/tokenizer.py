@@ -75,3 +75,18 @@ def build_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> CLIP
     )
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+END_OF_WORD = "</w>"  # CLIP BPE's end-of-word marker
+
+
+def whole_word_vocabulary(tokenizer, letters_only: bool = False) -> dict[str, int]:
+    """word -> token id for a CLIP BPE tokenizer's whole-word ASCII entries (letters and digits, or
+    letters only), sorted by word. ASCII only: byte-level BPE spells other bytes as letters like
+    'ð', which would pass isalpha."""
+    out = {}
+    for token, i in tokenizer.get_vocab().items():
+        word = token[: -len(END_OF_WORD)]
+        if token.endswith(END_OF_WORD) and word.isascii() and (word.isalpha() if letters_only else word.isalnum()):
+            out[word] = i
+    return dict(sorted(out.items()))

@@ -15,10 +15,10 @@ import functools
 import random
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.tokenizer import whole_word_vocabulary
 from memtrain.mitigations.base import Mitigation, register_mitigation
 
 POSITIONS = ("random", "start", "end")
-END_OF_WORD = "</w>"
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,11 +58,8 @@ class _RandomInsertion(Mitigation):
 
 @functools.lru_cache(maxsize=4)
 def vocabulary_words(tokenizer) -> tuple[str, ...]:
-    """Whole-word, letters-only entries of a CLIP BPE tokenizer's vocabulary, sorted."""
-    # ASCII only: byte-level BPE spells other bytes as letters like 'ð', which would pass isalpha
-    words = tuple(sorted(token[: -len(END_OF_WORD)] for token in tokenizer.get_vocab()
-                         if token.endswith(END_OF_WORD) and token[: -len(END_OF_WORD)].isascii()
-                         and token[: -len(END_OF_WORD)].isalpha()))
+    """Whole-word, letters-only ASCII entries of a CLIP BPE tokenizer's vocabulary, sorted."""
+    words = tuple(whole_word_vocabulary(tokenizer, letters_only=True))
     if not words:
         raise MemtrainError("rta: the tokenizer's vocabulary has no whole-word entries to insert")
     return words
