@@ -29,7 +29,8 @@ import torch
 
 from memtrain.core.sampling import SamplerSettings, eps_from_output, initial_noise, sample
 from memtrain.core.text import encode_prompts
-from memtrain.mitigations import NeMo, decomposition_delta, guidance_magnitude
+from memtrain.mitigations import NeMo, guidance_magnitude
+from memtrain.mitigations.guidance import step_delta
 
 Detector = Callable[[object, str, list[int], SamplerSettings], float]
 
@@ -91,10 +92,7 @@ def overestimation_delta(bundle, prompt: str, seeds: list[int], settings: Sample
     def record(step, t, x, eps_c, eps_u, state):
         if step == 0:
             state["x_T"] = x.clone()
-        abar = float(abar_all[int(t)])
-        eps = eps_u.float() + scale * (eps_c.float() - eps_u.float())
-        x0_hat = (x.float() - (1 - abar) ** 0.5 * eps) / max(abar, 1e-8) ** 0.5
-        return decomposition_delta(x, x0_hat, state["x_T"], abar).cpu(), None
+        return step_delta(x, state["x_T"], eps_c, eps_u, scale, float(abar_all[int(t)])).cpu(), None
 
     per_seed = []
     for batch in _trajectories(bundle, prompt, seeds, settings, record):

@@ -39,6 +39,14 @@ def decomposition_delta(x_t: torch.Tensor, x0_hat: torch.Tensor, x_T: torch.Tens
     return ((weights[:, 0] - abar ** 0.5) - (weights[:, 1] - (1 - abar) ** 0.5)).float()
 
 
+def step_delta(x_t: torch.Tensor, x_T: torch.Tensor, eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
+               scale: float, abar: float) -> torch.Tensor:
+    """(B,) delta_t at one sampling step, x0_hat predicted from the guided noise at `scale`."""
+    eps = eps_uncond.float() + scale * (eps_cond.float() - eps_uncond.float())
+    x0_hat = (x_t.float() - (1 - abar) ** 0.5 * eps) / max(abar, 1e-8) ** 0.5
+    return decomposition_delta(x_t, x0_hat, x_T, abar)
+
+
 class _Sampler(Mitigation):
     """Shared pieces of the sampler-side mitigations."""
 
@@ -148,10 +156,7 @@ class OverestimationSwitch(_Sampler):
         def hook(step, t, x_t, eps_cond, eps_uncond):
             if step == 0:
                 state["x_T"] = x_t.detach().clone()
-            abar = float(abar_all[int(t)])
-            eps = eps_uncond.float() + scale * (eps_cond.float() - eps_uncond.float())
-            x0_hat = (x_t.float() - (1 - abar) ** 0.5 * eps) / max(abar, 1e-8) ** 0.5
-            delta = decomposition_delta(x_t, x0_hat, state["x_T"], abar).to(x_t.device)
+            delta = step_delta(x_t, state["x_T"], eps_cond, eps_uncond, scale, float(abar_all[int(t)])).to(x_t.device)
             return torch.where(delta > -float(self.gamma), torch.zeros_like(delta), torch.full_like(delta, scale))
 
         return hook
