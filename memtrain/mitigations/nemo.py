@@ -373,8 +373,8 @@ class NeMo(PruningMitigation):
         sign = 1.0 if self.tau_mem == "auto" else -1.0
         return float(scores.mean() + sign * scores.std())
 
-    def _probe(self, bundle, layers, prompt, seeds) -> _Probe:
-        embedding = encode_prompts(bundle, [prompt]).embeddings
+    def _probe(self, bundle, layers, prompt: str | torch.Tensor, seeds) -> _Probe:
+        embedding = encode_prompts(bundle, [prompt]).embeddings if isinstance(prompt, str) else prompt
         return _make_probe(bundle, layers, embedding, seeds, self.num_inference_steps,
                            self.timestep_index, self.batch_size)
 
@@ -385,8 +385,17 @@ class NeMo(PruningMitigation):
         layers = value_layers(bundle.unet, self.layers, bundle.source)
         return float(max_pairwise_ssim(self._probe(bundle, layers, prompt, list(seeds)).noise_diff()).max())
 
+    def localize_embedding(self, bundle, embedding: torch.Tensor, seeds: list[int]) -> dict[str, list[int]]:
+        """The neurons NeMo selects for one text embedding (1, L, D), e.g. an adversarial one,
+        per layer (empty when it does not score as memorized). Needs `prepare` first (the
+        activation statistics and tau_mem); the prepared prompts' selections are untouched."""
+        if not self._mean or self._tau_used is None:
+            raise MemtrainError("nemo: call prepare() (statistics and tau_mem) before localize_embedding")
+        layers = value_layers(bundle.unet, self.layers, bundle.source)
+        return self._localize(bundle, layers, embedding.reshape(1, *embedding.shape[-2:]), list(seeds))["refined"]
+
     @torch.no_grad()
-    def _localize(self, bundle, layers, prompt: str, seeds: list[int]) -> dict:
+    def _localize(self, bundle, layers, prompt: str | torch.Tensor, seeds: list[int]) -> dict:
         tau = self._tau_used
         probe = self._probe(bundle, layers, prompt, seeds)
         unblocked = probe.noise_diff()

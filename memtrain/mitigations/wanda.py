@@ -160,22 +160,35 @@ class Wanda(PruningMitigation):
                   else {p: [p] for p in memorized_prompts})
         for key, prompts in groups.items():
             target = self._column_sq_norms(bundle, layers, prompts, seeds)
-            self._masks[key] = {
-                name: wanda_mask(
-                    layer.weight.detach().abs().float().cpu(), target[name].sqrt(),
-                    (null[name] * len(prompts)).sqrt(), float(self.sparsity), self.aggregate,
-                ).flatten().nonzero().flatten()
-                for name, layer in layers.items()
-            }
+            self._masks[key] = self._selection(layers, target, null, len(prompts))
+
+    def _selection(self, layers, target: dict, null: dict, n_inputs: int) -> dict[str, torch.Tensor]:
+        return {
+            name: wanda_mask(
+                layer.weight.detach().abs().float().cpu(), target[name].sqrt(),
+                (null[name] * n_inputs).sqrt(), float(self.sparsity), self.aggregate,
+            ).flatten().nonzero().flatten()
+            for name, layer in layers.items()
+        }
+
+    def select_for_embedding(self, bundle, embedding: torch.Tensor, seeds: list[int]) -> dict[str, torch.Tensor]:
+        """The weights (flat indices per layer) Wanda selects for one text embedding (1, L, D),
+        e.g. an adversarial one, against the null string; the prepared masks are untouched."""
+        layers = ffn_output_layers(bundle.unet, bundle.source)
+        seeds = [int(s) for s in seeds][: int(self.num_seeds)]
+        null = self._column_sq_norms(bundle, layers, [""], seeds)
+        target = self._column_sq_norms(bundle, layers, embedding.reshape(1, *embedding.shape[-2:]), seeds)
+        return self._selection(layers, target, null, 1)
 
     @torch.no_grad()
-    def _column_sq_norms(self, bundle, layers, prompts: list[str], seeds: list[int]) -> dict:
+    def _column_sq_norms(self, bundle, layers, prompts: list[str] | torch.Tensor, seeds: list[int]) -> dict:
         """Per layer (T, C): summed squared column norms of ff.net.2's input over the first T
-        denoising steps of every (prompt, seed) run."""
+        denoising steps of every (prompt, seed) run (prompts: strings or embeddings (N, L, D))."""
         steps = int(self.timesteps)
         store = {name: torch.zeros(steps, layer.in_features) for name, layer in layers.items()}
         state = {"step": 0}
-        cond = encode_prompts(bundle, prompts).embeddings.to(bundle.device, bundle.dtype)
+        cond = prompts if isinstance(prompts, torch.Tensor) else encode_prompts(bundle, prompts).embeddings
+        cond = cond.to(bundle.device, bundle.dtype)
         uncond = encode_prompts(bundle, [""]).embeddings.to(bundle.device, bundle.dtype)
         jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
         with _recording(layers, store, state, self.normalize_tokens, self.include_uncond):
