@@ -139,7 +139,8 @@ def plot(inputs: AnalysisInputs, doc: dict, path: Path) -> None:
             ax.bar(np.arange(len(cases)) + (j - 0.5) * 0.4, values, width=0.4, color=COLORS[group],
                    label=group.replace("_", "-"))
             ax.set_xticks(range(len(cases)), ["orig" if c == "original" else f"({c})" for c in cases])
-        ax.set(ylabel=name, xlabel="intervention case", ylim=(0, 1.05))
-        ax.legend(fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set(ylabel=name, xlabel="intervention case", ylim=(-0.1, 1.3))
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
     fig.suptitle(inputs.title("Text-embedding interventions (paper 000)"), fontsize=10)
     save_figure(fig, path)
