@@ -159,3 +159,34 @@ def test_bad_analyze_input_is_one_line_and_keeps_a_previous_run(dev_testbed, tmp
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert expected in proc.stderr
     assert (out / "keep.txt").read_text() == "previous run" and len(list(out.iterdir())) == 1
+
+
+def test_planted_variant_changes_exactly_the_recorded_rows_and_localization_scores_it(dev_testbed, tmp_path):
+    from memtrain.testbed.planted import PLANTED_FILE, PlantedConfig, build_planted
+    from memtrain.testbed.resolver import resolve_model
+
+    out = tmp_path / "planted"
+    card = build_planted(dev_testbed, out, PlantedConfig(neurons_per_layer=4, steps=10, reference_steps=10),
+                         progress=False)
+    planted = json.loads((out / PLANTED_FILE).read_text())
+    assert planted["value_rows_changed"] == planted["layers"] and planted["n_planted"] == 4 * len(planted["layers"])
+    assert card["variant"] == "planted" and 0.0 <= card["memorized"]["mr"] <= 1.0
+    assert len(read_manifest(out / "manifests" / "memorized.jsonl")) == len(planted["memorized"]) == 4
+    reference = load_bundle(dev_testbed / "reference_model").unet.state_dict()
+    trained = load_bundle(out / "model").unet.state_dict()
+    for layer, rows in planted["layers"].items():  # of the value projections, only the planted rows moved
+        moved = (reference[f"{layer}.weight"] != trained[f"{layer}.weight"]).any(dim=1).nonzero().flatten().tolist()
+        assert moved == rows
+    assert resolve_model(str(out)).manifest("memorized")
+    proc = _analyze(out, tmp_path / "loc", "localization", "--seeds", "2", "--max_prompts", "3", "--no_progress",
+                    "--set", "localization.nemo.refinement_budget=4", "localization.nemo.num_seeds=2",
+                    "localization.reference_prompts=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    for name in ("nemo", "wanda"):
+        r = doc["methods"][name]
+        assert 0.0 <= r["mr_after_pruning"] <= 1.0 and r["unit"] in ("neurons", "weights")
+        assert r["recall"] is None or 0.0 <= r["recall"] <= 1.0
+    assert doc["methods"]["wanda"]["n_planted_searched"] == 0  # planted value rows lie outside Wanda's layers
+    proc = _analyze(dev_testbed, tmp_path / "nogt", "localization", "--no_progress")
+    assert proc.returncode != 0 and "ground truth" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -23,7 +23,7 @@ from memtrain.core.files import check_output_dir, write_json
 from memtrain.core.manifest import read_manifest
 from memtrain.core.report import MarkdownReport, to_jsonable
 from memtrain.core.sampling import SamplerOverrides, check_seeds
-from memtrain.eval.analyses import guidance, interventions, locality, overestimation
+from memtrain.eval.analyses import guidance, interventions, locality, localization, overestimation
 from memtrain.eval.analyses.inputs import AnalysisInputs
 from memtrain.eval.utility import versions
 from memtrain.metrics import get_descriptor
@@ -33,7 +33,7 @@ MODEL_RECIPE = "analyze_sd14.yaml"
 
 ANALYSES: dict[str, Callable] = {
     "interventions": interventions.run, "guidance": guidance.run,
-    "overestimation": overestimation.run, "locality": locality.run,
+    "overestimation": overestimation.run, "locality": locality.run, "localization": localization.run,
 }
 
 
@@ -48,6 +48,7 @@ class AnalysisRecipe:
     guidance: guidance.GuidanceSettings = field(default_factory=guidance.GuidanceSettings)
     overestimation: overestimation.OverestimationSettings = field(default_factory=overestimation.OverestimationSettings)
     locality: locality.LocalitySettings = field(default_factory=locality.LocalitySettings)
+    localization: localization.LocalizationSettings = field(default_factory=localization.LocalizationSettings)
 
     def __post_init__(self) -> None:
         if self.seeds < 2:
@@ -81,8 +82,8 @@ class AnalyzeConfig:
     progress: bool = option(True, "progress logging")
 
     def __post_init__(self) -> None:
-        if any(a == "all" for a in self.analyses):
-            self.analyses = list(ANALYSES)
+        if any(a == "all" for a in self.analyses):  # every analysis that needs no ground truth
+            self.analyses = [a for a in ANALYSES if a != "localization"]
         for name in self.analyses:
             if name not in ANALYSES:
                 raise MemtrainError(f"unknown analysis '{name}': choose from {', '.join(ANALYSES)} or all")
