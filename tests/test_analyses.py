@@ -190,3 +190,23 @@ def test_planted_variant_changes_exactly_the_recorded_rows_and_localization_scor
     assert doc["methods"]["wanda"]["n_planted_searched"] == 0  # planted value rows lie outside Wanda's layers
     proc = _analyze(dev_testbed, tmp_path / "nogt", "localization", "--no_progress")
     assert proc.returncode != 0 and "ground truth" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_readme_guidance_and_overestimation_figures_on_the_real_testbed(testbed_dir, tmp_path):
+    """The README's 'Mechanisms' figures for guidance and overestimation, re-measured (slow tier)."""
+    from memtrain.eval.analyses.run import AnalyzeConfig, analyze
+    from memtrain.testbed.resolver import resolve_model
+
+    cfg = AnalyzeConfig(analyses=["guidance", "overestimation"], model=str(testbed_dir),
+                        output_dir=str(tmp_path / "a"), progress=False)
+    docs = analyze(cfg, resolve_model(str(testbed_dir), progress=False))
+    g = docs["guidance"]["groups"]
+    assert g["memorized"]["mean_first_quarter"] == pytest.approx(6.3, rel=0.05)
+    assert g["non_memorized"]["mean_first_quarter"] == pytest.approx(1.9, rel=0.05)
+    assert g["memorized"]["mean_dynamic_transition_t"] == pytest.approx(296, abs=10)
+    s = docs["overestimation"]["summary"]
+    assert s["memorized"]["k_max_mean"] == pytest.approx(1.87, abs=0.03)
+    assert s["non_memorized"]["k_max_mean"] == pytest.approx(1.09, abs=0.03)
+    assert s["memorized"]["cos_eps_cond_minus_x_T_neg_x"] == pytest.approx(0.98, abs=0.01)
+    assert s["memorized"]["overall_deviation_mean"] == pytest.approx(2.4, abs=0.2)
+    assert s["non_memorized"]["overall_deviation_mean"] == pytest.approx(-9.9, abs=0.3)

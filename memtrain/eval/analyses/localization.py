@@ -133,6 +133,9 @@ def plot(inputs: AnalysisInputs, doc: dict, path: Path) -> None:
                                (0.27, "chance_precision", "tab:grey")):
         axes[0].bar(x + offset, [doc["methods"][n][key] or 0.0 for n in names], 0.27, color=color,
                     label=key.replace("_", " "))
+    for i, n in enumerate(names):
+        if not doc["methods"][n]["n_planted_searched"]:
+            axes[0].text(i, 0.5, "no planted units\nin its layers", ha="center", fontsize=8)
     axes[0].set_xticks(x, [f"{n} ({doc['methods'][n]['unit']})" for n in names])
     axes[0].set(ylabel="fraction of planted / selected units", ylim=(0, 1.05),
                 title=f"(a) recovery of {doc['n_planted']} planted neurons")
@@ -140,6 +143,8 @@ def plot(inputs: AnalysisInputs, doc: dict, path: Path) -> None:
     bars = ["unmitigated"] + [f"{n} pruned" for n in names]
     values = [doc["unmitigated"]["mr"]] + [doc["methods"][n]["mr_after_pruning"] for n in names]
     axes[1].bar(range(len(bars)), values, color=["grey"] + ["tab:red"] * len(names))
+    for i, v in enumerate(values):
+        axes[1].text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
     axes[1].set_xticks(range(len(bars)), bars)
     axes[1].set(ylabel="prompt MR (SSCD_Orig > 0.7)", ylim=(0, 1.05), title="(b) memorized prompts replicating")
     fig.suptitle(inputs.title("Localization on planted memorization"), fontsize=9)
