@@ -154,7 +154,7 @@ def test_bad_analyze_input_is_one_line_and_keeps_a_previous_run(dev_testbed, tmp
     out.mkdir()
     (out / "keep.txt").write_text("previous run")
     for args, expected in ((["magic"], "unknown analysis 'magic'"), (["guidance"], "--overwrite"),
-                           (["guidance", "--set", "locality.n_embedings=3"], "n_embedings")):
+                           (["guidance", "--overwrite", "--set", "locality.n_embedings=3"], "n_embedings")):
         proc = _analyze(dev_testbed, out, *args)
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert expected in proc.stderr

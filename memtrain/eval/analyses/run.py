@@ -127,6 +127,8 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
     name = Path(defaults.model_dir).name if Path(defaults.model_dir).name != "model" else Path(defaults.model_dir).parent.name
     out = Path(cfg.output_dir or Path("analyses") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(out, cfg.overwrite)
+    if "localization" in cfg.analyses:  # fail before loading anything
+        localization.ground_truth_path(recipe.localization, defaults.model_dir)
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
     accelerator = dist.make_accelerator(report_to)
