@@ -44,7 +44,7 @@ def test_scripts_reach_the_testbed_only_through_the_resolver():
         modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         testbed = {m for m in modules if m.startswith("memtrain.testbed")}
         # the builders' own commands: the testbed, the full-size fixtures with their photos and smoke
-        builders = {"build_testbed.py": {"memtrain.testbed.build"},
+        builders = {"build_testbed.py": {"memtrain.testbed.build", "memtrain.testbed.planted"},
                     "build_sd_fixture.py": {"memtrain.testbed.full_size", "memtrain.testbed.photos"},
                     "smoke_full_size.py": {"memtrain.testbed.full_size", "memtrain.testbed.smoke"}}
         allowed_here = allowed | builders.get(script.name, set())

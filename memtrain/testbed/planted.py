@@ -41,8 +41,9 @@ from memtrain.core.files import staged_dir
 from memtrain.core.manifest import load_image, read_manifest, write_manifest
 from memtrain.core.sampling import SAMPLER_FILE, sample
 from memtrain.core.text import encode_prompts
+from memtrain.metrics import get_descriptor
 from memtrain.mitigations.nemo import blocked_neurons, value_layers
-from memtrain.testbed.build import TestbedConfig, testbed_card
+from memtrain.testbed.build import TestbedConfig, build_or_reuse, default_testbed_dir, testbed_card
 from memtrain.testbed.reference import ensure_reference_model
 from memtrain.testbed.train_unet import TrainConfig, train_unet
 
@@ -145,8 +146,6 @@ def train_planted(bundle, layers, neurons, latents, text, uncond, substitutes, n
 def build_planted(testbed_root: str | Path, output_dir: str | Path | None = None, config: PlantedConfig | None = None,
                   metric: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Build (or reuse, unless overwrite) the planted testbed next to a built testbed; returns its card."""
-    from memtrain.metrics import get_descriptor
-
     cfg = config or PlantedConfig()
     root = Path(testbed_root)
     out = Path(output_dir) if output_dir else planted_dir(root)
@@ -191,6 +190,20 @@ def build_planted(testbed_root: str | Path, output_dir: str | Path | None = None
                 "seed": cfg.seed, "planted": {k: planted[k] for k in ("n_planted", "memorized", "config")}, **card}
         (tmp / "testbed_card.json").write_text(json.dumps(card, indent=2))
     return card
+
+
+def planted_variant(base: str | Path | None, output_dir: str | Path | None, seed: int = 0, metric: str | None = None,
+                    progress: bool = True, overwrite: bool = False) -> tuple[dict, Path]:
+    """scripts/build_testbed.py --variant planted: the base testbed (default: the cached one,
+    built first if missing) and the planted testbed (default: cached beside it)."""
+    if base is None:
+        build_or_reuse(None, seed=seed, metric=metric, progress=progress)
+    root = Path(base) if base else default_testbed_dir(seed)
+    out = Path(output_dir) if output_dir else planted_dir(root)
+    if out.exists() and any(out.iterdir()) and not (out / "testbed_card.json").is_file() and not overwrite:
+        raise MemtrainError(f"output dir '{out}' exists and is not a planted testbed: choose another or pass --overwrite")
+    card = build_planted(root, out, PlantedConfig(seed=seed), metric=metric, progress=progress, overwrite=overwrite)
+    return card, out
 
 
 def _changed_rows(unet, before: dict) -> dict[str, list[int]]:
