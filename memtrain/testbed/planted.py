@@ -45,7 +45,6 @@ from memtrain.metrics import get_descriptor
 from memtrain.mitigations.nemo import blocked_neurons, value_layers
 from memtrain.testbed.build import TestbedConfig, build_or_reuse, default_testbed_dir, testbed_card
 from memtrain.testbed.reference import ensure_reference_model
-from memtrain.testbed.train_unet import TrainConfig, train_unet
 
 PLANTED_FILE = "planted.json"
 
