@@ -186,3 +186,24 @@ def test_journal_round_trips_units_and_refuses_changed_runs(tmp_path):
         WorkJournal(out, {"seeds": 3}, resume=True)
     again.close()
     assert not journal_dir(out).exists()
+
+
+def test_journal_refuses_to_resume_with_other_code(tmp_path):
+    """The fingerprint records memtrain's version and commit; a run begun by other code is not
+    resumed (its units may have been computed differently)."""
+    import json
+
+    import memtrain
+    from memtrain.core.errors import MemtrainError
+    from memtrain.core.journal import FINGERPRINT, WorkJournal, journal_dir
+    from memtrain.core.provenance import code_version
+
+    WorkJournal(tmp_path / "out", {"seeds": 2}, resume=False)
+    saved_file = journal_dir(tmp_path / "out") / FINGERPRINT
+    saved = json.loads(saved_file.read_text())
+    assert saved["code"] == code_version() and saved["code"]["memtrain"] == memtrain.__version__
+    WorkJournal(tmp_path / "out", {"seeds": 2}, resume=True)  # same code: resumes
+    saved["code"]["memtrain"] = "0.0.0-older"
+    saved_file.write_text(json.dumps(saved))
+    with pytest.raises(MemtrainError, match=r"cannot resume .*code.*0\.0\.0-older"):
+        WorkJournal(tmp_path / "out", {"seeds": 2}, resume=True)

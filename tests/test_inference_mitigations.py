@@ -1,6 +1,8 @@
-"""The sampler-side (paper 002, 003) and prompt-string (Somepalli et al.) mitigations on a tiny
-random SD1.x-shaped bundle: each changes only what it claims (guidance scale per step, or the
-prompt string), leaves weights and text path alone, and without it sampling is bit-identical."""
+"""The sampler-side (paper 002, 003), attention (Ren), embedding-optimizing (Wen) and
+prompt-string (Somepalli et al.) mitigations, each on a tiny random SD1.x-shaped bundle (fast
+tier) and on the real memorizing testbed (slow tier): each changes only what it claims (guidance
+scale per step, attention logits, the condition, or the prompt string), leaves weights and text
+path alone, and without it sampling is bit-identical."""
 
 from __future__ import annotations
 
@@ -21,8 +23,13 @@ SETTINGS = SamplerSettings(scheduler="ddim", guidance_scale=3.0, num_inference_s
 SAMPLER_SIDE = ["guidance_static", "guidance_dynamic", "guidance_opposite", "overestimation_switch"]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", pytest.param("testbed", marks=pytest.mark.slow)])
+def bundle(request, tmp_path_factory):
+    if request.param == "testbed":
+        import memtrain.testbed  # noqa: F401  (registers the testbed's codec)
+        from memtrain.core.bundle import load_bundle
+
+        return load_bundle(request.getfixturevalue("testbed_dir") / "model")
     torch.set_num_threads(1)
     return tiny_bundle(None, tokenizer=build_clip_tokenizer(tmp_path_factory.mktemp("tok")))
 

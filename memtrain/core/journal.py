@@ -2,7 +2,7 @@
 
 A command that writes OUT (audit, evaluate) keeps `.OUT.resume/` beside it while it works:
 
-    fingerprint.json        what the run is (command line, recipe, model, manifests): a resume
+    fingerprint.json        what the run is (command line, recipe, model, manifests, code): a resume
                             with anything else is refused, naming the first difference
     units/<key>.json        one finished unit (a chunk of targets in one stage, ...): its JSON part
     units/<key>.safetensors its arrays (no pickle: safetensors and JSON are all that is read back)
@@ -29,6 +29,7 @@ from memtrain.core import run as dist
 from memtrain.core.config import first_difference
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import atomic_write_bytes, sha256_file, write_json
+from memtrain.core.provenance import code_version
 from memtrain.core.report import to_jsonable
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class WorkJournal:
         self.folder = journal_dir(output_dir)
         self.units = self.folder / "units"
         self.accelerator = accelerator
+        fingerprint = {**fingerprint, "code": code_version()}  # resuming with other code is refused too
         dist.run_checked(lambda: self._open(fingerprint, resume), accelerator)
         # every process lists the finished units before any process writes a new one
         self.finished = {p.stem for p in self.units.glob("*.json")} if self.units.is_dir() else set()

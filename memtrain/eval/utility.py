@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import memtrain
 from memtrain.core import run as dist
+from memtrain.core.provenance import code_version
 from memtrain.core.manifest import ManifestItem, load_image, read_manifest
 from memtrain.core.sampling import SampleOutput
 from memtrain.metrics import (ClipScorer, MetricBackendError, fid, inception_features, inception_model_path, kid,
@@ -29,7 +30,9 @@ Sampler = Callable[[list[str], list[int]], SampleOutput]
 
 def versions() -> dict:
     """Versions of the software that produced a report."""
-    return {"memtrain": memtrain.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    code = code_version()
+    return {"memtrain": memtrain.__version__, "memtrain_commit": code["commit"], "memtrain_changes": code["changes"],
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "python": platform.python_version()}
 
