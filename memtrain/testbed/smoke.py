@@ -80,6 +80,16 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
         assert [x["mitigation"] for x in r["results"]] == ["none", "pad_eot", "pad_mask", "nemo", "wanda"]
         assert all(x["verdict"] and x["weights_restored"] for x in r["results"]), r["results"]
 
+    def check_detect() -> None:
+        d = json.loads((out / "detect" / "detect.json").read_text())["detectors"]
+        assert set(d) == {"wen", "nemo", "transition_point", "overestimation"}, sorted(d)
+        assert all(0.0 <= r["auc"] <= 1.0 and len(r["scores"]["memorized"]) == 4 for r in d.values()), d
+
+    def check_analyze() -> None:
+        for name in ("guidance", "overestimation"):
+            doc = json.loads((out / "analyze" / f"{name}.json").read_text())
+            assert doc["analysis"] == name and list((out / "analyze").glob(f"{name}*.png")), sorted(doc)
+
     def check_finetune(name: str) -> Callable[[], None]:
         def check() -> None:
             report = json.loads((out / name / "audit" / "report.json").read_text())
@@ -97,6 +107,10 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
         ("audit", _script("audit", "--mitigation", "none", "pad_eot", "pad_mask", "nemo", "wanda", *common, "--seeds", "2",
                           "--manifest", mem, "--control_manifest", held, "--reference_manifest", held,
                           "--recipe", "recipes/audit_smoke.yaml", "--output_dir", out / "audit"), check_audit),
+        ("detect", _script("detect", "--model", model, "--memorized", mem, "--non_memorized", held, "--seeds", "1",
+                           "--num_inference_steps", "2", "--output_dir", out / "detect", "--no_progress"), check_detect),
+        ("analyze", _script("analyze", "guidance", "overestimation", *common, "--manifest", mem, "--non_memorized", held,
+                            "--set", "sampler.num_inference_steps=4", "--output_dir", out / "analyze"), check_analyze),
         ("adv_finetune full", finetune + [f"output_dir={out / 'finetune_full'}"], check_finetune("finetune_full")),
         ("adv_finetune lora", finetune + ["train.finetune=lora", f"output_dir={out / 'finetune_lora'}"],
          check_finetune("finetune_lora")),
