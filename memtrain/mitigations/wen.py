@@ -32,6 +32,7 @@ class Wen(Mitigation):
     changes = ("text-embedding path, at generation time: the condition is optimized (Adam) until "
                "||eps(x_T, e) - eps(x_T, null)|| < target_loss")
     inference_time = True
+    optimizes_at_generation = True
 
     target_loss: float = 3.0
     lr: float = 0.05

@@ -47,7 +47,7 @@ from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, att
                                         stage_figures, target_chunk, unmitigated_chunk, _images, _max)
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
 from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
-from memtrain.eval.audit.verdict import verdict, verdict_reason
+from memtrain.eval.audit.verdict import judge_over_budgets, verdict, verdict_reason
 from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
 from memtrain.metrics import get_descriptor, not_computed
 from memtrain.mitigations import THREAT_MODELS, Mitigation, applied, search_space_ablation
@@ -247,6 +247,7 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
                       attack_variant=attack_config(ctx, mitigation)[1])
         if curve_budgets(ctx):
             result["robustness"] = robustness_curve(ctx, gathered, space, result)
+            judge_over_budgets(result, ctx.recipe.verdict)
         check = ctx.recipe.search_space_check
         if not checked and (check == "always" or (check == "ineffective" and result["verdict"] == "ineffective")):
             ablation = search_space_ablation(mitigation, ctx.bundle.unet)  # same on every rank
