@@ -164,7 +164,8 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
                  "utility images.")
     md.heading("Verdicts")
     md.table([{"mitigation": r["mitigation"], "threat model": r["threat_model"], "attack": r["attack_variant"],
-               **{k: r[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict")}}
+               **{k: r[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control")},
+               "verdict": r["verdict"] + (f" (after {r['verdict_budget']} steps)" if r.get("verdict_budget") else "")}
               for r in results])
     md.paragraph("Threat models: `weights` (the attacker has the released weights and runs their own sampler: an "
                  "inference-time mitigation is `bypassed`, a weight edit faces the embedding attack), `embedding` "
