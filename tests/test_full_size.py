@@ -31,6 +31,7 @@ def test_sd2_variants_pad_with_bang_and_21_predicts_v():
     assert variant("sd14").pad_token == "<|endoftext|>" and variant("sd21-base").pad_token == "!"
     assert sd_scheduler("sd21").config.prediction_type == "v_prediction"
     assert sd_scheduler("sd21-base").config.prediction_type == "epsilon"
+    assert sd_scheduler("sd14").config.clip_sample is False  # as SD v1.x's published scheduler config
     with init_empty_weights():
         unet, _, _ = sd_modules("sd21")
     assert unet.config.sample_size == 96 and unet.config.upcast_attention

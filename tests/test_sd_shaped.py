@@ -67,6 +67,8 @@ def test_scheduler_choice(sd_shaped_dir, name):
     bundle = load_bundle(sd_shaped_dir)
     out = sample(bundle, ["a cat"], seeds=[0], settings=SamplerSettings(num_inference_steps=3, scheduler=name))
     assert torch.isfinite(out.images).all()
+    # the fixture ships a PNDM config without clip_sample: SD latents are never clipped to [-1, 1]
+    assert getattr(bundle.make_scheduler(name).config, "clip_sample", False) is False
 
 
 def test_bad_inputs(sd_shaped_dir, tmp_path):

@@ -8,6 +8,7 @@ built in, and other codecs (the testbed's pixel codec) register themselves with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -65,6 +66,18 @@ class ModelDefaults:
         return cls(model_dir=str(model))
 
 
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers warns on every module .to() that "modules that should be kept in float32: []":
+    an empty list, nothing for the user to act on, so its logger is quieted inside."""
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
 @dataclass
 class ModelBundle:
     """One Stable-Diffusion-style model: U-Net, text encoder, tokenizer, autoencoder (or a
@@ -116,15 +129,9 @@ class ModelBundle:
         return self.scheduler.config.prediction_type
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        # diffusers warns on every .to() that "modules that should be kept in float32: []": an
-        # empty list, nothing for the user to act on, so its logger is quieted for the move
-        previous = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
+        with quiet_diffusers():
             for module in (self.unet, self.text_encoder, self.vae):
                 module.to(device=device, dtype=dtype)
-        finally:
-            diffusers_logging.set_verbosity(previous)
         return self
 
     def eval(self) -> "ModelBundle":
@@ -231,7 +238,10 @@ def load_bundle(
             f"(registered: {', '.join(_CODECS)}; a testbed codec registers when memtrain.testbed is imported)"
         )
     vae = _CODECS[vae_class_name].from_pretrained(path / "vae", torch_dtype=dtype)
-    scheduler_config = DDIMScheduler.load_config(path / "scheduler")
+    scheduler_config = dict(DDIMScheduler.load_config(path / "scheduler"))
+    # DDIM/DDPM default to clipping x0 to [-1, 1], a pixel-space setting: latents are not clipped
+    # in any SD release, so a config that does not say (a PNDM config) means no clipping
+    scheduler_config.setdefault("clip_sample", False)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     bundle = ModelBundle(unet, text_encoder, tokenizer, vae, scheduler, source=str(model), path=str(path))
     return bundle.to(device=device).eval()

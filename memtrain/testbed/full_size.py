@@ -100,8 +100,12 @@ def sd_scheduler(name: str):
     v = variant(name)
     if v.prediction_type == "v_prediction":
         return DDIMScheduler(**_SCHEDULE, prediction_type="v_prediction")
-    return PNDMScheduler(**{k: x for k, x in _SCHEDULE.items() if k != "clip_sample"}, skip_prk_steps=True,
+    pndm = PNDMScheduler(**{k: x for k, x in _SCHEDULE.items() if k != "clip_sample"}, skip_prk_steps=True,
                          prediction_type="epsilon")
+    # PNDM takes no clip_sample, but SD v1.x's published scheduler_config.json carries
+    # "clip_sample": false, which the DDIM/DDPM samplers built from it then read
+    pndm.register_to_config(clip_sample=False)
+    return pndm
 
 
 def build_random_sd(name: str, folder: str | Path, resolution: int | None = None, seed: int = 0,

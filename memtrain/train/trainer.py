@@ -31,7 +31,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from memtrain.attack import attack
-from memtrain.core.bundle import ModelDefaults, load_bundle
+from memtrain.core.bundle import ModelDefaults, load_bundle, quiet_diffusers
 from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
 from memtrain.core.diffusion import training_scheduler
@@ -101,8 +101,9 @@ class AdvFinetuner:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
         # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)
         if self.weight_dtype != torch.float32:
-            self.bundle.text_encoder.to(dtype=self.weight_dtype)
-            self.bundle.vae.to(dtype=self.weight_dtype)
+            with quiet_diffusers():
+                self.bundle.text_encoder.to(dtype=self.weight_dtype)
+                self.bundle.vae.to(dtype=self.weight_dtype)
         self.scheduler = training_scheduler(self.bundle)
         self.memorized = list(read_manifest(r.memorized_manifest, require_images=True, strict=True))
         self.utility = load_utility(r.utility)
@@ -367,8 +368,9 @@ class AdvFinetuner:
                 else:
                     self.bundle.unet = unet
                     if self.weight_dtype != torch.float32:
-                        self.bundle.text_encoder.to(dtype=torch.float32)
-                        self.bundle.vae.to(dtype=torch.float32)
+                        with quiet_diffusers():
+                            self.bundle.text_encoder.to(dtype=torch.float32)
+                            self.bundle.vae.to(dtype=torch.float32)
                     self.bundle.save(tmp)
                     sampler = Path(self.bundle.path) / SAMPLER_FILE
                     if sampler.is_file():
