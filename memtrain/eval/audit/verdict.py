@@ -67,8 +67,6 @@ def verdict_reason(name: str, v: str, r: dict, rule: VerdictRule) -> str:
             f"attack reaches {f['mr_attack']} (control {f['mr_control']})")
 
 
-
-
 def strongest_budget(curve: dict) -> int:
     """Index of the robustness-curve budget where the attack beats the control by most (the
     largest such budget on ties, so the full attack wins a tie)."""
