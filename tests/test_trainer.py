@@ -380,3 +380,20 @@ def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
                 "--warmup", "0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"concatenated / separate: \d+\.\d\dx", proc.stdout)
+
+
+def test_half_precision_on_the_cpu_runs_fp32(tiny_setup, tmp_path, caplog):
+    """SD's recipe asks fp16; on the CPU that would cast the frozen VAE and text tower to half
+    precision, whose CPU kernels are many times slower (a full-size setup stalled on it)."""
+    import torch
+
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner
+
+    recipe = load_recipe(str(tiny_recipe(tiny_setup, tmp_path / "half")), ["train.mixed_precision=fp16",
+                                                                          "report_to=none"])
+    trainer = AdvFinetuner(recipe)
+    trainer.setup()
+    assert trainer.acc.mixed_precision == "no" and trainer.weight_dtype == torch.float32
+    assert {p.dtype for p in trainer.bundle.text_encoder.parameters()} == {torch.float32}
+    assert "running fp32" in caplog.text

@@ -12,6 +12,7 @@ result does not depend on how many processes ran, which is what lets 2 processes
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import StagedOutput
 from memtrain.core.report import format_value, is_not_computed, scalar_figures, to_jsonable, to_pil
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -139,6 +142,22 @@ def on_main(accelerator=None) -> Iterator[bool]:
 # ----------------------------------------------------------------------------- accelerator
 
 
+def runs_on_cpu() -> bool:
+    """True when accelerate will place work on the CPU (no CUDA device, or ACCELERATE_USE_CPU)."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or not torch.cuda.is_available()
+
+
+def cpu_stays_fp32(mixed_precision: str | None) -> str | None:
+    """'no' for fp16/bf16 on the CPU, with a warning: accelerate accepts them there, but the
+    frozen VAE and text tower cast to half precision run many times slower on CPU kernels."""
+    if mixed_precision in ("fp16", "bf16") and runs_on_cpu():
+        log.warning("mixed_precision=%s asked for on the CPU: running fp32 (half precision is a GPU setting)",
+                    mixed_precision)
+        return "no"
+    return mixed_precision
+
+
 def make_accelerator(report_to: str | None = None, mixed_precision: str | None = None,
                      gradient_accumulation_steps: int = 1, project_dir: str | os.PathLike = ".") -> Accelerator:
     """The one Accelerator constructor: trackers by name, gloo for several CPU processes.
@@ -148,6 +167,7 @@ def make_accelerator(report_to: str | None = None, mixed_precision: str | None =
     log_with = None if report_to in (None, "none") else report_to
     if log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise MemtrainError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    mixed_precision = cpu_stays_fp32(mixed_precision)
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))

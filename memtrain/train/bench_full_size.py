@@ -115,7 +115,7 @@ def bench_full_finetune(trainer: AdvFinetuner, steps: int, warmup: int = 1) -> d
     rate = time_steps(trainer, concat=True, steps=steps, warmup=warmup)
     device = trainer.acc.device
     return {"steps": steps, "seconds_per_image": 1 / rate, "peak_memory_gb": peak_memory_gb(device),
-            "finetune": trainer.recipe.train.finetune, "mixed_precision": trainer.recipe.train.mixed_precision,
+            "finetune": trainer.recipe.train.finetune, "mixed_precision": trainer.acc.mixed_precision,
             "gradient_checkpointing": trainer.recipe.train.gradient_checkpointing}
 
 

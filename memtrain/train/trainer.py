@@ -98,7 +98,7 @@ class AdvFinetuner:
                                           self.out)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.bundle = load_bundle(r.model, device=acc.device)
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)
         if self.weight_dtype != torch.float32:
             with quiet_diffusers():
