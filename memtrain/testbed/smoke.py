@@ -113,11 +113,11 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
         ("evaluate", _script("evaluate", *common, "--manifest", mem, "--steps", "2", "--output_dir", out / "evaluate"),
          check_evaluate),
         ("triage", _script("triage", mem, *common, "--steps", "2", "--output_dir", out / "triage"), check_triage),
-        # NeMo's memorization score compares seeds: the audit needs two
+        # NeMo's memorization score compares seeds: the audit and detect need two
         ("audit", _script("audit", "--mitigation", "all", *common, "--seeds", "2",
                           "--manifest", mem, "--control_manifest", held, "--reference_manifest", held,
                           "--recipe", "recipes/audit_smoke.yaml", "--output_dir", out / "audit"), check_audit),
-        ("detect", _script("detect", "--model", model, "--memorized", mem, "--non_memorized", held, "--seeds", "1",
+        ("detect", _script("detect", "--model", model, "--memorized", mem, "--non_memorized", held, "--seeds", "2",
                            "--num_inference_steps", "2", "--output_dir", out / "detect", "--no_progress"), check_detect),
         ("analyze", _script("analyze", "guidance", "overestimation", *common, "--manifest", mem, "--non_memorized", held,
                             "--set", "sampler.num_inference_steps=4", "--output_dir", out / "analyze"), check_analyze),
