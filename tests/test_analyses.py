@@ -148,6 +148,17 @@ def test_analyze_all_writes_json_plots_markdown_and_wandb_images(dev_testbed, tm
     assert len(media) >= 6, "every plot logged as a W&B image"
 
 
+def test_overestimation_with_one_seed_has_no_spread_and_still_plots(dev_testbed, tmp_path):
+    """The full-size smoke's budget (one seed): no across-seed spread, not a crash on the log axis."""
+    out = tmp_path / "one_seed"
+    proc = _analyze(dev_testbed, out, "overestimation", "--seeds", "1", "--max_prompts", "2", "--no_progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "overestimation.json").read_text())
+    assert doc["groups"]["memorized"]["trace_cov"] is None
+    assert doc["summary"]["memorized"]["trace_cov_step_quarter"] is None
+    assert (out / "overestimation.png").stat().st_size > 10_000
+
+
 def test_bad_analyze_input_is_one_line_and_keeps_a_previous_run(dev_testbed, tmp_path):
     out = tmp_path / "previous"
     out.mkdir()

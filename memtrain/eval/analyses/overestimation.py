@@ -89,7 +89,8 @@ def group_figures(inputs: AnalysisInputs, group: str, scheduler: str | None = No
     at_T = lambda v: v[first].flatten(0, 1)  # noqa: E731
     doc["cos_eps_uncond_x_T"] = _cos(at_T(record.eps_uncond), at_T(record.x_t)).tolist()
     doc["cos_eps_cond_x_T"] = _cos(at_T(record.eps_cond), at_T(record.x_t)).tolist()
-    doc["trace_cov"] = record.x_t.flatten(3).var(dim=2, unbiased=True).sum(dim=-1).T.tolist()  # (N, K)
+    # a spread across seeds needs two of them; one seed has none (not zero)
+    doc["trace_cov"] = record.x_t.flatten(3).var(dim=2, unbiased=True).sum(dim=-1).T.tolist() if s > 1 else None
     w0f, wTf = decompose(record.x_t, x0_final, x_T)
     doc["final_x0"] = {"w0": w0f.mean(axis=2).T.tolist(), "wT": wTf.mean(axis=2).T.tolist(),
                        **{k: v.tolist() for k, v in deviation_sums(w0f.mean(axis=2).T, wTf.mean(axis=2).T, abar).items()}}
@@ -115,7 +116,8 @@ def run(inputs: AnalysisInputs, settings: OverestimationSettings, out: Path) -> 
     doc: dict = {"groups": groups, "summary": {}}
     for g, r in groups.items():
         row = {"k_max_mean": float(np.max(np.mean(r["k"], axis=0))) if "k" in r else None,
-               "trace_cov_step_quarter": float(np.mean(np.asarray(r["trace_cov"])[:, len(r["timesteps"]) // 4])),
+               "trace_cov_step_quarter": float(np.mean(np.asarray(r["trace_cov"])[:, len(r["timesteps"]) // 4]))
+               if r["trace_cov"] is not None else None,
                "cos_eps_cond_minus_x_T_neg_x": float(np.median(r["cos_eps_cond_minus_x_T_neg_x"]))
                if "cos_eps_cond_minus_x_T_neg_x" in r else None,
                "pc1_cos_x_first_quarter": float(np.mean(np.asarray(r["pc1_cos_x"])[:, : max(1, len(r["timesteps"]) // 4)]))
@@ -173,9 +175,13 @@ def plot(inputs: AnalysisInputs, groups: dict, doc: dict, path: Path) -> None:
     ax.set_xticks(range(len(keys)), [k[1] for k in keys], fontsize=8)
     ax.set(ylabel="cosine", title=f"(b) noise predictions at t = {any_group['t_T_used']}")
     ax = axes[0, 2]
-    for g, r in groups.items():
-        band(ax, steps, np.asarray(r["trace_cov"]), label(g), COLORS[g])
-    ax.set_yscale("log")
+    spread = {g: r["trace_cov"] for g, r in groups.items() if r["trace_cov"] is not None}
+    for g, values in spread.items():
+        band(ax, steps, np.asarray(values), label(g), COLORS[g])
+    if spread:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "needs 2 or more seeds", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="sampling step", ylabel="trace Cov(x_t) across seeds", title="(c) latent diversity")
     ax = axes[1, 0]
     for g, r in groups.items():
