@@ -1,9 +1,10 @@
 """Run every command on random-weight full-size SD fixtures with the smallest budgets and check
 what each wrote; wall time and peak memory per step go to WORK/smoke.json.
 
-    python scripts/smoke_full_size.py [--work runs/smoke] [--variants sd14 sd21-base] [--only audit ...]
+    python scripts/smoke_full_size.py [--work runs/smoke] [--variants sd14 sd21-base] [--only audit ...] [--resolution 256]
 
-Fixtures are built once into WORK (4 GB each at 256 px) and reused. Exit 1 if any step failed.
+Fixtures are built once into WORK (4 GB each) and reused. `--resolution` sets the fixtures' image
+size (multiple of 64): SD's weights and shapes at any size, CPU time shrinking with the pixels. Exit 1 if any step failed.
 """
 
 import argparse
@@ -20,9 +21,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/smoke")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["sd14", "sd21-base"])
+    parser.add_argument("--resolution", type=int, default=256, help="fixture image size (multiple of 64)")
     parser.add_argument("--only", nargs="+", default=None, help="step names (evaluate, triage, audit, ...)")
     args = parser.parse_args()
-    results = run_smoke(Path(args.work), args.variants, set(args.only) if args.only else None)
+    results = run_smoke(Path(args.work), args.variants, set(args.only) if args.only else None, args.resolution)
     failed = [f"{r['variant']}/{r['step']}" for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)} of {len(results)} steps passed" + (f"; failed: {failed}" if failed else ""))
     sys.exit(1 if failed else 0)

@@ -161,26 +161,38 @@ def _check_built(model: Path) -> None:
     assert (model / "model_index.json").is_file() and (model / "unet").is_dir(), f"no diffusers folder at {model}"
 
 
-def run_smoke(work: Path, variants: list[str], only: set[str] | None = None) -> list[dict]:
-    """Every step on every variant; a failed step is recorded (with its log) and the rest go on."""
+def _key(row: dict) -> tuple:
+    return row.get("variant"), row.get("resolution"), row["step"]
+
+
+def _earlier_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def run_smoke(work: Path, variants: list[str], only: set[str] | None = None, resolution: int = 256) -> list[dict]:
+    """Every step on every variant; a failed step is recorded (with its log) and the rest go on.
+
+    `resolution` is the fixtures' default image size: the weights and their shapes are SD's at any
+    size, only the activations (and so the CPU time) shrink with it.
+    """
     work.mkdir(parents=True, exist_ok=True)
     photos = work / "photos"
     if not (photos / "memorized.jsonl").is_file():
         write_photo_manifests(photos)
-    results = []
+    results, earlier = [], _earlier_rows(work / "smoke.json")
     name, argv, check, server = fetch_step(photos, work)
-    todo = [(None, name, argv, check)] if not only or name in only else []
+    todo = [(None, work, name, argv, check)] if not only or name in only else []
     for variant in variants:
-        model = work / f"{variant}-256"
+        model = work / f"{variant}-{resolution}"
+        out = work / f"{variant}-{resolution}px"  # its logs and outputs
         if not (model / "model_index.json").is_file():  # built once, kept for the next smoke
-            build = _script("build_sd_fixture", variant, model, "--resolution", "256", "--overwrite")
-            todo.append((variant, "build_sd_fixture", build, functools.partial(_check_built, model)))
-        todo += [(variant, n, a, c) for n, a, c in steps(model, photos, work / variant) if not only or n in only]
-    for variant, name, argv, check in todo:
-        folder = work / (variant or "")
+            build = _script("build_sd_fixture", variant, model, "--resolution", str(resolution), "--overwrite")
+            todo.append((variant, out, "build_sd_fixture", build, functools.partial(_check_built, model)))
+        todo += [(variant, out, n, a, c) for n, a, c in steps(model, photos, out) if not only or n in only]
+    for variant, folder, name, argv, check in todo:
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / f"{name.replace(' ', '_')}.log"
-        row = {"variant": variant, "step": name, **run_step(argv, log), "log": str(log)}
+        row = {"variant": variant, "resolution": resolution, "step": name, **run_step(argv, log), "log": str(log)}
         try:
             if row["exit_code"] != 0:
                 raise MemtrainError(log.read_text().strip().splitlines()[-1] if log.stat().st_size else "no output")
@@ -190,6 +202,8 @@ def run_smoke(work: Path, variants: list[str], only: set[str] | None = None) -> 
             row.update(ok=False, error=str(e)[:300])
         results.append(row)
         print(json.dumps(row), flush=True)
-        write_json(work / "smoke.json", results)
+        # a rerun of some steps (--only) replaces their rows and keeps the others' figures
+        done = {_key(r) for r in results}
+        write_json(work / "smoke.json", [r for r in earlier if _key(r) not in done] + results)
     server.shutdown()
     return results
