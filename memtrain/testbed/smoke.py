@@ -83,8 +83,11 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
     def check_audit() -> None:
         r = json.loads((out / "audit" / "report.json").read_text())
         expected = ["none"] + [n for n in available_mitigations() if n != "none"]
-        assert [x["mitigation"] for x in r["results"]] == expected, [x["mitigation"] for x in r["results"]]
-        assert all(x["verdict"] and x["weights_restored"] for x in r["results"]), r["results"]
+        names = list(dict.fromkeys(x["mitigation"] for x in r["results"]))  # a row per threat model
+        assert names == expected, names
+        # a bypassed row ran nothing (the attacker samples without the mitigation): nothing to restore
+        assert all(x["verdict"] and (x["verdict"] == "bypassed" or x["weights_restored"]) for x in r["results"]), \
+            [(x["label"] if "label" in x else x["mitigation"], x["verdict"]) for x in r["results"]]
 
     def check_detect() -> None:
         d = json.loads((out / "detect" / "detect.json").read_text())["detectors"]
