@@ -99,7 +99,7 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
             doc = json.loads((out / "analyze" / f"{name}.json").read_text())
             assert doc["analysis"] == name and list((out / "analyze").glob(f"{name}*.png")), sorted(doc)
 
-    def check_finetune(name: str, world: int = 1) -> Callable[[], None]:
+    def check_finetune(name: str, world: int = 1, distributed: str | None = None) -> Callable[[], None]:
         def check() -> None:
             report = json.loads((out / name / "audit" / "report.json").read_text())
             assert "memorization" in report and (out / name / "model").is_dir(), sorted(report)
@@ -108,6 +108,8 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
                 sums = [json.loads((out / name / "debug" / f"rank{r}_checksum.json").read_text()) for r in range(world)]
                 assert {c["world_size"] for c in sums} == {world}, sums
                 assert len({c["sha256"] for c in sums}) == 1, sums
+                assert sums[0]["distributed_type"] == f"DistributedType.{distributed}", sums[0]
+                assert distributed != "DEEPSPEED" or sums[0]["zero_stage"] == 2, sums[0]
         return check
 
     finetune = _script("adv_finetune", "recipes/sd14.yaml", f"model={model}", f"memorized_manifest={mem}",
@@ -129,17 +131,20 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
          check_finetune("finetune_lora")),
         # two processes hold a U-Net each: only LoRA fits twice in 24 GB (a full one peaks at 16-18 GB)
         ("adv_finetune lora ddp", _launch(["--multi_gpu"], finetune, "finetune_lora_ddp", out),
-         check_finetune("finetune_lora_ddp", world=2)),
+         check_finetune("finetune_lora_ddp", world=2, distributed="MULTI_GPU" if torch.cuda.is_available()
+                        else "MULTI_CPU")),
         ("adv_finetune lora zero2", _launch(["--use_deepspeed", "--deepspeed_config_file",
                                              str(REPO / "accelerate_configs" / "ds_zero2.json")],
                                             finetune, "finetune_lora_zero2", out),
-         check_finetune("finetune_lora_zero2", world=2)),
+         check_finetune("finetune_lora_zero2", world=2, distributed="DEEPSPEED")),
     ]
 
 
 def _launch(flags: list[str], finetune: list[str], name: str, out: Path) -> list[str]:
     """The LoRA fine-tuning command under a 2-process `accelerate launch` on the CPU (gloo)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines", "1",
+    # ACCELERATE_USE_CPU makes accelerate drop DeepSpeed silently (plain MULTI_CPU): only DDP gets it
+    unset = [] if "--multi_gpu" in flags else ["env", "-u", "ACCELERATE_USE_CPU"]
+    return [*unset, sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", *finetune[1:], "train.finetune=lora",
             "debug_rank_checksums=true", f"output_dir={out / name}"]
 
