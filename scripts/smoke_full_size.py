@@ -2,9 +2,12 @@
 what each wrote; wall time and peak memory per step go to WORK/smoke.json.
 
     python scripts/smoke_full_size.py [--work runs/smoke] [--variants sd14 sd21-base] [--only audit ...] [--resolution 256]
+        [--keep_checkpoints]
 
 Fixtures are built once into WORK (4 GB each) and reused. `--resolution` sets the fixtures' image
-size (multiple of 64): SD's weights and shapes at any size, CPU time shrinking with the pixels. Exit 1 if any step failed.
+size (multiple of 64): SD's weights and shapes at any size, CPU time shrinking with the pixels.
+Fine-tuning checkpoints (~10 GB each at full size) are deleted once checked unless
+`--keep_checkpoints`; plan on ~25 GB free besides. Exit 1 if any step failed.
 """
 
 import argparse
@@ -23,8 +26,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["sd14", "sd21-base"])
     parser.add_argument("--resolution", type=int, default=256, help="fixture image size (multiple of 64)")
     parser.add_argument("--only", nargs="+", default=None, help="step names (evaluate, triage, audit, ...)")
+    parser.add_argument("--keep_checkpoints", action="store_true", help="keep the fine-tuning checkpoints")
     args = parser.parse_args()
-    results = run_smoke(Path(args.work), args.variants, set(args.only) if args.only else None, args.resolution)
+    results = run_smoke(Path(args.work), args.variants, set(args.only) if args.only else None, args.resolution,
+                        args.keep_checkpoints)
     failed = [f"{r['variant']}/{r['step']}" for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)} of {len(results)} steps passed" + (f"; failed: {failed}" if failed else ""))
     sys.exit(1 if failed else 0)

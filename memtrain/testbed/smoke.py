@@ -13,6 +13,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ FINETUNE = [  # recipes/sd14.yaml at the smallest budget that still runs each pa
     "attack.steps=2", "attack.noise_samples=1", "surrogates.mitigation=pad_mask", "surrogates.per_prompt=1",
     "surrogates.sampler.num_inference_steps=2", "audit.seeds=1", "audit.max_items=1", "audit.kid=false",
     "audit.sampler.num_inference_steps=2", "audit.full_recipe=recipes/audit_smoke.yaml", "audit.full_max_targets=1",
-    "checkpointing.steps=2", "report_to=wandb",
+    "checkpointing.steps=2", "checkpointing.total_limit=1", "report_to=wandb",
 ]
 
 
@@ -177,8 +178,22 @@ def _earlier_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def run_smoke(work: Path, variants: list[str], only: set[str] | None = None, resolution: int = 256) -> list[dict]:
+def _drop_checkpoints(folder: Path) -> float:
+    """Delete the fine-tuning checkpoints under `folder` (a full SD one is ~10 GB: U-Net and Adam
+    states in fp32); their size in GB. The fine-tuned model and the reports stay."""
+    size = 0.0
+    for ckpts in folder.glob("*/checkpoints"):
+        size += sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file()) / 2**30
+        shutil.rmtree(ckpts)
+    return round(size, 1)
+
+
+def run_smoke(work: Path, variants: list[str], only: set[str] | None = None, resolution: int = 256,
+              keep_checkpoints: bool = False) -> list[dict]:
     """Every step on every variant; a failed step is recorded (with its log) and the rest go on.
+
+    Checkpoints are deleted once a step has been checked (`keep_checkpoints` keeps them): both
+    variants' fine-tuning runs would otherwise write ~60 GB.
 
     `resolution` is the fixtures' default image size: the weights and their shapes are SD's at any
     size, only the activations (and so the CPU time) shrink with it.
@@ -206,6 +221,8 @@ def run_smoke(work: Path, variants: list[str], only: set[str] | None = None, res
                 raise MemtrainError(log.read_text().strip().splitlines()[-1] if log.stat().st_size else "no output")
             check()
             row["ok"] = True
+            if not keep_checkpoints and name.startswith("adv_finetune"):
+                row["checkpoints_gb"] = _drop_checkpoints(folder)
         except (AssertionError, MemtrainError, OSError, KeyError, ValueError) as e:
             row.update(ok=False, error=str(e)[:300])
         results.append(row)
