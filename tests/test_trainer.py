@@ -86,6 +86,7 @@ def env(**extra) -> dict:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
          "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
     e.pop("WORLD_SIZE", None)
+    e.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed silently: tests that want it pass it
     e.update(extra)
     return e
 
@@ -111,7 +112,7 @@ def test_ddp_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
                 str(SCRIPT), str(recipe)], timeout=420, ACCELERATE_USE_CPU="true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = checksum(out, 0), checksum(out, 1)
-    assert a["world_size"] == b["world_size"] == 2
+    assert a["world_size"] == b["world_size"] == 2 and a["distributed_type"] == "DistributedType.MULTI_CPU"
     assert a["sha256"] == b["sha256"] and a["sum"] == b["sum"]
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
