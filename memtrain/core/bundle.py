@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,10 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.runtime import DTYPE_NAMES, Runtime, run_in_chunks
 from memtrain.core.sampling import SamplerSettings
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -32,6 +36,9 @@ SCHEDULERS = {
 }
 _SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 _CODECS: dict[str, type] = {"AutoencoderKL": AutoencoderKL}
+# Images per autoencoder call when no memory plan set them (ModelBundle.batch_limits): a
+# manifest never goes through the VAE in one call.
+DEFAULT_VAE_BATCH = 16
 
 
 def register_codec(cls: type) -> type:
@@ -90,6 +97,9 @@ class ModelBundle:
     scheduler: object
     source: str = ""  # what the user named (path or hub id)
     path: str = ""  # the local folder it was loaded from
+    # images per VAE call by stage (vae_encode, vae_decode), from the command's memory plan
+    batch_limits: dict = field(default_factory=dict)
+    runtime: Runtime | None = None  # records the batch sizes used, when a command set one
 
     @property
     def sampler_settings(self) -> SamplerSettings:
@@ -148,9 +158,18 @@ class ModelBundle:
             )
         return SCHEDULERS[key].from_config(self.scheduler.config)
 
+    def _chunked(self, stage: str, inputs: torch.Tensor, fn) -> torch.Tensor:
+        batch = self.batch_limits.get(stage, DEFAULT_VAE_BATCH)
+        parts = run_in_chunks(len(inputs), batch, lambda a, b: fn(inputs[a:b]), stage, self.runtime)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> latents the U-Net is trained on."""
+        """Images in [-1, 1] (B, 3, H, W) -> latents the U-Net is trained on, in chunks of the
+        plan's `vae_encode` batch."""
+        return self._chunked("vae_encode", images, self._encode)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(device=self.vae.device, dtype=self.vae.dtype)
         if isinstance(self.vae, AutoencoderKL):
             latents = self.vae.encode(images).latent_dist.mean
@@ -159,7 +178,10 @@ class ModelBundle:
         return self.vae.encode_images(images)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1]."""
+        """Latents -> images in [-1, 1], in chunks of the plan's `vae_decode` batch."""
+        return self._chunked("vae_decode", latents, self._decode)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
         if isinstance(self.vae, AutoencoderKL):
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -244,7 +266,9 @@ def load_bundle(
     scheduler_config.setdefault("clip_sample", False)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     bundle = ModelBundle(unet, text_encoder, tokenizer, vae, scheduler, source=str(model), path=str(path))
-    return bundle.to(device=device).eval()
+    bundle.to(device=device).eval()
+    log.info("loaded %s on %s in %s", model, bundle.device, DTYPE_NAMES.get(bundle.dtype, bundle.dtype))
+    return bundle
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # StableDiffusionPipeline.save_lora_weights' name

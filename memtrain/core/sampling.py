@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +21,10 @@ from tqdm.auto import tqdm
 
 from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
+from memtrain.core.runtime import is_out_of_memory, release_cached_memory
 from memtrain.core.text import TextEmbedding, encode_prompts
+
+log = logging.getLogger(__name__)
 
 # hook(step_index, t, x_t, eps_cond, eps_uncond) -> None (keep) | float | tensor (B,) guidance
 GuidanceHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], object]
@@ -180,8 +184,9 @@ def sample(
     traj_x0: list[torch.Tensor] = []
     timesteps_used: list[int] = []
 
-    for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="sampling"):
-        chunk = jobs[start : start + batch_size]
+    runtime = getattr(bundle, "runtime", None)
+
+    def run_chunk(chunk: list[tuple[int, int]]):
         idx = torch.tensor([i for i, _ in chunk])
         x = torch.stack([initial_noise(seeds[s], shape) for _, s in chunk]).to(device, dtype)
         generators = step_generators([seeds[s] for _, s in chunk])
@@ -210,13 +215,40 @@ def sample(
                 chunk_xt.append(x.float().cpu())
                 chunk_x0.append(_x0_from_eps(sched, eps, x, t).float().cpu())
             x = scheduler_step(sched, guided, t, x, generators)
-        if start == 0:
-            timesteps_used = [int(t) for t in sched.timesteps]
         images = (bundle.decode_latents(x).float().cpu() / 2 + 0.5).clamp(0, 1)
+        return [int(t) for t in sched.timesteps], x.float().cpu(), images, chunk_xt, chunk_x0
+
+    # Images depend only on their input and seed, so a chunk that runs out of memory is split
+    # in two (once per run) and the halves give the same images.
+    pending = [jobs[s : s + batch_size] for s in range(0, len(jobs), batch_size)]
+    halved = False
+    bar = tqdm(total=len(jobs), disable=not progress, desc="sampling")
+    while pending:
+        chunk = pending.pop(0)
+        try:
+            used, x, images, chunk_xt, chunk_x0 = run_chunk(chunk)
+        except Exception as err:
+            if not is_out_of_memory(err) or halved or len(chunk) == 1:
+                if is_out_of_memory(err):
+                    raise MemtrainError(f"out of memory while sampling {len(chunk)} images at once: lower "
+                                        "--max_memory (or the sampler's batch_size)") from None
+                raise
+            release_cached_memory()
+            halved, half = True, len(chunk) // 2
+            log.warning("out of memory while sampling %d images: retrying in batches of %d", len(chunk), half)
+            if runtime is not None:
+                runtime.notes.append(f"generation: out of memory, batch halved to {half}")
+            pending = [c[s : s + half] for c in [chunk] + pending for s in range(0, len(c), half)]
+            continue
+        if runtime is not None:
+            runtime.record("generation", len(chunk))
+        bar.update(len(chunk))
+        if not timesteps_used:
+            timesteps_used = used
         if images_out is None:
             images_out = torch.empty(n_inputs, n_seeds, *images.shape[1:])
         for k, (i, s) in enumerate(chunk):
-            latents_out[i, s] = x[k].float().cpu()
+            latents_out[i, s] = x[k]
             images_out[i, s] = images[k]
         if return_trajectory:
             for step in range(len(chunk_xt)):
@@ -226,4 +258,5 @@ def sample(
                 for k, (i, s) in enumerate(chunk):
                     traj_xt[step][i, s] = chunk_xt[step][k]
                     traj_x0[step][i, s] = chunk_x0[step][k]
+    bar.close()
     return SampleOutput(images_out, latents_out, timesteps_used, traj_xt, traj_x0)
