@@ -25,6 +25,9 @@ def main(argv=None) -> None:
         argv = ["--analysis", *names, *argv]
     cfg = config_from_cli(AnalyzeConfig, __doc__, argv)
     results = analyze(cfg, resolve_model(cfg.model, progress=cfg.progress))
+    if cfg.runtime.plan:
+        print(results["plan"]["plan_text"])
+        return
     for name, doc in results.items():
         print(f"{name:<15} {doc['seconds']:.0f} s")
     if results:

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     cfg = config_from_cli(AuditConfig, __doc__, argv)
     doc = audit(cfg, resolve_model(cfg.model, progress=cfg.progress))
     if is_main_process():
-        print(summary(doc))
+        print(doc["plan_text"] if cfg.runtime.plan else summary(doc))
 
 
 if __name__ == "__main__":

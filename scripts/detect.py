@@ -16,6 +16,9 @@ from memtrain.testbed.resolver import resolve_model
 def main(argv=None) -> None:
     cfg = config_from_cli(DetectConfig, __doc__, argv)
     doc = detect(cfg, resolve_model(cfg.model, progress=cfg.progress))
+    if cfg.runtime.plan:
+        print(doc["plan_text"])
+        return
     for name, r in doc["detectors"].items():
         print(f"{name:<17} AUC {r['auc']:.3f}  TPR@1%FPR {r['tpr_at_1pct_fpr']:.2f}  {r['seconds_per_prompt']:.2f} s/prompt")
     print(f"wrote {doc['output_dir']}")

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     cfg = config_from_cli(EvaluateConfig, __doc__, argv)
     metrics = evaluate(cfg, resolve_model(cfg.model, progress=cfg.progress))
     if is_main_process():
-        print(summary(metrics))
+        print(metrics["plan_text"] if cfg.runtime.plan else summary(metrics))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def main(argv=None) -> None:
     release_manifest(values["release"])  # a URL-only release fails now, before any model is built
     result = triage(cfg, values["release"], resolve_model(cfg.model, progress=cfg.progress),
                     duplicate_threshold=values["duplicate_threshold"])
-    if is_main_process():
+    if is_main_process() and cfg.runtime.plan:
+        print(result["plan_text"])
+    elif is_main_process():
         print(f"{result['n_replicating']} of {result['n_evaluated']} prompts replicate; "
               f"manifests in {result['output_dir']}")
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memtrain.core.bundle import quiet_diffusers
 from memtrain.core.errors import MemtrainError
 
 USABLE_FRACTION = 0.9  # of the budget; the rest is the allocator's and the kernels' headroom
@@ -97,9 +98,10 @@ def _peak_bytes(run) -> int:
 
 
 def _meta_module(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_diffusers():
         module = cls.from_config(config)
-    return module.to(dtype).eval().requires_grad_(False)
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
 
 
 def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -146,7 +148,6 @@ def unet_row_bytes(unet, latent_size: int, dtype: torch.dtype, mode: str = "infe
 @functools.lru_cache(maxsize=32)
 def _vae_row_cached(cls, config_json: str, pixels: int, latent: int, dtype: torch.dtype, decode: bool) -> int:
     from memtrain.core.bundle import ModelBundle  # the bundle's encode/decode, on a meta VAE
-
     vae = _meta_module(cls, json.loads(config_json), dtype)
     bundle = ModelBundle(None, None, None, vae, None)
     channels = getattr(vae.config, "latent_channels", None) or vae.config.get("latent_channels", 4)
@@ -241,11 +242,12 @@ def plan_memory(bundle, dtype: torch.dtype, budget_bytes: int, stages: dict[str,
     usable = USABLE_FRACTION * budget_bytes - weights
     plan = MemoryPlan(str(device), DTYPE_NAMES[dtype], bundle.pixel_resolution, round(budget_bytes / GB, 2),
                       round(weights / GB, 3))
-    for stage, cost in row_costs(bundle, dtype, stages).items():
+    costs = row_costs(bundle, dtype, stages)
+    for stage, cost in costs.items():
         wanted = max(1, int(stages[stage]))
         batch = min(wanted, int(usable // cost)) if usable > 0 else 0
-        if batch < 1:
-            need = (weights + cost) / USABLE_FRACTION / GB
+        if batch < 1:  # name the budget that fits one row of every stage
+            need = (weights + max(costs.values())) / USABLE_FRACTION / GB
             raise MemtrainError(
                 f"--max_memory {budget_bytes / GB:.1f} GB is too small for one row of stage '{stage}' at "
                 f"{bundle.pixel_resolution} px in {DTYPE_NAMES[dtype]} (weights {weights / GB:.2f} GB + "
@@ -280,3 +282,23 @@ def meta_bundle(model_dir: str | Path, resolution: int | None = None):
             raise MemtrainError(f"--resolution {resolution} must be a multiple of {factor} for this model")
         unet.register_to_config(sample_size=resolution // factor)
     return bundle
+
+
+def plan_for_run(bundle, runtime, stages: dict[str, int]) -> MemoryPlan:
+    """Plan `stages` for a loaded bundle under `runtime`, and make the bundle use it: VAE calls in
+    the planned chunks, batch sizes recorded in the runtime (report.json's `runtime`)."""
+    plan = plan_memory(bundle, runtime.dtype, runtime.budget_bytes, stages, str(runtime.device))
+    bundle.batch_limits = {k: plan.batch(k) for k in ("vae_encode", "vae_decode") if k in plan.stages}
+    bundle.runtime = runtime
+    runtime.plan = plan.to_dict()
+    return plan
+
+
+def folder_plan(model_dir: str | Path, options, stages: dict[str, int]) -> dict:
+    """`--plan` of any command: resolve the runtime options (no model loaded, nothing written),
+    plan `stages` from the model folder's configs and return {"plan": dict, "plan_text": str}."""
+    from memtrain.core.runtime import resolve_runtime
+
+    runtime = resolve_runtime(options)
+    plan = plan_memory(meta_bundle(model_dir), runtime.dtype, runtime.budget_bytes, stages, str(runtime.device))
+    return {"plan": plan.to_dict(), "plan_text": plan.format()}

@@ -10,6 +10,7 @@ size each stage actually used, and reports what ran under report.json's `runtime
 from __future__ import annotations
 
 import logging
+import os
 import re
 import resource
 import sys
@@ -92,6 +93,7 @@ class Runtime:
     budget_source: str = "auto"
     batch_sizes: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    plan: dict | None = None  # the memory plan the batch sizes came from (memtrain.core.memory)
 
     @property
     def dtype_name(self) -> str:
@@ -111,7 +113,7 @@ class Runtime:
         """report.json's `runtime`."""
         return {"device": str(self.device), "dtype": self.dtype_name, "batch_sizes": dict(self.batch_sizes),
                 "peak_memory_gb": self.peak_memory_gb(), "max_memory_gb": round(self.budget_bytes / 1e9, 2),
-                "max_memory": self.budget_source, "notes": list(self.notes)}
+                "max_memory": self.budget_source, "notes": list(self.notes), "plan": self.plan}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -129,12 +131,15 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def resolve_device(requested: torch.device | None, accelerator=None) -> torch.device:
-    """The device to run on; a CUDA device that does not exist is a one-line error."""
+def resolve_device(requested: torch.device | None, accelerator=None, planning: bool = False) -> torch.device:
+    """The device to run on; a CUDA device that does not exist is a one-line error (except when
+    only planning for it: `--plan --device cuda --max_memory 80GB` on a machine without one)."""
     default = accelerator.device if accelerator is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if requested is None:
         return torch.device(default)
+    if requested.type == "cuda" and planning and not torch.cuda.is_available():
+        return requested
     if requested.type == "cuda":
         if not torch.cuda.is_available():
             raise MemtrainError(f"--device {requested}: no CUDA device is visible here; use --device cpu "
@@ -152,6 +157,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     name is honoured on any device (half precision runs on CPU too, slowly); bf16 on a CUDA
     device without bf16 is an error naming fp16."""
     key = parse_dtype(name)
+    if device.type == "cuda" and not torch.cuda.is_available():  # planning for an absent GPU
+        return torch.float16 if key == "auto" else DTYPES[key]
     if key == "auto":
         if device.type != "cuda":
             return torch.float32
@@ -165,9 +172,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_runtime(options: RuntimeOptions | None = None, accelerator=None) -> Runtime:
     """The Runtime for these options on this process; TF32 on for CUDA, peak statistics reset."""
     options = options or RuntimeOptions()
-    device = resolve_device(parse_device(options.device), accelerator)
+    device = resolve_device(parse_device(options.device), accelerator, planning=options.plan)
     dtype = resolve_dtype(options.dtype, device)
     budget = parse_memory(options.max_memory)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if budget is None:
+            raise MemtrainError(f"--plan for {device} on a machine without one needs --max_memory (e.g. 80GB)")
+        return Runtime(device, dtype, int(budget), options.max_memory)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -176,6 +187,8 @@ def resolve_runtime(options: RuntimeOptions | None = None, accelerator=None) -> 
     source = "auto" if budget is None else options.max_memory
     if budget is None:
         budget = free_memory_bytes(device)
+        if device.type == "cpu":  # processes of one launch share the machine's RAM
+            budget //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     runtime = Runtime(device, dtype, int(budget), source)
     log.info("running on %s in %s, memory budget %.1f GB (%s)", device, runtime.dtype_name, budget / 1e9, source)
     return runtime

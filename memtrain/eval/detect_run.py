@@ -11,11 +11,14 @@ from pathlib import Path
 from memtrain.core import report
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_bundle
+from memtrain.core.config import build
+from memtrain.core.memory import folder_plan, plan_for_run
+from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir, write_json
 from memtrain.core.manifest import read_manifest
-from memtrain.core.sampling import SamplerOverrides, check_seeds
+from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds
 from memtrain.eval.detect import DETECTORS, auc, roc_points, score_prompts, tpr_at_fpr
 from memtrain.eval.utility import versions
 
@@ -34,8 +37,11 @@ class DetectConfig:
     output_dir: str | None = option(None, "default: detections/<model>-<time>")
     overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
     progress: bool = option(True, "progress logging")
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
         for name in self.detectors or ():
             if name not in DETECTORS:
                 raise MemtrainError(f"unknown detector '{name}': choose one of {', '.join(DETECTORS)}")
@@ -60,6 +66,9 @@ def _prompts(path: str | None, flag: str, defaults: ModelDefaults, role: str, li
 def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
     """Score every detector; returns detect.json's content and writes the outputs."""
     defaults = defaults or ModelDefaults.plain(cfg.model)
+    if cfg.runtime.plan:
+        batch = SamplerSettings.for_model(defaults.model_dir).with_overrides(cfg.sampler).batch_size
+        return folder_plan(defaults.model_dir, cfg.runtime, {"generation": batch, "vae_decode": batch})
     names = list(cfg.detectors or DETECTORS)
     pos_path, positives = _prompts(cfg.memorized, "--memorized", defaults, "memorized", cfg.max_prompts)
     neg_path, negatives = _prompts(cfg.non_memorized, "--non_memorized", defaults, "unique", cfg.max_prompts)
@@ -67,8 +76,11 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
     out = Path(cfg.output_dir or Path("detections") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(out, cfg.overwrite)
     accelerator = dist.make_accelerator(None)
-    bundle = load_bundle(defaults.model_dir, device=accelerator.device)
+    runtime = resolve_runtime(cfg.runtime, accelerator)
+    bundle = load_bundle(defaults.model_dir, device=runtime.device, dtype=runtime.dtype)
     settings = bundle.sampler_settings.with_overrides(cfg.sampler)
+    plan = plan_for_run(bundle, runtime, {"generation": settings.batch_size, "vae_decode": settings.batch_size})
+    settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
     seeds = check_seeds(range(cfg.seeds))
     results = {}
     for detector in names:
@@ -84,7 +96,7 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
            "sampler": settings.to_dict(), "device": str(bundle.device), "versions": versions(),
            "tpr_note": (f"TPR at 1% FPR with {len(negatives)} non-memorized prompts: 1% allows "
                         f"{int(0.01 * len(negatives))} of them past the threshold"),
-           "detectors": results}
+           "detectors": results, "runtime": runtime.to_dict()}
     with dist.OutputRun(accelerator, out, cfg.overwrite, "memtrain-detect", dataclasses.asdict(cfg), trackers=False) as run:
         if run.folder is not None:
             write_json(run.folder / "detect.json", doc)

@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from memtrain.core import report
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_bundle, weights_checksum
+from memtrain.core.config import build
+from memtrain.core.memory import folder_plan, plan_for_run
+from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
@@ -72,8 +75,11 @@ class EvaluateConfig:
     grid_items: int = option(32, "prompts shown in the image grids")
     grid_cell: int = option(128, "grid cell size in pixels")
     progress: bool = option(True, "progress bars")
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
         if self.seeds < 1:
             raise MemtrainError(f"--seeds must be >= 1, got {self.seeds}")
         if self.fid_prompts is not None and self.fid_prompts < 2:
@@ -299,14 +305,19 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     written."""
     start = time.time()
     defaults = defaults or ModelDefaults.plain(cfg.model)
+    if cfg.runtime.plan:
+        return evaluate_plan(cfg, defaults)
     owns = accelerator is None
     accelerator = accelerator or dist.make_accelerator(cfg.report_to)
     inputs = resolve_inputs(cfg, defaults, accelerator)
     seeds = check_seeds(range(cfg.seeds))
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
-    bundle = load_bundle(inputs.model_dir, device=accelerator.device)
+    runtime = resolve_runtime(cfg.runtime, accelerator)
+    bundle = load_bundle(inputs.model_dir, device=runtime.device, dtype=runtime.dtype)
     settings = sampler_settings(bundle, cfg.sampler)
+    plan = plan_for_run(bundle, runtime, evaluate_stages(settings))
+    settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
     fid_manifest = cfg.fid_manifest or (defaults.manifest("utility") if cfg.fid_prompts is not None else None)
     with dist.OutputRun(accelerator, inputs.output_dir, cfg.overwrite, cfg.project, dataclasses.asdict(cfg),
                         trackers=owns) as out:
@@ -321,6 +332,7 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
             *json_unit(), collective=True)
         metrics = assemble(cfg, defaults, inputs, results, descriptor, scorer, clip_reason, bundle, settings, seeds,
                            accelerator, fid_entry, kid_entry, fid_notes, time.time() - start)
+        metrics["runtime"] = runtime.to_dict()
         if out.folder is not None:
             grids = evaluate_report.write_outputs(out.folder, metrics, inputs.items, results, cfg.grid_cell)
             evaluate_report.log_tracker(accelerator, metrics, grids)
@@ -332,11 +344,24 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     return metrics
 
 
+def evaluate_stages(settings: SamplerSettings) -> dict[str, int]:
+    """What evaluate's model stages ask for: sampling batches and their decode."""
+    return {"generation": settings.batch_size, "vae_decode": settings.batch_size}
+
+
+def evaluate_plan(cfg: EvaluateConfig, defaults: ModelDefaults) -> dict:
+    """`--plan`: batch sizes and estimated peaks from the model folder's configs (meta device)."""
+    settings = SamplerSettings.for_model(defaults.model_dir).with_overrides(cfg.sampler)
+    return folder_plan(defaults.model_dir, cfg.runtime, evaluate_stages(settings))
+
+
 def fingerprint(cfg: EvaluateConfig, inputs: Inputs, bundle, fid_manifest: str | None) -> dict:
     """What a resumed evaluation must share with the interrupted one: the command line (but how
     it is run and shown), the model's weights and the bytes of the manifests and images."""
     run_only = ("resume", "overwrite", "progress", "report_to", "project")
-    return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
+    command = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only}
+    command["runtime"] = {k: v for k, v in command["runtime"].items() if k in ("device", "dtype")}
+    return {"command": command,
             "weights": weights_checksum(bundle), "manifests": file_digests([inputs.manifest_path, fid_manifest]),
             "images": file_digests([it.image for it in inputs.items if inputs.has_images])}
 
@@ -372,6 +397,7 @@ def assemble(cfg, defaults: ModelDefaults, inputs: Inputs, results, descriptor, 
         "seeds": list(seeds),
         "num_processes": dist.world(accelerator)[1],
         "device": str(bundle.device),
+        "dtype": str(bundle.dtype).replace("torch.", ""),
         "versions": versions(),
         "seconds": round(seconds, 1),
         "output_dir": str(inputs.output_dir.absolute()),

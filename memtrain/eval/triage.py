@@ -140,6 +140,8 @@ def triage(cfg: EvaluateConfig, release: str, defaults=None, duplicate_threshold
     dup = cfg.threshold if duplicate_threshold is None else duplicate_threshold
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     metrics = evaluate(cfg, defaults, extra_outputs=triage_outputs(cfg.threshold, dup, descriptor))
+    if cfg.runtime.plan:
+        return metrics
     maxima = {row["id"]: row.get("sscd_orig_max") for row in metrics["items"]}
     return {"n_replicating": sum(v is not None and v > cfg.threshold for v in maxima.values()),
             "n_evaluated": len(maxima), "output_dir": metrics["output_dir"]}

@@ -16,13 +16,16 @@ from PIL import Image
 
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_bundle
+from memtrain.core.config import build
+from memtrain.core.memory import folder_plan, plan_for_run
+from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.cli import option
 from memtrain.core.config import apply_overrides, build, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir, write_json
 from memtrain.core.manifest import read_manifest
 from memtrain.core.report import MarkdownReport, to_jsonable
-from memtrain.core.sampling import SamplerOverrides, check_seeds
+from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds
 from memtrain.eval.analyses import guidance, interventions, locality, localization, overestimation
 from memtrain.eval.analyses.inputs import AnalysisInputs
 from memtrain.eval.utility import versions
@@ -80,8 +83,11 @@ class AnalyzeConfig:
     report_to: str | None = option(None, "also log the plots to a tracker: wandb (or none)")
     project: str = option("memtrain-analyze", "tracker project name")
     progress: bool = option(True, "progress logging")
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
         if any(a == "all" for a in self.analyses):  # every analysis that needs no ground truth
             self.analyses = [a for a in ANALYSES if a != "localization"]
         for name in self.analyses:
@@ -121,6 +127,9 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
     defaults = defaults or ModelDefaults.plain(cfg.model)
     path = recipe_path(cfg, defaults)
     recipe = load_analysis_recipe(path, cfg.overrides or ())
+    if cfg.runtime.plan:
+        batch = SamplerSettings.for_model(defaults.model_dir).with_overrides(recipe.sampler).batch_size
+        return {"plan": folder_plan(defaults.model_dir, cfg.runtime, {"generation": batch, "vae_decode": batch})}
     limit = cfg.max_prompts or recipe.max_prompts
     mem_path, memorized = _items(cfg.manifest, "--manifest", defaults, "memorized", limit)
     non_path, non_memorized = _items(cfg.non_memorized, "--non_memorized", defaults, "unique", limit)
@@ -132,8 +141,11 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
     accelerator = dist.make_accelerator(report_to)
-    bundle = load_bundle(defaults.model_dir, device=accelerator.device)
+    runtime = resolve_runtime(cfg.runtime, accelerator)
+    bundle = load_bundle(defaults.model_dir, device=runtime.device, dtype=runtime.dtype)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)
+    plan = plan_for_run(bundle, runtime, {"generation": settings.batch_size, "vae_decode": settings.batch_size})
+    settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
     inputs = AnalysisInputs(bundle, settings, check_seeds(range(cfg.seeds or recipe.seeds)),
                             {"memorized": memorized, "non_memorized": non_memorized}, descriptor,
                             defaults.label or name)
@@ -149,7 +161,7 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
             start = time.perf_counter()
             doc, md = ANALYSES[analysis](inputs, getattr(recipe, analysis), folder)
             doc = {"analysis": analysis, **common, "settings": dataclasses.asdict(getattr(recipe, analysis)),
-                   "seconds": round(time.perf_counter() - start, 1), **doc}
+                   "seconds": round(time.perf_counter() - start, 1), **doc, "runtime": runtime.to_dict()}
             results[analysis] = doc
             if run.folder is not None:
                 write_json(run.folder / f"{analysis}.json", to_jsonable(doc))

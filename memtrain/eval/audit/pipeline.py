@@ -38,7 +38,9 @@ from memtrain.core.files import check_output_dir
 from memtrain.core.journal import (WorkJournal, check_fresh_start, decoder, encode_records, encode_stages,
                                    json_unit, stages_decoder)
 from memtrain.core.manifest import ManifestItem, read_manifest
-from memtrain.core.sampling import check_seeds, sample
+from memtrain.core.memory import folder_plan, plan_for_run
+from memtrain.core.runtime import resolve_runtime
+from memtrain.core.sampling import SamplerSettings, check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
 from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, build_mitigations, fingerprint, resolve_recipe,
@@ -336,6 +338,21 @@ def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inp
         m.prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
 
 
+def audit_stages(settings, recipe: AuditRecipe) -> dict[str, int]:
+    """What each of the audit's model stages asks for: sampling batches (and their decode), the
+    targets of one chunk through the VAE, the attack's rows per forward."""
+    return {"generation": settings.batch_size, "vae_decode": settings.batch_size,
+            "vae_encode": recipe.chunk_targets, "attack": recipe.attack.max_batch}
+
+
+def audit_plan(cfg: AuditConfig, defaults: ModelDefaults) -> dict:
+    """`--plan`: the batch sizes and estimated peaks for this model, dtype and budget, from the
+    model folder's configs on the meta device (no weights read, nothing written)."""
+    recipe, _ = resolve_recipe(cfg, defaults)
+    settings = SamplerSettings.for_model(defaults.model_dir).with_overrides(recipe.sampler)
+    return folder_plan(defaults.model_dir, cfg.runtime, audit_stages(settings, recipe))
+
+
 def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> dict:
     """Run the audit; returns report.json's content (every process) and writes the outputs (main
     process). `defaults` are the model's (its manifests, CLIP, recipe: scripts get them from the
@@ -343,6 +360,8 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     Bad input raises MemtrainError before anything is written."""
     start = time.time()
     defaults = defaults or ModelDefaults.plain(cfg.model)
+    if cfg.runtime.plan:
+        return audit_plan(cfg, defaults)
     recipe, recipe_path = resolve_recipe(cfg, defaults)
     mitigations = build_mitigations(cfg.mitigations, recipe)  # unknown names fail here, listing the known
     plans = {m.name: plan_threats(m, cfg.threat_models) for m in mitigations}  # before any model loads
@@ -353,12 +372,17 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
     dist.run_checked(lambda: check_images(inputs.targets + inputs.control), accelerator)
-    bundle = load_bundle(inputs.model_dir, device=accelerator.device)
+    runtime = resolve_runtime(cfg.runtime, accelerator)
+    bundle = load_bundle(inputs.model_dir, device=runtime.device, dtype=runtime.dtype)
     if cfg.lora:
         fuse_lora_weights(bundle, cfg.lora)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)
     bundle.make_scheduler(settings.scheduler)  # an unknown name fails here, in one line
-    ctx = Context(bundle, descriptor, scorer, clip_reason, settings, seeds, recipe, recipe.attack, accelerator,
+    plan = plan_for_run(bundle, runtime, audit_stages(settings, recipe))
+    settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
+    attack = dataclasses.replace(recipe.attack, max_batch=plan.batch("attack"))
+    runtime.record("attack", min(attack.max_batch, recipe.chunk_targets * attack.noise_samples))
+    ctx = Context(bundle, descriptor, scorer, clip_reason, settings, seeds, recipe, attack, accelerator,
                   cfg.progress)
     checksum = weights_checksum(bundle)
     dist.run_checked(lambda: prepare_mitigations(ctx, mitigations, inputs), accelerator)
@@ -383,6 +407,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
             "settings": settings_doc(cfg, recipe, inputs, ctx, notes, time.time() - start),
             "versions": versions(),
             "num_processes": dist.world(accelerator)[1],
+            "runtime": runtime.to_dict(),
             "results": [r.result for r in runs],
         }
         if out.folder is not None:

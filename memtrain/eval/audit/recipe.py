@@ -16,6 +16,7 @@ from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import check_fresh_start, file_digests
 from memtrain.core.manifest import read_manifest
+from memtrain.core.runtime import RuntimeOptions
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit.verdict import VerdictRule
 from memtrain.metrics import MR_THRESHOLD
@@ -132,8 +133,11 @@ class AuditConfig:
     clip_model: str | None = option(None, "CLIPModel folder for A_CLIP (default: the model's CLIP, if any)")
     project: str = option("memtrain-audit", "tracker project name")
     progress: bool = option(True, "progress logging")
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
         if not self.mitigations:
             raise MemtrainError("name at least one mitigation (--mitigation none nemo ...)")
         for threat in self.threat_models or ():
@@ -189,7 +193,10 @@ def fingerprint(cfg: AuditConfig, recipe: AuditRecipe, inputs, checksum: str) ->
     run and shown), the recipe, the model's weights and the bytes of every manifest and image."""
     run_only = ("resume", "overwrite", "progress", "report_to", "project")
     images = [it.image for it in inputs.targets + inputs.control]
-    return {"command": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only},
+    command = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only}
+    # the budget only sizes batches (round-off, not figures): a resume may run on another card
+    command["runtime"] = {k: v for k, v in command["runtime"].items() if k in ("device", "dtype")}
+    return {"command": command,
             "recipe": dataclasses.asdict(recipe), "weights": checksum,
             "manifests": file_digests(list(inputs.manifests.values())), "images": file_digests(images)}
 
@@ -206,6 +213,6 @@ def settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs, ctx, notes: list
         "control_attack_streams": f"seed {ctx.attack.seed}, indices {CONTROL_STREAM} + held-out index",
         "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": str(inputs.recipe_path),
         "recipe": dataclasses.asdict(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
-        "device": str(ctx.bundle.device), "seconds": round(seconds, 1), "notes": notes,
+        "device": str(ctx.bundle.device), "dtype": str(ctx.bundle.dtype).replace("torch.", ""), "seconds": round(seconds, 1), "notes": notes,
         "output_dir": str(inputs.output_dir.absolute()),
     }
