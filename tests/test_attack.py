@@ -6,6 +6,7 @@ The real check on the memorizing testbed is in test_audit.py (slow tier)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -205,6 +206,37 @@ def test_nan_target_is_stopped_and_reported(bundle):
         assert_same_adam_path(result.embeddings[k], clean.embeddings[k], QUICK)
     looped = attack_loop(bundle, poisoned, PROMPTS, QUICK)
     assert looped.failed == [1] and 1 in looped.reasons
+
+
+def test_out_of_memory_halves_the_chunk_once_and_redoes_the_step(bundle, caplog):
+    """9 rows per step in chunks of 8: the second chunk runs out of memory once, after the first
+    one's backward. The step is redone from zero gradients in chunks of 4, so the attack equals
+    one run with max_batch=4 from the start; a second out of memory is a one-line error."""
+    latents = latents_for(bundle)
+    config = dataclasses.replace(QUICK, max_batch=8)
+    spent = []
+
+    def once(x, t, y):
+        if x.shape[0] == 1 and not spent:
+            spent.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return bundle.unet(x, t, encoder_hidden_states=y).sample
+
+    with caplog.at_level(logging.WARNING, logger="memtrain.attack.dori"):
+        result = attack(bundle, latents, PROMPTS, config, unet_forward=once)
+    reference = attack(bundle, latents, PROMPTS, dataclasses.replace(QUICK, max_batch=4))
+    assert spent and torch.equal(result.embeddings, reference.embeddings)
+    assert torch.equal(result.loss_trace, reference.loss_trace)
+    assert "out of memory in stage 'attack'" in caplog.text and "batch 4" in caplog.text
+    assert config.max_batch == 8  # the caller's (shared) config is left alone
+
+    def small(x, t, y):
+        if x.shape[0] > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+        return bundle.unet(x, t, encoder_hidden_states=y).sample
+
+    with pytest.raises(MemtrainError, match="out of memory in stage 'attack' at batch 4 even after halving"):
+        attack(bundle, latents, PROMPTS, config, unet_forward=small)
 
 
 # The real check on the memorizing testbed (the testbed attack recipe brings the memorized images

@@ -13,10 +13,18 @@ Adam is element-wise, so one optimizer on the stacked (B, 77, D) parameter takes
 steps as B separate optimizers. Each target draws its noise from its own generator seeded by
 (config.seed, target index), so `attack` and the one-target-at-a-time `attack_loop` see the
 same noise and agree to float tolerance (tests/test_attack.py checks it).
+
+Half precision (issue #27): y_adv and Adam's state stay float32 and only the forward runs in the
+model's dtype. In fp16 each step's loss is multiplied by a dynamic loss scale before backward so
+small gradients do not flush to zero in fp16; a step whose gradients overflow is redone with the
+same noise draws at half the scale, and the gradients are divided by the scale before Adam. bf16
+(fp32's exponent range) and fp32 run unscaled. A step that runs out of memory is redone once with
+half as many U-Net rows per chunk.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import dataclasses
 from dataclasses import dataclass, field
@@ -26,11 +34,24 @@ import torch
 
 from memtrain.core.diffusion import frozen, generator, regression_target, training_scheduler
 from memtrain.core.errors import MemtrainError
+from memtrain.core.runtime import is_out_of_memory, release_cached_memory
 from memtrain.core.text import TokenLayout, encode_prompts
+
+log = logging.getLogger(__name__)
 
 INITS = ("prompt", "random", "other_prompt", "alternate")
 # forward(x_t, t, y) -> raw U-Net output, the same contract as memtrain.core.sampling.sample
 UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# fp16 loss scaling: the first step's scale, and the floor that bounds the halvings (at scale 1 a
+# gradient that is still non-finite is the target's own, not an artefact of the scale)
+FP16_LOSS_SCALE = 2.0**16
+MIN_LOSS_SCALE = 1.0
+
+
+def initial_loss_scale(dtype: torch.dtype) -> float:
+    """The loss scale an attack starts with: FP16_LOSS_SCALE for fp16 models, else 1 (no scaling:
+    bf16 has fp32's exponent range, so its gradients do not underflow)."""
+    return FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
 
 
 @dataclass
@@ -214,6 +235,11 @@ class DoriAttack:
         self.y = torch.nn.Parameter(start.to(self.device))
         self.optimizer = torch.optim.Adam([self.y], lr=float(self.config.lr))
         self.live = torch.ones(n, dtype=torch.bool)
+        # the step's current scale (fp16 only; 1 otherwise) and U-Net rows per chunk (halved
+        # once on out of memory); the config is left alone since callers share it
+        self.loss_scale = initial_loss_scale(self.dtype)
+        self.max_batch = int(self.config.max_batch)
+        self._batch_halved = False
         self.failed: list[int] = []
         self.reasons: dict[int, str] = {}
         self.trace: list[torch.Tensor] = []
@@ -254,27 +280,73 @@ class DoriAttack:
         return (out.float() - target.to(dev)).pow(2).flatten(1).mean(dim=1)
 
     def step(self) -> torch.Tensor:
-        """One attack step; returns (B,) losses (NaN for targets already stopped)."""
-        n, k = len(self.indices), self.config.noise_samples
+        """One attack step; returns (B,) losses (NaN for targets already stopped).
+
+        In fp16 the gradients come from the loss times `loss_scale`; if a target with a finite
+        loss gets a non-finite gradient, the scale is halved and the step redone with the same
+        noise draws, down to MIN_LOSS_SCALE. Targets whose loss is non-finite are stopped (the
+        scale cannot help them), as are targets whose gradient is non-finite even at the floor.
+        """
+        n = len(self.indices)
         losses = torch.full((n,), float("nan"))
         live = self.live.nonzero().flatten().tolist()
         if not live:
             self.trace.append(losses)
             return losses
-        owners, noise, times = self._draw(live)
-        self.optimizer.zero_grad(set_to_none=False)
-        step_loss = torch.zeros(n)
-        for s in range(0, len(owners), self.config.max_batch):
-            part = slice(s, s + self.config.max_batch)
-            rows = self._chunk_loss(owners[part], noise[part], times[part])
-            # sum over targets (not mean): each target's gradient is its own loss's gradient
-            (rows.sum() / k).backward()
-            step_loss.index_add_(0, owners[part], rows.detach().cpu() / k)
+        owners, noise, times = self._draw(live)  # drawn once: every redo sees the same noise
+        tries: list[tuple[float, set[int]]] = []
+        while True:
+            step_loss = self._backward(owners, noise, times)
+            grad_ok = torch.isfinite(self.y.grad).flatten(1).all(dim=1).cpu()
+            overflow = {b for b in live if math.isfinite(float(step_loss[b])) and not bool(grad_ok[b])}
+            tries.append((self.loss_scale, overflow))
+            if not overflow or self.loss_scale <= MIN_LOSS_SCALE:
+                break
+            self.loss_scale = max(MIN_LOSS_SCALE, self.loss_scale / 2)
+            log.debug("attack step %d: gradient overflow in fp16, loss scale halved to %g",
+                      len(self.trace), self.loss_scale)
+        if self.loss_scale != 1.0:  # a power of two: unscaling is exact
+            self.y.grad.div_(self.loss_scale)
+        if overflow:
+            # stopped below; the next steps go on at the largest scale tried at which only these
+            # targets overflowed, so the floor does not cost the others their small gradients
+            self.loss_scale = max(s for s, bad in tries if bad <= overflow)
         losses[live] = step_loss[live]
         self._stop_non_finite(live, losses)
         self._update()
         self.trace.append(losses)
         return losses
+
+    def _backward(self, owners: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """Fresh gradients of the step's rows (loss x loss_scale) in chunks of `max_batch` rows;
+        returns each target's unscaled loss (n,). Out of memory halves the chunk once and redoes
+        the whole step (memtrain.core.runtime.run_in_chunks' rule); a second time is an error."""
+        while True:
+            self.optimizer.zero_grad(set_to_none=False)
+            try:
+                return self._accumulate(owners, noise, times)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                release_cached_memory()
+                if self._batch_halved or self.max_batch == 1:
+                    raise MemtrainError(
+                        f"out of memory in stage 'attack' at batch {self.max_batch} even after halving: "
+                        "lower attack max_batch or --max_memory (or use --dtype fp16/bf16)") from None
+                self.max_batch, self._batch_halved = max(1, self.max_batch // 2), True
+                log.warning("out of memory in stage 'attack': redoing the step with batch %d", self.max_batch)
+
+    def _accumulate(self, owners: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        n, k = len(self.indices), self.config.noise_samples
+        step_loss = torch.zeros(n)
+        for s in range(0, len(owners), self.max_batch):
+            part = slice(s, s + self.max_batch)
+            rows = self._chunk_loss(owners[part], noise[part], times[part])
+            # sum over targets (not mean): each target's gradient is its own loss's gradient
+            loss = rows.sum() / k
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+            step_loss.index_add_(0, owners[part], rows.detach().cpu() / k)
+        return step_loss
 
     def _stop_non_finite(self, live: list[int], losses: torch.Tensor) -> None:
         grad_ok = torch.isfinite(self.y.grad).flatten(1).all(dim=1).cpu()
