@@ -138,6 +138,42 @@ def test_deepspeed_zero2_two_processes_on_cpu_keep_ranks_identical(tiny_setup, t
     assert a["sha256"] != before["sha256"], "ZeRO-2 run did not change the U-Net"
 
 
+def zero2(recipe: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """2-process DeepSpeed ZeRO-2 on the CPU (gloo; ACCELERATE_USE_CPU unset, or accelerate drops DeepSpeed)."""
+    return run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+                "--deepspeed_config_file", str(REPO / "accelerate_configs" / "ds_zero2.json"),
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(SCRIPT), str(recipe), *extra], timeout=timeout)
+
+
+@pytest.mark.slow  # several processes: the slow tier
+def test_deepspeed_zero2_bf16_trains_and_resumes(tiny_setup, tmp_path):
+    """Issue #27: ZeRO-2 with train.mixed_precision=bf16 (DeepSpeed casts the U-Net, accelerate adds
+    no autocast: the trainer casts the inputs) trains 2 steps, then resumes from checkpoint-2 to 4."""
+    out = tmp_path / "zero2_bf16"
+    recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 2, "mixed_precision": "bf16"},
+                         checkpointing={"steps": 2})
+    first = zero2(recipe)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    resumed = zero2(recipe, "train.max_steps=4", "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    a, b = checksum(out, 0), checksum(out, 1)
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["distributed_type"] == "DistributedType.DEEPSPEED" and a["zero_stage"] == 2
+    assert a["sha256"] == b["sha256"]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["world_size"] == 2
+    assert (summary["mixed_precision"], summary["unet_dtype"]) == ("bf16", "bf16")
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    from memtrain.core.bundle import load_bundle
+    from memtrain.train.trainer import param_checksum
+
+    tuned = load_bundle(out / "model")
+    assert param_checksum(tuned.unet)["sha256"] != param_checksum(load_bundle(tiny_setup / "model").unet)["sha256"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_setup, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "full"
@@ -383,18 +419,117 @@ def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
     assert re.search(r"concatenated / separate: \d+\.\d\dx", proc.stdout)
 
 
-def test_half_precision_on_the_cpu_runs_fp32(tiny_setup, tmp_path, caplog):
-    """SD's recipe asks fp16; on the CPU that would cast the frozen VAE and text tower to half
-    precision, whose CPU kernels are many times slower (a full-size setup stalled on it)."""
+@pytest.fixture
+def fresh_accelerate():
+    """In-process trainers share accelerate's singletons: reset them after the test."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    torch.set_num_threads(1)
+
+
+def test_half_precision_on_the_cpu_is_honoured(tiny_setup, tmp_path, fresh_accelerate):
+    """Issue #27: an explicit bf16 is honoured on the CPU too: accelerate's bf16 autocast for the
+    trained U-Net (fp32 master weights), recipe `dtype` for the frozen text tower and VAE."""
     import torch
 
     from memtrain.train.recipe import load_recipe
     from memtrain.train.trainer import AdvFinetuner
 
-    recipe = load_recipe(str(tiny_recipe(tiny_setup, tmp_path / "half")), ["train.mixed_precision=fp16",
-                                                                          "report_to=none"])
+    recipe = load_recipe(str(tiny_recipe(tiny_setup, tmp_path / "half")), ["train.mixed_precision=bf16",
+                                                                          "dtype=bf16", "report_to=none"])
     trainer = AdvFinetuner(recipe)
     trainer.setup()
-    assert trainer.acc.mixed_precision == "no" and trainer.weight_dtype == torch.float32
-    assert {p.dtype for p in trainer.bundle.text_encoder.parameters()} == {torch.float32}
-    assert "running fp32" in caplog.text
+    assert trainer.acc.mixed_precision == "bf16" and trainer.acc.native_amp
+    assert trainer.runtime.dtype == trainer.frozen_dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.bundle.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.bundle.unet.parameters()} == {torch.float32}  # master weights
+
+
+def test_fp16_on_the_cpu_is_one_line_naming_bf16(tiny_setup, tmp_path):
+    """accelerate runs no fp16 autocast on the CPU: fp16 there would silently train fp32."""
+    proc = single(tiny_recipe(tiny_setup, tmp_path / "fp16"), "train.mixed_precision=fp16")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: mixed_precision fp16") and "bf16" in last
+
+
+def test_bf16_single_process_trains_and_saves_a_loadable_model(tiny_setup, tmp_path, fresh_accelerate):
+    """train.mixed_precision=bf16 under plain accelerate on the CPU, frozen parts in bf16: finite
+    losses, the U-Net changes, the saved model loads (frozen parts saved as they came)."""
+    import math
+
+    import torch
+
+    from memtrain.core.bundle import load_bundle
+    from memtrain.train.checkpoints import param_checksum
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner
+
+    out = tmp_path / "bf16"
+    recipe = load_recipe(tiny_recipe(tiny_setup, out, train={"max_steps": 3, "mixed_precision": "bf16"},
+                                     dtype="bf16", checkpointing={"steps": 0}))
+    trainer = AdvFinetuner(recipe)
+    seen = []
+    original = trainer.losses
+
+    def recording(*args, **kwargs):
+        adv, dm = original(*args, **kwargs)
+        seen.append((adv.item(), dm.item()))
+        return adv, dm
+
+    trainer.losses = recording
+    model_dir = trainer.train()
+    assert len(seen) == 3 and all(math.isfinite(v) for pair in seen for v in pair), seen
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert (summary["mixed_precision"], summary["unet_dtype"], summary["frozen_dtype"]) == ("bf16", "fp32", "bf16")
+    assert summary["runtime"]["dtype"] == "bf16" and summary["runtime"]["batch_sizes"]["finetune"] == 4
+    assert summary["runtime"]["batch_sizes"]["vae_encode"] >= 1
+    tuned, base = load_bundle(model_dir), load_bundle(tiny_setup / "model")
+    assert all(torch.isfinite(p).all() for p in tuned.unet.parameters())
+    assert param_checksum(tuned.unet)["sha256"] != param_checksum(base.unet)["sha256"]
+    for name in ("text_encoder", "vae"):  # untouched and not round-tripped through bf16
+        a, b = getattr(tuned, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+def test_heldout_loss_runs_in_planned_chunks(tiny_setup, tmp_path, fresh_accelerate):
+    """With a small max_memory the held-out loss never puts more U-Net rows through one call than
+    the plan allows, and gives the value of one unchunked call."""
+    import torch
+
+    from memtrain.core.bundle import load_bundle
+    from memtrain.core.memory import USABLE_FRACTION, module_bytes, row_costs
+    from memtrain.train import checks
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner
+
+    b = load_bundle(tiny_setup / "model")  # a budget that fits the weights and 3 held-out rows
+    weights = sum(module_bytes(m, torch.float32) for m in (b.unet, b.text_encoder, b.vae))
+    one_row = row_costs(b, torch.float32, {"unet_loss": 1})["unet_loss"]
+    budget = (weights + 3.5 * one_row) / USABLE_FRACTION
+    recipe = load_recipe(tiny_recipe(tiny_setup, tmp_path / "chunks", audit={"heldout_noise_samples": 4},
+                                     max_memory=f"{budget / 1e6:.6f}MB"))
+    trainer = AdvFinetuner(recipe)
+    trainer.setup()
+    rows = 2 * 4  # 2 held-out items x 4 noise samples
+    planned = trainer.planned_batch("unet_loss", rows)
+    assert planned == 3
+    calls = []
+    original = trainer.bundle.unet.forward
+
+    def counting(sample, *args, **kwargs):
+        calls.append(len(sample))
+        return original(sample, *args, **kwargs)
+
+    trainer.bundle.unet.forward = counting
+    chunked = checks.heldout_loss(trainer)
+    assert max(calls) <= planned and sum(calls) == rows and len(calls) == 3, calls
+    assert trainer.runtime.batch_sizes["unet_loss"] <= planned
+    trainer.runtime.budget_bytes = 10**12  # every row in one call
+    calls.clear()
+    assert checks.heldout_loss(trainer) == pytest.approx(chunked, rel=1e-5) and calls == [rows]

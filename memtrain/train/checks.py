@@ -17,6 +17,7 @@ from memtrain.core.files import write_json
 from memtrain.core.manifest import load_image, read_manifest
 from memtrain.core.report import image_grid, reference_rows
 from memtrain.core.run import log_to_trackers
+from memtrain.core.runtime import run_in_chunks
 from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
 from memtrain.eval.audit import AuditConfig, audit
@@ -78,13 +79,26 @@ def heldout_loss(trainer) -> float | dict:
         return not_computed(f"no held-out manifest ({path}); set audit.heldout_manifest")
     items = list(read_manifest(path, require_images=True))
     bundle = trainer.bundle
+    # replanned: the optimizer's state now takes part of the budget
+    bundle.batch_limits["vae_encode"] = trainer.planned_batch("vae_encode", len(items))
     latents = images_to_latents(bundle, [load_image(m) for m in items])
     emb = encode_prompts(bundle, [m.prompt for m in items]).embeddings.float()
     g = generator(trainer.recipe.seed, 4242)
     k = a.heldout_noise_samples
     noise = torch.randn((len(items), k, *latents.shape[1:]), generator=g)
     t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(items), k), generator=g)
-    return float(diffusion_loss(bundle, latents, emb, noise, t).mean())
+    # one U-Net row per (item, noise sample), in chunks of the planned batch: every item has k
+    # rows, so the mean over rows is the mean over items of each item's mean over its k samples
+    rows = len(items) * k
+    owner = torch.arange(len(items)).repeat_interleave(k)
+    noise, t = noise.reshape(rows, 1, *latents.shape[1:]), t.reshape(rows, 1)
+
+    def chunk(start: int, stop: int) -> torch.Tensor:
+        own = owner[start:stop]
+        return diffusion_loss(bundle, latents[own], emb[own], noise[start:stop], t[start:stop])
+
+    batch = trainer.planned_batch("unet_loss", rows)
+    return float(torch.cat(run_in_chunks(rows, batch, chunk, "unet_loss", trainer.runtime)).mean())
 
 
 def utility_generations_kid(trainer) -> float | dict:
@@ -163,6 +177,7 @@ def closing_audit(trainer, model_dir: Path) -> None:
             grid.save(folder / f"final_{name}.png")
         report = {
             "model": str(model_dir), "recipe": trainer.recipe.to_dict(), "memorization": figures,
+            "precision": trainer.precision(),
             "utility": {"heldout_loss_before": before["heldout_loss"], "heldout_loss_after": after["heldout_loss"],
                         "kid_before": before["kid"], "kid_after": after["kid"]},
         }
@@ -174,5 +189,6 @@ def closing_audit(trainer, model_dir: Path) -> None:
         loss_before, loss_after = report["utility"]["heldout_loss_before"], report["utility"]["heldout_loss_after"]
         if isinstance(loss_before, float) and isinstance(loss_after, float):
             report["utility"]["heldout_loss_ratio"] = loss_after / loss_before
+        report["runtime"] = trainer.runtime.to_dict()  # batch sizes and peak memory of the whole run
         write_json(folder / "report.json", report)
     acc.wait_for_everyone()

@@ -15,6 +15,7 @@ from typing import Literal
 from memtrain.attack import AttackConfig
 from memtrain.core import config
 from memtrain.core.errors import MemtrainError
+from memtrain.core.runtime import parse_dtype, parse_memory
 from memtrain.core.sampling import SamplerOverrides
 
 
@@ -152,6 +153,13 @@ class Recipe:
     tracker_project: str = "memtrain-adv-finetune"
     seed: int = 0
     debug_rank_checksums: bool = False  # write per-rank parameter checksums at the end
+    # precision of the frozen parts (text encoder, VAE, surrogate model), as every command's
+    # --dtype: auto = bf16 on a CUDA device with bf16, else fp16; fp32 on the CPU. The trained
+    # U-Net follows train.mixed_precision instead.
+    dtype: str = "auto"
+    # memory budget the trainer's no-grad batches (VAE encodes, held-out loss) are planned for,
+    # as every command's --max_memory: auto (the device's free memory) or a size like 24GB
+    max_memory: str = "auto"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,6 +179,12 @@ def _check_values(recipe: Recipe) -> None:
             raise MemtrainError(f"recipe key '{key}' must be > 0, got {value}")
     if recipe.checkpointing.steps < 0:
         raise MemtrainError(f"recipe key 'checkpointing.steps' must be >= 0, got {recipe.checkpointing.steps}")
+    for key, parse in (("dtype", parse_dtype), ("max_memory", parse_memory)):
+        try:
+            parse(getattr(recipe, key))
+        except MemtrainError as err:  # the runtime's message starts "--<key> '<value>' ..."
+            raise MemtrainError(f"recipe key '{key}': {str(err).removeprefix(f'--{key} ')}") from None
+    recipe.dtype = parse_dtype(recipe.dtype)  # bfloat16 -> bf16: one spelling in checkpoints
     if recipe.surrogates.source == "model" and not recipe.surrogates.model:
         raise MemtrainError("recipe key 'surrogates.model' is required when surrogates.source is 'model'")
 
@@ -199,8 +213,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 # keys that may change between a run and its resume without changing what is computed
+# (max_memory only cuts no-grad batches into chunks; `auto` differs from run to run anyway)
 RESUME_FREE_KEYS = ("output_dir", "report_to", "tracker_project", "checkpointing.", "audit.",
-                    "debug_rank_checksums", "train.max_steps")
+                    "debug_rank_checksums", "train.max_steps", "max_memory")
 
 
 def first_difference(saved: dict, current: dict) -> str | None:

@@ -55,8 +55,9 @@ def _generate_with_mitigation(bundle, spec: SurrogateSpec, prompts: list[str],
     return torch.stack(out)
 
 
-def _generate_with_model(spec: SurrogateSpec, prompts: list[str], seeds: list[int], device):
-    other = load_bundle(spec.model, device=device)
+def _generate_with_model(spec: SurrogateSpec, prompts: list[str], seeds: list[int], device,
+                         dtype: torch.dtype = torch.float32):
+    other = load_bundle(spec.model, device=device, dtype=dtype)
     settings = other.sampler_settings.with_overrides(spec.sampler)
     return sample(other, prompts, seeds, settings).images
 
@@ -77,9 +78,11 @@ def load_cached(folder: Path, key: dict) -> list[ManifestItem] | None:
 
 
 def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestItem], folder: Path,
-                     model_name: str = "", reference_prompts: Sequence[str] = ()) -> list[ManifestItem]:
+                     model_name: str = "", reference_prompts: Sequence[str] = (),
+                     dtype: torch.dtype = torch.float32) -> list[ManifestItem]:
     """Generate, filter by SSCD_Orig and cache surrogates; returns the kept items, each with
-    extra['memorized_id'] and extra['sscd_orig']. Reuses a cache made with the same settings."""
+    extra['memorized_id'] and extra['sscd_orig']. Reuses a cache made with the same settings.
+    `dtype`: the surrogate model's precision (source: model; the fine-tuner's frozen dtype)."""
     folder = Path(folder)
     key = _settings_key(spec, model_name, memorized)
     cached = load_cached(folder, key)
@@ -90,7 +93,7 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
     if spec.source == "mitigation":
         images = _generate_with_mitigation(bundle, spec, prompts, list(reference_prompts), seeds)
     else:
-        images = _generate_with_model(spec, prompts, seeds, bundle.device)
+        images = _generate_with_model(spec, prompts, seeds, bundle.device, dtype)
     descriptor = descriptor_for(spec.descriptor)
     train_emb = descriptor.embed([load_image(m) for m in memorized])
     gen_emb = descriptor.embed(images.flatten(0, 1)).reshape(len(memorized), len(seeds), -1)

@@ -14,6 +14,8 @@ generator seeded by (seed, epoch, group, update, rank), and every attack from on
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -36,9 +39,11 @@ from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
 from memtrain.core.diffusion import training_scheduler
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import replace_dir
+from memtrain.core.files import replace_dir, write_json
 from memtrain.core.manifest import load_image, read_manifest
+from memtrain.core.memory import plan_memory
 from memtrain.core.run import finish_trackers, init_trackers, make_accelerator, raise_if_any_failed
+from memtrain.core.runtime import DTYPE_NAMES, RuntimeOptions, resolve_runtime
 from memtrain.core.sampling import SAMPLER_FILE
 from memtrain.core.text import encode_prompts
 from memtrain.train import checks
@@ -49,6 +54,11 @@ from memtrain.train.recipe import Recipe, check_resolved, first_difference
 from memtrain.train.surrogates import build_surrogates
 
 log = logging.getLogger(__name__)
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# bytes per trained weight held while the held-out loss runs: Adam's two fp32 moments and, under
+# DeepSpeed, its fp32 master copy (gradients are freed by then: zero_grad(set_to_none=True))
+TRAINING_STATE_BYTES = 12
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -97,13 +107,21 @@ class AdvFinetuner:
         self.acc = acc = make_accelerator(r.report_to, r.train.mixed_precision, r.train.gradient_accumulation_steps,
                                           self.out)
         self.rank, self.world = acc.process_index, acc.num_processes
+        # recipe `dtype` (every command's --dtype) is the frozen parts' precision
+        self.runtime = resolve_runtime(RuntimeOptions(dtype=r.dtype, max_memory=r.max_memory), acc)
+        self.frozen_dtype = self.runtime.dtype
+        # the trained U-Net loads fp32: under accelerate's mixed precision those are the master
+        # weights its autocast runs in half precision; DeepSpeed casts the module itself in prepare
+        # (prepare_model then reads the dtype off the module)
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.unet_dtype = HALF.get(acc.mixed_precision, torch.float32) if deepspeed else torch.float32
         self.bundle = load_bundle(r.model, device=acc.device)
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        self.bundle.runtime = self.runtime  # records the VAE chunks it runs
         # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)
-        if self.weight_dtype != torch.float32:
+        if self.frozen_dtype != torch.float32:
             with quiet_diffusers():
-                self.bundle.text_encoder.to(dtype=self.weight_dtype)
-                self.bundle.vae.to(dtype=self.weight_dtype)
+                self.bundle.text_encoder.to(dtype=self.frozen_dtype)
+                self.bundle.vae.to(dtype=self.frozen_dtype)
         self.scheduler = training_scheduler(self.bundle)
         self.memorized = list(read_manifest(r.memorized_manifest, require_images=True, strict=True))
         self.utility = load_utility(r.utility)
@@ -113,6 +131,9 @@ class AdvFinetuner:
         for s in surrogates:
             by_id.setdefault(s.extra["memorized_id"], []).append(s)
         self.items = [m for m in self.memorized if m.id in by_id]
+        # images per VAE call within the budget (the bundle cuts every encode into such chunks)
+        wanted = max([len(self.items), *(len(v) for v in by_id.values())])
+        self.bundle.batch_limits["vae_encode"] = self.planned_batch("vae_encode", wanted)
         self.target_latents = images_to_latents(self.bundle, [load_image(m) for m in self.items])
         self.surrogate_latents = [images_to_latents(self.bundle, [load_image(s) for s in by_id[m.id]])
                                   for m in self.items]
@@ -126,7 +147,8 @@ class AdvFinetuner:
             try:
                 build_surrogates(self.bundle, self.recipe.surrogates, self.memorized, folder,
                                  model_name=self.recipe.model,
-                                 reference_prompts=[p.caption for p in self.utility[:32]])
+                                 reference_prompts=[p.caption for p in self.utility[:32]],
+                                 dtype=self.frozen_dtype)
             except MemtrainError as err:
                 error = err
         raise_if_any_failed(error, self.acc)
@@ -157,6 +179,21 @@ class AdvFinetuner:
                 r.train.surrogate_batch_size + r.train.utility_batch)
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
         self.params = params
+        # what the U-Net's inputs are cast to: fp32 under accelerate's autocast; DeepSpeed's half
+        # precision under DeepSpeed, which runs the module in it and adds no autocast
+        self.unet_dtype = self.bundle.unet.dtype
+        self.runtime.record("finetune", r.train.surrogate_batch_size + r.train.utility_batch)
+
+    def planned_batch(self, stage: str, wanted: int) -> int:
+        """The largest batch of a no-grad stage ("vae_encode", "unet_loss"), at most `wanted`,
+        whose estimated peak fits the runtime budget (memtrain.core.memory.plan_memory), less the
+        optimizer's state once the model is prepared. Planned in the wider of the frozen parts'
+        and the U-Net's dtypes: one plan covers both, erring large."""
+        dtype = max(self.frozen_dtype, self.unet_dtype, key=lambda d: torch.empty((), dtype=d).element_size())
+        trained = sum(p.numel() for p in getattr(self, "params", []))
+        budget = self.runtime.budget_bytes - TRAINING_STATE_BYTES * trained
+        plan = plan_memory(self.bundle, dtype, budget, {stage: max(1, wanted)}, device=str(self.runtime.device))
+        return plan.batch(stage)
 
     def total_steps(self) -> int:
         t = self.recipe.train
@@ -174,7 +211,7 @@ class AdvFinetuner:
         start = (step * self.world + self.rank) * bs
         pairs = [self.utility[perm[(start + j) % n]] for j in range(bs)]
         pixels = to_pixels([p.image for p in pairs], self.resolution)
-        latents = self.bundle.encode_images(pixels.to(self.weight_dtype)).float().cpu()
+        latents = self.bundle.encode_images(pixels).float().cpu()
         embeddings = encode_prompts(self.bundle, [p.caption for p in pairs]).embeddings
         return latents, embeddings
 
@@ -193,8 +230,9 @@ class AdvFinetuner:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
         x_t = self.scheduler.add_noise(x0, noise, t)
         target = regression_target(self.scheduler, x0, noise, t).to(dev)
-        y = torch.cat([y_adv.expand(len(surr), -1, -1).to(dev), y_util.to(dev)]).to(self.weight_dtype)
-        x_t, t = x_t.to(dev), t.to(dev)
+        # inputs in the U-Net's own dtype: DeepSpeed's half-precision module gets no autocast
+        y = torch.cat([y_adv.expand(len(surr), -1, -1).to(dev), y_util.to(dev)]).to(self.unet_dtype)
+        x_t, t = x_t.to(dev, self.unet_dtype), t.to(dev)
         n = len(surr)
         if concat:
             out = self.model(x_t, t, encoder_hidden_states=y).sample.float()
@@ -207,7 +245,13 @@ class AdvFinetuner:
     def craft(self, epoch: int, image: int) -> tuple[torch.Tensor, float]:
         """y_adv (1, 77, D) for one memorized image against the current unwrapped U-Net."""
         config = self.recipe.attack.for_epoch(epoch, seed=derived_seed(self.recipe.seed, epoch, image))
-        result = attack(self.bundle, self.target_latents[image : image + 1], [self.items[image].prompt], config)
+        # bf16 under accelerate: its autocast, as the U-Net trains. Not fp16: the attack scales its
+        # loss by the model's dtype, and the fp32 master weights would hide fp16 gradient underflow.
+        # Under DeepSpeed the module itself is half precision and the attack casts to it.
+        bf16 = self.acc.mixed_precision == "bf16" and self.acc.distributed_type != DistributedType.DEEPSPEED
+        with self.acc.autocast() if bf16 else contextlib.nullcontext():
+            result = attack(self.bundle, self.target_latents[image : image + 1], [self.items[image].prompt], config)
+        self.runtime.record("attack", min(config.noise_samples, config.max_batch))
         return result.embeddings, float(result.final_loss.mean())
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
@@ -333,6 +377,7 @@ class AdvFinetuner:
                 checks.epoch_audit(self, epoch, step)
         acc.wait_for_everyone()
         model_dir = self.save_final()
+        self.write_summary(model_dir, step)
         if r.debug_rank_checksums:
             self.write_checksum()
         if r.audit.closing:
@@ -342,6 +387,19 @@ class AdvFinetuner:
         return model_dir
 
     # outputs ---------------------------------------------------------------------------------------
+    def precision(self) -> dict:
+        """What ran in which precision: the launch, the trained U-Net and the frozen parts."""
+        return {"world_size": self.world, "distributed_type": str(self.acc.distributed_type),
+                "mixed_precision": self.acc.mixed_precision, "unet_dtype": DTYPE_NAMES[self.unet_dtype],
+                "frozen_dtype": DTYPE_NAMES[self.frozen_dtype]}
+
+    def write_summary(self, model_dir: Path, step: int) -> None:
+        """output_dir/run_summary.json (main process): the model, the steps run, the precision
+        and the runtime (device, dtype, batch sizes, peak memory of the main process)."""
+        if self.acc.is_main_process:
+            write_json(self.out / "run_summary.json", {"model": str(model_dir), "global_step": step,
+                                                       **self.precision(), "runtime": self.runtime.to_dict()})
+
     def write_checksum(self) -> None:
         folder = self.out / "debug"
         folder.mkdir(parents=True, exist_ok=True)
@@ -366,12 +424,13 @@ class AdvFinetuner:
                     StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
                                                               safe_serialization=True)
                 else:
+                    # the U-Net is saved as trained: fp32 master weights under accelerate; DeepSpeed's
+                    # half-precision module under DeepSpeed (its fp32 copy is sharded in the checkpoints)
                     self.bundle.unet = unet
-                    if self.weight_dtype != torch.float32:
-                        with quiet_diffusers():
-                            self.bundle.text_encoder.to(dtype=torch.float32)
-                            self.bundle.vae.to(dtype=torch.float32)
-                    self.bundle.save(tmp)
+                    saved = self.bundle
+                    if self.frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
+                        saved = dataclasses.replace(load_bundle(self.bundle.path), unet=unet)
+                    saved.save(tmp)
                     sampler = Path(self.bundle.path) / SAMPLER_FILE
                     if sampler.is_file():
                         shutil.copy(sampler, tmp / SAMPLER_FILE)
