@@ -258,7 +258,7 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
     out = tmp_path / "audit"
     doc = _audit(_config(tiny_testbed, out, ["none", "wanda", nan_probe], max_targets=3))
     saved = json.loads((out / "report.json").read_text())
-    assert set(saved) == {"results", "metric_backend", "model", "settings", "versions", "num_processes"}
+    assert set(saved) == {"results", "metric_backend", "model", "settings", "versions", "num_processes", "runtime"}
     assert saved["num_processes"] == 1 and saved["metric_backend"].startswith("sscd")
     assert set(saved["versions"]) >= {"torch", "diffusers", "memtrain"}
     assert [r["mitigation"] for r in saved["results"]] == ["none", "wanda", "nan_probe"]
@@ -408,6 +408,34 @@ def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
 
+def test_audit_in_bf16_runs_and_reports_it(tiny_testbed, tmp_path):
+    """--dtype bf16 on CPU: the weights load in bf16, every stage runs, undo is exact and
+    report.json says what ran (device, dtype, batch size per stage, peak memory)."""
+    out = tmp_path / "bf16"
+    _audit(_config(tiny_testbed, out, ["none", "pad_mask", "nemo"], max_targets=2,
+                   runtime={"dtype": "bf16", "max_memory": "8GB"}))
+    saved = json.loads((out / "report.json").read_text())
+    runtime = saved["runtime"]
+    assert runtime["device"] == "cpu" and runtime["dtype"] == "bf16" and runtime["max_memory"] == "8GB"
+    assert set(runtime["batch_sizes"]) == {"generation", "vae_decode", "vae_encode", "attack"}
+    assert runtime["peak_memory_gb"] > 0 and runtime["plan"]["dtype"] == "bf16"
+    assert saved["settings"]["dtype"] == "bfloat16"
+    for r in saved["results"]:
+        assert r["weights_restored"] is True and 0 <= r["mr_prompt"] <= 1
+        assert r["attack"]["n"] + r["attack"]["n_failed"] == 2
+
+
+def test_runtime_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
+    out = tmp_path / "out"
+    for flags, message in ((["--dtype", "fp8"], "--dtype 'fp8' is not a precision"),
+                           (["--device", "tpu"], "--device 'tpu' is not a device"),
+                           (["--max_memory", "0.01GB"], "too small for one row")):
+        r = _run_script([*_script_args(tiny_testbed, out, "none"), *flags])
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith("error: ") and message in last, r.stderr[-2000:]
+        assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- processes, W&B
 
 
@@ -422,6 +450,7 @@ def _comparable(report: dict) -> dict:
     doc = json.loads(json.dumps(report))
     for key in ("seconds", "output_dir"):
         doc["settings"].pop(key)
+    doc.pop("runtime")  # peak memory differs from run to run
     return doc
 
 

@@ -79,6 +79,19 @@ def test_figures_reproduce_the_card(dev_testbed, tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_in_bf16_says_so_and_stays_close_to_fp32(dev_testbed, small_manifest, tmp_path):
+    """--dtype bf16 on CPU: generation and scoring run in half precision, metrics.json's runtime
+    says bf16, and the figures stay near the fp32 ones (same seeds; bf16 rounds, so not equal)."""
+    fp32 = evaluate(_cfg(dev_testbed, small_manifest, tmp_path / "fp32"))
+    bf16 = evaluate(_cfg(dev_testbed, small_manifest, tmp_path / "bf16", runtime={"dtype": "bf16"}))
+    saved = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert saved["runtime"]["dtype"] == "bf16" and saved["dtype"] == "bfloat16"
+    assert saved["runtime"]["batch_sizes"]["generation"] >= 1 and saved["runtime"]["peak_memory_gb"] > 0
+    assert fp32["runtime"]["dtype"] == "fp32"
+    assert bf16["n"] == fp32["n"] and all(0 <= r["sscd_orig_max"] <= 1.0001 for r in bf16["items"])
+    assert bf16["sscd_orig_median"] == pytest.approx(fp32["sscd_orig_median"], abs=0.1)
+
+
 def test_real_testbed_reproduces_its_card(testbed_dir, tmp_path):
     """On the real testbed: evaluate's memorized figures with the card's seeds equal the card's."""
     card = json.loads((testbed_dir / "testbed_card.json").read_text())
@@ -237,7 +250,7 @@ def test_killed_two_process_evaluate_resumes_to_the_same_metrics(dev_testbed, tm
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     for doc in (a, b):
-        doc.pop("seconds"), doc.pop("output_dir")
+        doc.pop("seconds"), doc.pop("output_dir"), doc.pop("runtime")  # peak memory differs run to run
     assert b == a
     assert not journal_dir(out).exists() and _no_partial_dirs(tmp_path)
 

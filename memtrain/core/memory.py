@@ -146,11 +146,11 @@ def unet_row_bytes(unet, latent_size: int, dtype: torch.dtype, mode: str = "infe
 
 
 @functools.lru_cache(maxsize=32)
-def _vae_row_cached(cls, config_json: str, pixels: int, latent: int, dtype: torch.dtype, decode: bool) -> int:
+def _vae_row_cached(cls, config_json: str, pixels: int, latent: int, channels: int, dtype: torch.dtype,
+                    decode: bool) -> int:
     from memtrain.core.bundle import ModelBundle  # the bundle's encode/decode, on a meta VAE
     vae = _meta_module(cls, json.loads(config_json), dtype)
     bundle = ModelBundle(None, None, None, vae, None)
-    channels = getattr(vae.config, "latent_channels", None) or vae.config.get("latent_channels", 4)
     peaks = []
     for b in (1, 2):
         def run(b=b):
@@ -163,10 +163,11 @@ def _vae_row_cached(cls, config_json: str, pixels: int, latent: int, dtype: torc
     return max(1, peaks[1] - peaks[0])
 
 
-def vae_row_bytes(vae, pixels: int, latent: int, dtype: torch.dtype, decode: bool) -> int:
-    """Bytes one more image costs through the autoencoder (or registered codec)."""
+def vae_row_bytes(vae, pixels: int, latent: int, channels: int, dtype: torch.dtype, decode: bool) -> int:
+    """Bytes one more image costs through the autoencoder (or registered codec); `channels`:
+    the latents' (the U-Net's in_channels)."""
     config = json.dumps(dict(vae.config), sort_keys=True, default=str)
-    return _vae_row_cached(type(vae), config, int(pixels), int(latent), dtype, bool(decode))
+    return _vae_row_cached(type(vae), config, int(pixels), int(latent), int(channels), dtype, bool(decode))
 
 
 @dataclass
@@ -226,7 +227,8 @@ def row_costs(bundle, dtype: torch.dtype, stages: dict[str, int]) -> dict[str, i
         elif stage in ("attack", "finetune"):
             costs[stage] = unet_row_bytes(bundle.unet, latent, dtype, stage)
         elif stage in ("vae_encode", "vae_decode"):
-            costs[stage] = vae_row_bytes(bundle.vae, pixels, latent, dtype, decode=stage == "vae_decode")
+            costs[stage] = vae_row_bytes(bundle.vae, pixels, latent, bundle.latent_channels, dtype,
+                                         decode=stage == "vae_decode")
         else:
             raise ValueError(f"unknown stage {stage}")
     return costs
