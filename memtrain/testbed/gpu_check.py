@@ -80,10 +80,10 @@ class CheckBudget:
 
 def finetune_overrides(dtype: str, budget: CheckBudget) -> list[str]:
     """Recipe overrides of the fine-tuning stage (on top of bench_full_size.SMALL)."""
-    # mixed precision in the check's dtype: fp32 master weights, the U-Net's math in bf16/fp16
-    # (on the CPU "no" for fp32; the trainer decides what it honours there)
+    # the trained U-Net: mixed precision in the check's dtype (fp32 master weights, its math in
+    # bf16/fp16); the frozen parts (text tower, VAE, surrogate sampling): the recipe's `dtype`
     precision = "no" if dtype == "fp32" else dtype
-    return [f"train.finetune={budget.finetune}", f"train.mixed_precision={precision}",
+    return [f"dtype={dtype}", f"train.finetune={budget.finetune}", f"train.mixed_precision={precision}",
             f"train.surrogate_batch_size={budget.finetune_batch}", f"surrogates.per_prompt={budget.finetune_batch}"]
 
 
@@ -96,23 +96,7 @@ def audit_argv(model: Path, photos: Path, output_dir: Path, device: str, dtype: 
             "--set", f"control_targets={budget.audit_targets}", f"sampler.num_inference_steps={budget.audit_steps}",
             f"chunk_targets={budget.audit_targets}", "attack.max_batch=32",
             f"mitigations.nemo.num_inference_steps={budget.audit_steps}"]
-    # the audit's own --device/--dtype, where scripts/audit.py has them (the runtime is being
-    # wired in); until then it runs on its accelerator's device in fp32 and the JSON says so
-    if _audit_has_runtime_flags():
-        argv += ["--device", device, "--dtype", dtype]
-    return argv
-
-
-def _audit_has_runtime_flags() -> bool:
-    """Whether scripts/audit.py takes --device and --dtype (its config's fields, nested ones too)."""
-    import typing
-
-    from memtrain.eval.audit import AuditConfig
-
-    hints = typing.get_type_hints(AuditConfig)
-    names = {f.name for f in dataclasses.fields(AuditConfig)}
-    names |= {g.name for h in hints.values() if dataclasses.is_dataclass(h) for g in dataclasses.fields(h)}
-    return {"device", "dtype"} <= names
+    return argv + ["--device", device, "--dtype", dtype]  # the audit's runtime: the check's own
 
 
 # ----------------------------------------------------------------------------- the children
@@ -173,9 +157,9 @@ def audit_stage(spec: dict) -> dict:
     start = time.perf_counter()
     doc = audit(cfg, resolve_model(cfg.model, progress=False))
     seconds = time.perf_counter() - start
-    ran = doc.get("runtime", {})  # the audit's own account of device and dtype, once it has one
+    ran = doc.get("runtime", {})  # the audit's own account of the device and dtype it ran in
     return {"seconds": seconds, "peak_memory_gb": runtime.peak_memory_gb(), "mitigations": AUDIT_MITIGATIONS,
-            "dtype": ran.get("dtype", "fp32 (scripts/audit.py has no --dtype yet)"),
+            "dtype": ran.get("dtype", spec["dtype"]),
             "device": ran.get("device", str(runtime.device)), "rows": len(doc.get("results", []))}
 
 
