@@ -12,9 +12,10 @@ import argparse
 import torch
 
 from memtrain.attack import AttackConfig
-from memtrain.core.bundle import load_bundle
+from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import config_from_cli, run_main
 from memtrain.core.errors import MemtrainError
+from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtime_options_from
 from memtrain.eval.bench import bench_attack, bench_targets, format_attack_bench
 from memtrain.testbed.resolver import resolve_model
 
@@ -24,7 +25,7 @@ def flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="targets (default: the model's memorized manifest)")
     p.add_argument("--targets", type=int, default=10, help="number of targets (the manifest is cycled)")
     p.add_argument("--repeats", type=int, default=1, help="alternate the two runs this often, keep each's best")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_runtime_arguments(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -35,8 +36,9 @@ def main(argv=None) -> None:
         raise MemtrainError("--targets must be >= 1")
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
+    runtime = resolve_runtime(runtime_options_from(args))  # bad flags fail before a testbed build
     defaults = resolve_model(args.get("model"))
-    bundle = load_bundle(defaults.model_dir, device=args["device"])
+    bundle = load_for_runtime(defaults.model_dir, runtime)
     latents, prompts, source = bench_targets(bundle, args["targets"], args.get("manifest") or defaults.manifest("memorized"))
     print(f"targets: {source}")
     print(format_attack_bench(bench_attack(bundle, latents, prompts, config, args["repeats"]), defaults.model_dir))

@@ -12,14 +12,16 @@ import argparse
 from pathlib import Path
 
 from memtrain.attack import AttackConfig
-from memtrain.core.bundle import load_bundle
+from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import run_main
+from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtime_options_from
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.bench import bench_prompts
 from memtrain.train.bench_full_size import (bench_full_attack, bench_full_finetune, bench_generation,
                                             finetune_recipe, format_full_size)
 from memtrain.train.trainer import AdvFinetuner
 
+MIXED = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 SD_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "sd14.yaml")
 
 
@@ -32,8 +34,10 @@ def main(argv=None) -> None:
         p.add_argument(f"--{name}", type=int, default=4 if name == "steps" else 2)
     p.add_argument("--output_dir", default="runs/bench_full_size", help="scratch folder of the fine-tuning part")
     p.add_argument("overrides", nargs="*")
+    add_runtime_arguments(p)
     a = p.parse_args(argv)
-    bundle = load_bundle(a.model)
+    runtime = resolve_runtime(runtime_options_from(vars(a)))
+    bundle = load_for_runtime(a.model, runtime)
     settings = bundle.sampler_settings.with_overrides(SamplerOverrides(num_inference_steps=a.steps))
     gen = bench_generation(bundle, bench_prompts(a.manifest, a.prompts, a.seeds, 1), list(range(a.seeds)), settings)
     att = bench_full_attack(bundle, a.manifest, a.attack_targets,
@@ -41,7 +45,9 @@ def main(argv=None) -> None:
     device, ft = str(bundle.device), None
     del bundle  # the fine-tuning part loads its own copy
     if a.finetune_steps > 0:
-        recipe = finetune_recipe(SD_RECIPE, a.model, a.manifest, a.output_dir, a.overrides)
+        # the fine-tuning runs in the bench's precision (sd14.yaml's fp16 is a GPU setting); key=value wins
+        precision = [f"dtype={runtime.dtype_name}", f"train.mixed_precision={MIXED[runtime.dtype_name]}"]
+        recipe = finetune_recipe(SD_RECIPE, a.model, a.manifest, a.output_dir, [*precision, *a.overrides])
         ft = bench_full_finetune(AdvFinetuner(recipe), a.finetune_steps)
     print(format_full_size(a.model, device, gen, att, ft))
 

@@ -10,8 +10,9 @@ optimize at generation time by design, Wen et al.'s, whose ratio is printed and 
 
 import argparse
 
-from memtrain.core.bundle import load_bundle
+from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import config_from_cli, run_main
+from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtime_options_from
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.bench import bench_mitigation_overhead, bench_prompts
 from memtrain.mitigations import available_mitigations, get_mitigation
@@ -19,6 +20,7 @@ from memtrain.testbed.resolver import resolve_model
 
 
 def flags(p: argparse.ArgumentParser) -> None:
+    add_runtime_arguments(p)
     p.add_argument("--model", help="diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
@@ -28,8 +30,9 @@ def flags(p: argparse.ArgumentParser) -> None:
 @run_main
 def main(argv=None) -> None:
     overrides, args = config_from_cli(SamplerOverrides, __doc__, argv, extra=flags)
+    runtime = resolve_runtime(runtime_options_from(args))  # bad flags fail before a testbed build
     defaults = resolve_model(args.get("model"))
-    bundle = load_bundle(defaults.model_dir)
+    bundle = load_for_runtime(defaults.model_dir, runtime)
     prompts = bench_prompts(defaults.manifest("memorized"), args["prompts"], 1, args["prompts"])
     mitigations = [get_mitigation(n) for n in available_mitigations()]
     mitigations = [m for m in mitigations if m.inference_time]

@@ -271,6 +271,13 @@ def load_bundle(
     return bundle
 
 
+def load_for_runtime(model: str | Path, runtime: Runtime) -> ModelBundle:
+    """load_bundle on the runtime's device in its dtype; the bundle records its batch sizes there."""
+    bundle = load_bundle(model, device=runtime.device, dtype=runtime.dtype)
+    bundle.runtime = runtime
+    return bundle
+
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # StableDiffusionPipeline.save_lora_weights' name
 
 

@@ -9,6 +9,7 @@ size each stage actually used, and reports what ran under report.json's `runtime
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -81,6 +82,19 @@ class RuntimeOptions:
         self.dtype = parse_dtype(self.dtype)
         parse_device(self.device)
         parse_memory(self.max_memory)
+
+
+def add_runtime_arguments(parser) -> None:
+    """--device/--dtype/--max_memory on a hand-written argparse parser (the benchmarks, which do not plan)."""
+    from memtrain.core.cli import add_dataclass_arguments
+
+    add_dataclass_arguments(parser, RuntimeOptions, skip=("plan",))
+
+
+def runtime_options_from(values: dict) -> RuntimeOptions:
+    """The RuntimeOptions of parsed flags (absent ones at their defaults)."""
+    keys = ("device", "dtype", "max_memory", "plan")
+    return RuntimeOptions(**{k: values[k] for k in keys if values.get(k) not in (None, dataclasses.MISSING)})
 
 
 @dataclass
