@@ -535,3 +535,21 @@ def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
     assert hard["mr_attack"] >= 0.1 and hard["mr_control"] <= 0.1
     assert all(it["found_prompt"] for it in hard["per_item"])
     assert (out / "report.md").is_file() and list((out / "grids").glob("*.png"))
+
+
+def test_bf16_audit_on_the_real_testbed(testbed_dir, tmp_path):
+    """`scripts/audit.py --dtype bf16` on the real testbed, on the CPU: it finishes, its report says
+    bf16, and half precision keeps the testbed's headline pattern (the memorized images come back
+    from their prompts and under attack, the held-out ones do not)."""
+    out = tmp_path / "bf16"
+    r = _run_script(["--mitigation", "none", "pad_mask", "nemo", "--dtype", "bf16", "--max_targets", "4",
+                     "--seeds", "2", "--threat_model", "embedding", "--output_dir", str(out), "--no_progress",
+                     "--set", "robustness_budgets=[]"], timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["runtime"]["dtype"] == "bf16" and saved["settings"]["dtype"] == "bfloat16"
+    assert saved["runtime"]["peak_memory_gb"] > 0 and saved["runtime"]["batch_sizes"]["attack"] >= 1
+    rows = {r["mitigation"]: r for r in saved["results"]}
+    assert sorted(rows) == ["nemo", "none", "pad_mask"] and all(r["weights_restored"] for r in rows.values())
+    assert rows["none"]["mr_unmitigated"] >= 0.9 and rows["none"]["mr_attack"] >= 0.9
+    assert all(r["mr_control"] <= 0.25 for r in rows.values())

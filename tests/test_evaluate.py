@@ -103,6 +103,18 @@ def test_real_testbed_reproduces_its_card(testbed_dir, tmp_path):
     assert m["median_sscd"] == pytest.approx(card["memorized"]["median_sscd"], abs=1e-6)
 
 
+def test_bf16_evaluate_on_the_real_testbed(testbed_dir, tmp_path):
+    """`scripts/evaluate.py --dtype bf16` on the real testbed, on the CPU: metrics.json says bf16 and
+    the memorized prompts still replicate as the card says they do in fp32."""
+    card = json.loads((testbed_dir / "testbed_card.json").read_text())
+    out = tmp_path / "bf16"
+    r = _run_script(["--dtype", "bf16", "--seeds", "2", "--output_dir", str(out), "--no_progress"], timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["runtime"]["dtype"] == "bf16" and m["dtype"] == "bfloat16" and m["runtime"]["peak_memory_gb"] > 0
+    assert m["n"] == card["memorized"]["n"] and m["mr"] >= 0.9
+
+
 def test_outputs_clip_and_fid(dev_testbed, small_manifest, tmp_path):
     out = tmp_path / "eval"
     m = evaluate(_cfg(dev_testbed, small_manifest, out, fid_prompts=6, seeds=3))

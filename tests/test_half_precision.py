@@ -1,4 +1,4 @@
-"""Half precision end to end (issue #27): the tiny SD-layout models of tests/factories.py in bf16
+"""Half precision end to end: the tiny SD-layout models of tests/factories.py in bf16
 and fp16 (both run on CPU in torch, so dtype bugs show up here; speed does not): every sampler
 gives finite images of the right shape, the Dori attack keeps y_adv in float32 and in fp16 scales
 its loss so small gradients survive (halving the scale on overflow, with the same noise), the

@@ -14,7 +14,7 @@ steps as B separate optimizers. Each target draws its noise from its own generat
 (config.seed, target index), so `attack` and the one-target-at-a-time `attack_loop` see the
 same noise and agree to float tolerance (tests/test_attack.py checks it).
 
-Half precision (issue #27): y_adv and Adam's state stay float32 and only the forward runs in the
+Half precision: y_adv and Adam's state stay float32 and only the forward runs in the
 model's dtype. In fp16 each step's loss is multiplied by a dynamic loss scale before backward so
 small gradients do not flush to zero in fp16; a step whose gradients overflow is redone with the
 same noise draws at half the scale, and the gradients are divided by the scale before Adam. bf16

@@ -11,7 +11,7 @@ Every random draw of a micro-step (surrogate pick, utility pick, noise, timestep
 generator seeded by (seed, epoch, group, update, rank), and every attack from one seeded by
 (seed, epoch, image): a resumed run replays exactly the draws the uninterrupted one made.
 
-Precision (issue #27): `train.mixed_precision` is the trained U-Net's (fp32 master weights under
+Precision: `train.mixed_precision` is the trained U-Net's (fp32 master weights under
 accelerate's autocast; under DeepSpeed the module itself in fp16/bf16), the recipe's `dtype` the
 frozen parts' (text encoder, VAE, surrogate model). The no-grad batches (VAE encodes, held-out
 loss) are planned within the recipe's `max_memory`; output_dir/run_summary.json says what ran.
