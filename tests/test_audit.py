@@ -408,18 +408,19 @@ def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
 
-def test_audit_in_bf16_runs_and_reports_it(tiny_testbed, tmp_path):
-    """--dtype bf16 on CPU: the weights load in bf16, every stage runs, undo is exact and
-    report.json says what ran (device, dtype, batch size per stage, peak memory)."""
-    out = tmp_path / "bf16"
+@pytest.mark.parametrize("dtype, torch_name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_audit_in_half_precision_runs_and_reports_it(tiny_testbed, tmp_path, dtype, torch_name):
+    """--dtype bf16/fp16 on CPU: the weights load in half precision, every stage runs, undo is
+    exact and report.json says what ran (device, dtype, batch size per stage, peak memory)."""
+    out = tmp_path / dtype
     _audit(_config(tiny_testbed, out, ["none", "pad_mask", "nemo"], max_targets=2,
-                   runtime={"dtype": "bf16", "max_memory": "8GB"}))
+                   runtime={"dtype": dtype, "max_memory": "8GB"}))
     saved = json.loads((out / "report.json").read_text())
     runtime = saved["runtime"]
-    assert runtime["device"] == "cpu" and runtime["dtype"] == "bf16" and runtime["max_memory"] == "8GB"
+    assert runtime["device"] == "cpu" and runtime["dtype"] == dtype and runtime["max_memory"] == "8GB"
     assert set(runtime["batch_sizes"]) == {"generation", "vae_decode", "vae_encode", "attack"}
-    assert runtime["peak_memory_gb"] > 0 and runtime["plan"]["dtype"] == "bf16"
-    assert saved["settings"]["dtype"] == "bfloat16"
+    assert runtime["peak_memory_gb"] > 0 and runtime["plan"]["dtype"] == dtype
+    assert saved["settings"]["dtype"] == torch_name
     for r in saved["results"]:
         assert r["weights_restored"] is True and 0 <= r["mr_prompt"] <= 1
         assert r["attack"]["n"] + r["attack"]["n_failed"] == 2
