@@ -148,7 +148,7 @@ def zero2(recipe: Path, *extra: str, timeout: int = 600) -> subprocess.Completed
 
 @pytest.mark.slow  # several processes: the slow tier
 def test_deepspeed_zero2_bf16_trains_and_resumes(tiny_setup, tmp_path):
-    """Issue #27: ZeRO-2 with train.mixed_precision=bf16 (DeepSpeed casts the U-Net, accelerate adds
+    """ZeRO-2 with train.mixed_precision=bf16 (DeepSpeed casts the U-Net, accelerate adds
     no autocast: the trainer casts the inputs) trains 2 steps, then resumes from checkpoint-2 to 4."""
     out = tmp_path / "zero2_bf16"
     recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 2, "mixed_precision": "bf16"},
