@@ -433,7 +433,7 @@ def fresh_accelerate():
 
 
 def test_half_precision_on_the_cpu_is_honoured(tiny_setup, tmp_path, fresh_accelerate):
-    """Issue #27: an explicit bf16 is honoured on the CPU too: accelerate's bf16 autocast for the
+    """An explicit bf16 is honoured on the CPU too: accelerate's bf16 autocast for the
     trained U-Net (fp32 master weights), recipe `dtype` for the frozen text tower and VAE."""
     import torch
 
