@@ -114,9 +114,10 @@ class Runtime:
         return DTYPE_NAMES[self.dtype]
 
     def record(self, stage: str, batch: int) -> int:
-        """Note the batch size a stage used (the smallest, if it changed); returns it."""
+        """Note a batch a stage ran; the report keeps each stage's largest (the one that sets its
+        memory; a halved chunk is recorded as the halved size, since only finished chunks count)."""
         previous = self.batch_sizes.get(stage)
-        self.batch_sizes[stage] = int(batch) if previous is None else min(previous, int(batch))
+        self.batch_sizes[stage] = int(batch) if previous is None else max(previous, int(batch))
         return int(batch)
 
     def peak_memory_gb(self) -> float:
