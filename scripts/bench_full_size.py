@@ -1,11 +1,9 @@
 """Speed and memory at full size in one run: generation against diffusers' pipeline (`ratio:`),
 the attack's targets/s and TFLOP/s against a large matmul, fine-tuning s/image and peak memory.
-
     python scripts/bench_full_size.py --model fixtures/sd14-256 --manifest fixtures/photos/memorized.jsonl \\
         [--prompts 2 --seeds 2 --steps 4 --attack_targets 2 --attack_steps 2] [--finetune_steps 2] [key=value ...]
-
-Budgets: --prompts/--seeds/--steps, --attack_targets/--attack_steps/--noise_samples, --finetune_steps
-(0 skips it); key=value: overrides of recipes/sd14.yaml there (utility data: the manifest's held_out.jsonl).
+Budgets: --prompts/--seeds/--steps, --attack_targets/--attack_steps/--noise_samples, --finetune_steps (0 skips
+it); --device/--dtype/--max_memory; key=value: recipes/sd14.yaml overrides (utility: the manifest's held_out.jsonl).
 """
 
 import argparse
@@ -18,26 +16,23 @@ from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtim
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.bench import bench_prompts
 from memtrain.train.bench_full_size import (bench_full_attack, bench_full_finetune, bench_generation,
-                                            finetune_recipe, format_full_size)
+                                            finetune_recipe, format_full_size, precision_overrides)
 from memtrain.train.trainer import AdvFinetuner
 
-MIXED = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 SD_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "sd14.yaml")
 
 
 @run_main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--manifest", required=True, help="memorized pairs (attack targets, fine-tuning)")
+    p.add_argument("--model", required=True), p.add_argument("--manifest", required=True, help="memorized pairs")
     for name in ("prompts", "seeds", "attack_targets", "attack_steps", "noise_samples", "finetune_steps", "steps"):
         p.add_argument(f"--{name}", type=int, default=4 if name == "steps" else 2)
     p.add_argument("--output_dir", default="runs/bench_full_size", help="scratch folder of the fine-tuning part")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*")  # recipe keys of the fine-tuning part
     add_runtime_arguments(p)
     a = p.parse_args(argv)
-    runtime = resolve_runtime(runtime_options_from(vars(a)))
-    bundle = load_for_runtime(a.model, runtime)
+    bundle = load_for_runtime(a.model, runtime := resolve_runtime(runtime_options_from(vars(a))))
     settings = bundle.sampler_settings.with_overrides(SamplerOverrides(num_inference_steps=a.steps))
     gen = bench_generation(bundle, bench_prompts(a.manifest, a.prompts, a.seeds, 1), list(range(a.seeds)), settings)
     att = bench_full_attack(bundle, a.manifest, a.attack_targets,
@@ -45,11 +40,11 @@ def main(argv=None) -> None:
     device, ft = str(bundle.device), None
     del bundle  # the fine-tuning part loads its own copy
     if a.finetune_steps > 0:
-        # the fine-tuning runs in the bench's precision (sd14.yaml's fp16 is a GPU setting); key=value wins
-        precision = [f"dtype={runtime.dtype_name}", f"train.mixed_precision={MIXED[runtime.dtype_name]}"]
-        recipe = finetune_recipe(SD_RECIPE, a.model, a.manifest, a.output_dir, [*precision, *a.overrides])
+        overrides = [*precision_overrides(runtime.dtype_name), *a.overrides]  # the bench's precision; key=value wins
+        recipe = finetune_recipe(SD_RECIPE, a.model, a.manifest, a.output_dir, overrides)
         ft = bench_full_finetune(AdvFinetuner(recipe), a.finetune_steps)
     print(format_full_size(a.model, device, gen, att, ft))
+
 
 if __name__ == "__main__":
     main()

@@ -18,16 +18,11 @@ import dataclasses
 
 from memtrain.core.cli import add_dataclass_arguments, dataclass_from_namespace, run_main
 from memtrain.core.runtime import RuntimeOptions
+from memtrain.testbed.gpu_check import CheckBudget, format_check, gpu_check
 
 
 @run_main
 def main(argv=None) -> None:
-    # a wrong --device/--dtype fails in seconds, before memtrain.testbed's heavy imports
-    pre = argparse.ArgumentParser(add_help=False, argument_default=dataclasses.MISSING)
-    add_dataclass_arguments(pre, RuntimeOptions, skip=("max_memory", "plan"))
-    dataclass_from_namespace(RuntimeOptions, vars(pre.parse_known_args(argv)[0]))
-    from memtrain.testbed.gpu_check import CheckBudget, format_check, gpu_check
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=dataclasses.MISSING)
     p.add_argument("--output_dir", required=True, help="where gpu_check.json and logs/ go")

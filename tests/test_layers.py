@@ -43,10 +43,11 @@ def test_scripts_reach_the_testbed_only_through_the_resolver():
         tree = ast.parse(script.read_text())
         modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         testbed = {m for m in modules if m.startswith("memtrain.testbed")}
-        # the builders' own commands: the testbed, the full-size fixtures with their photos and smoke
+        # the builders' own commands: the testbed, the full-size fixtures with their photos, smoke, GPU check
         builders = {"build_testbed.py": {"memtrain.testbed.build", "memtrain.testbed.planted"},
                     "build_sd_fixture.py": {"memtrain.testbed.full_size", "memtrain.testbed.photos"},
-                    "smoke_full_size.py": {"memtrain.testbed.full_size", "memtrain.testbed.smoke"}}
+                    "smoke_full_size.py": {"memtrain.testbed.full_size", "memtrain.testbed.smoke"},
+                    "gpu_check.py": {"memtrain.testbed.gpu_check"}}
         allowed_here = allowed | builders.get(script.name, set())
         assert testbed <= allowed_here, (script.name, testbed - allowed_here)
 

@@ -50,6 +50,11 @@ def register_codec(cls: type) -> type:
     return cls
 
 
+def codec_class(name: str | None) -> type | None:
+    """The registered autoencoder class of that config `_class_name` (None if unknown)."""
+    return _CODECS.get(name)
+
+
 @dataclass
 class ModelDefaults:
     """What a model folder brings besides its weights, filled in by whoever made the model (the

@@ -23,11 +23,14 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from memtrain.core.bundle import quiet_diffusers
+from memtrain.core.bundle import ModelBundle, codec_class, quiet_diffusers, resolve_model_path
 from memtrain.core.errors import MemtrainError
+from memtrain.core.runtime import DTYPE_NAMES, resolve_runtime
 
 USABLE_FRACTION = 0.9  # of the budget; the rest is the allocator's and the kernels' headroom
 GB = 1e9
@@ -128,7 +131,7 @@ def _unet_row_cached(cls, config_json: str, latent: int, dtype: torch.dtype, mod
             t = torch.zeros(b, device="meta", dtype=torch.long)
             with torch.set_grad_enabled(mode != "inference"):
                 out = unet(x, t, encoder_hidden_states=y).sample
-                if mode != "inference":
+                if out.requires_grad:  # a U-Net without cross-attention has nothing to attack
                     out.float().pow(2).mean().backward()
         peaks.append(_peak_bytes(run))
     return max(1, peaks[1] - peaks[0])
@@ -148,7 +151,6 @@ def unet_row_bytes(unet, latent_size: int, dtype: torch.dtype, mode: str = "infe
 @functools.lru_cache(maxsize=32)
 def _vae_row_cached(cls, config_json: str, pixels: int, latent: int, channels: int, dtype: torch.dtype,
                     decode: bool) -> int:
-    from memtrain.core.bundle import ModelBundle  # the bundle's encode/decode, on a meta VAE
     vae = _meta_module(cls, json.loads(config_json), dtype)
     bundle = ModelBundle(None, None, None, vae, None)
     peaks = []
@@ -238,8 +240,6 @@ def plan_memory(bundle, dtype: torch.dtype, budget_bytes: int, stages: dict[str,
                 device: str = "cpu") -> MemoryPlan:
     """The largest batch per stage (at most what it asks for) whose estimated peak fits the budget;
     a budget too small for one row of some stage is a one-line error naming the smallest that fits."""
-    from memtrain.core.runtime import DTYPE_NAMES
-
     weights = sum(module_bytes(m, dtype) for m in (bundle.unet, bundle.text_encoder, bundle.vae))
     usable = USABLE_FRACTION * budget_bytes - weights
     plan = MemoryPlan(str(device), DTYPE_NAMES[dtype], bundle.pixel_resolution, round(budget_bytes / GB, 2),
@@ -262,15 +262,10 @@ def plan_memory(bundle, dtype: torch.dtype, budget_bytes: int, stages: dict[str,
 def meta_bundle(model_dir: str | Path, resolution: int | None = None):
     """A ModelBundle of meta-device modules built from a model folder's configs (no weights read):
     what `--plan` measures. `resolution` overrides the image size (U-Net sample_size)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from memtrain.core.bundle import _CODECS, ModelBundle, resolve_model_path
-
     path = resolve_model_path(model_dir)
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     vae_config = json.loads((path / "vae" / "config.json").read_text())
-    vae_cls = _CODECS.get(vae_config.get("_class_name"))
+    vae_cls = codec_class(vae_config.get("_class_name"))
     if vae_cls is None:
         raise MemtrainError(f"model folder '{path}': vae class '{vae_config.get('_class_name')}' is not supported")
     with torch.device("meta"):
@@ -299,8 +294,6 @@ def plan_for_run(bundle, runtime, stages: dict[str, int]) -> MemoryPlan:
 def folder_plan(model_dir: str | Path, options, stages: dict[str, int]) -> dict:
     """`--plan` of any command: resolve the runtime options (no model loaded, nothing written),
     plan `stages` from the model folder's configs and return {"plan": dict, "plan_text": str}."""
-    from memtrain.core.runtime import resolve_runtime
-
     runtime = resolve_runtime(options)
     plan = plan_memory(meta_bundle(model_dir), runtime.dtype, runtime.budget_bytes, stages, str(runtime.device))
     return {"plan": plan.to_dict(), "plan_text": plan.format()}

@@ -21,7 +21,7 @@ from typing import Callable, Sequence, TypeVar
 import psutil
 import torch
 
-from memtrain.core.cli import option
+from memtrain.core.cli import add_dataclass_arguments, option
 from memtrain.core.errors import MemtrainError
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,6 @@ class RuntimeOptions:
 
 def add_runtime_arguments(parser) -> None:
     """--device/--dtype/--max_memory on a hand-written argparse parser (the benchmarks, which do not plan)."""
-    from memtrain.core.cli import add_dataclass_arguments
-
     add_dataclass_arguments(parser, RuntimeOptions, skip=("plan",))
 
 

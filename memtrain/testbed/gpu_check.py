@@ -32,9 +32,20 @@ from pathlib import Path
 
 import torch
 
+from memtrain.attack import AttackConfig
+from memtrain.core.bundle import load_bundle
+from memtrain.core.cli import config_from_cli
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import StagedOutput, write_json
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
+from memtrain.core.sampling import SamplerOverrides
+from memtrain.eval.audit import AuditConfig, audit
+from memtrain.eval.bench import bench_prompts
+from memtrain.testbed.photos import write_photo_manifests
+from memtrain.testbed.resolver import resolve_model
+from memtrain.train.bench_full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
+                                            precision_overrides)
+from memtrain.train.trainer import AdvFinetuner
 
 REPO = Path(__file__).resolve().parents[2]
 SD_RECIPE = REPO / "recipes" / "sd14.yaml"
@@ -80,11 +91,7 @@ class CheckBudget:
 
 def finetune_overrides(dtype: str, budget: CheckBudget) -> list[str]:
     """Recipe overrides of the fine-tuning stage (on top of bench_full_size.SMALL)."""
-    # the trained U-Net: mixed precision in the check's dtype (fp32 master weights, its math in
-    # bf16/fp16); the frozen parts (text tower, VAE, surrogate sampling): the recipe's `dtype`
-    precision = "no" if dtype == "fp32" else dtype
-    return [f"dtype={dtype}", f"train.finetune={budget.finetune}", f"train.mixed_precision={precision}",
-            f"train.surrogate_batch_size={budget.finetune_batch}", f"surrogates.per_prompt={budget.finetune_batch}"]
+    return [*precision_overrides(dtype), f"train.finetune={budget.finetune}", f"train.surrogate_batch_size={budget.finetune_batch}", f"surrogates.per_prompt={budget.finetune_batch}"]
 
 
 def audit_argv(model: Path, photos: Path, output_dir: Path, device: str, dtype: str, budget: CheckBudget) -> list[str]:
@@ -108,11 +115,6 @@ def _stage_runtime(spec: dict):
 
 def speed_stage(spec: dict) -> dict:
     """Generation against diffusers' pipeline, then the attack against a matmul (one bundle)."""
-    from memtrain.attack import AttackConfig
-    from memtrain.core.bundle import load_bundle
-    from memtrain.core.sampling import SamplerOverrides
-    from memtrain.eval.bench import bench_prompts
-    from memtrain.train.bench_full_size import bench_full_attack, bench_generation
 
     b = CheckBudget(**spec["budget"])
     runtime = _stage_runtime(spec)
@@ -132,8 +134,6 @@ def speed_stage(spec: dict) -> dict:
 
 def finetune_stage(spec: dict) -> dict:
     """Seconds per image of adversarial fine-tuning steps at the check's dtype."""
-    from memtrain.train.bench_full_size import bench_full_finetune, finetune_recipe
-    from memtrain.train.trainer import AdvFinetuner
 
     b = CheckBudget(**spec["budget"])
     runtime = _stage_runtime(spec)
@@ -148,9 +148,6 @@ def finetune_stage(spec: dict) -> dict:
 
 def audit_stage(spec: dict) -> dict:
     """scripts/audit.py's audit in this process (its peak memory is then this child's)."""
-    from memtrain.core.cli import config_from_cli
-    from memtrain.eval.audit import AuditConfig, audit
-    from memtrain.testbed.resolver import resolve_model
 
     runtime = _stage_runtime(spec)
     cfg = config_from_cli(AuditConfig, None, spec["argv"])
@@ -231,7 +228,6 @@ def gpu_check(output_dir: str | Path, options: RuntimeOptions, budget: CheckBudg
                      "--resolution", str(budget.resolution), "--photos", str(photos)]
             stages["build"] = _run("build", build, logs / "build.log", device)
         else:
-            from memtrain.testbed.photos import write_photo_manifests
             write_photo_manifests(photos)
         base = {"device": child_device, "dtype": dtype, "model": str(model),
                 "manifest": str(photos / "memorized.jsonl"), "budget": dataclasses.asdict(budget)}

@@ -45,6 +45,13 @@ def finetune_recipe(recipe: str, model: str, manifest: str, output_dir: str, ove
                                 f"utility.path={utility}", f"output_dir={output_dir}", *SMALL, *overrides])
 
 
+def precision_overrides(dtype: str) -> list[str]:
+    """Recipe overrides that fine-tune in `dtype` (fp32/fp16/bf16): the recipe's `dtype` for the
+    frozen parts, `train.mixed_precision` for the trained U-Net (fp32 master weights, its math in
+    half precision; `no` for fp32). sd14.yaml's own fp16 is a GPU setting."""
+    return [f"dtype={dtype}", f"train.mixed_precision={'no' if dtype == 'fp32' else dtype}"]
+
+
 def reference_pipeline(bundle, settings: SamplerSettings) -> StableDiffusionPipeline:
     """diffusers' pipeline on the bundle's own modules (no copy of the weights)."""
     with quiet_diffusers():

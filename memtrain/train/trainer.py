@@ -15,6 +15,9 @@ Precision: `train.mixed_precision` is the trained U-Net's (fp32 master weights u
 accelerate's autocast; under DeepSpeed the module itself in fp16/bf16), the recipe's `dtype` the
 frozen parts' (text encoder, VAE, surrogate model). The no-grad batches (VAE encodes, held-out
 loss) are planned within the recipe's `max_memory`; output_dir/run_summary.json says what ran.
+
+Longer than 400 lines because setup, the loop, checkpoints and outputs share the trainer's state;
+the outputs (save_final, run summary, checksums) are the next to move into a module of their own.
 """
 
 from __future__ import annotations
