@@ -14,6 +14,9 @@ steps as B separate optimizers. Each target draws its noise from its own generat
 (config.seed, target index), so `attack` and the one-target-at-a-time `attack_loop` see the
 same noise and agree to float tolerance (tests/test_attack.py checks it).
 
+Longer than 400 lines because the batched step, its fp16 loss scaling and its out-of-memory retry
+share one state (the draws of a step are redone, not redrawn); the scaling is the next to move out.
+
 Half precision: y_adv and Adam's state stay float32 and only the forward runs in the
 model's dtype. In fp16 each step's loss is multiplied by a dynamic loss scale before backward so
 small gradients do not flush to zero in fp16; a step whose gradients overflow is redone with the

@@ -40,8 +40,7 @@ class DetectConfig:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
-        if isinstance(self.runtime, dict):
-            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
+        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
         for name in self.detectors or ():
             if name not in DETECTORS:
                 raise MemtrainError(f"unknown detector '{name}': choose one of {', '.join(DETECTORS)}")

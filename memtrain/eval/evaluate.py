@@ -1,14 +1,11 @@
 """Evaluate memorization of a model on a manifest: generate, score, report.
 
 `evaluate(EvaluateConfig(...), defaults)` generates `seeds` images per manifest prompt, scores
-them with `memtrain.eval.measure` (the path the testbed card takes, so the figures agree with
-it), and writes OUT/metrics.json, OUT/report.md and OUT/grids/*.png (eval.evaluate_report),
-optionally logging the same to W&B.
-
-Under `accelerate launch` the prompts are split across processes and the per-prompt results
-gathered on the main process; since each image depends only on its prompt and seed, the
-figures do not depend on the number of processes. Only the main process writes, into a
-staged folder renamed to OUT at the very end (core.run.OutputRun).
+them with `memtrain.eval.measure` (the testbed card's path, so the figures agree with it), and
+writes OUT/metrics.json, report.md and grids/*.png (eval.evaluate_report), optionally to W&B too.
+Under `accelerate launch` the prompts are split across processes; each image depends only on its
+prompt and seed, so the figures do not depend on the number of processes. Only the main process
+writes, into a staged folder renamed to OUT at the very end (core.run.OutputRun).
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from tqdm.auto import tqdm
 
 from memtrain.core import report
 from memtrain.core import run as dist
-from memtrain.core.bundle import ModelDefaults, load_bundle, weights_checksum
+from memtrain.core.bundle import ModelDefaults, load_for_runtime, weights_checksum
 from memtrain.core.config import build
 from memtrain.core.memory import folder_plan, plan_for_run
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
@@ -78,8 +75,7 @@ class EvaluateConfig:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
-        if isinstance(self.runtime, dict):
-            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
+        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
         if self.seeds < 1:
             raise MemtrainError(f"--seeds must be >= 1, got {self.seeds}")
         if self.fid_prompts is not None and self.fid_prompts < 2:
@@ -165,9 +161,6 @@ def sampler_settings(bundle, overrides: SamplerOverrides) -> SamplerSettings:
     settings = bundle.sampler_settings.with_overrides(overrides)
     bundle.make_scheduler(settings.scheduler)  # an unknown name fails here, in one line
     return settings
-
-
-# ----------------------------------------------------------------------------- per-prompt work
 
 
 def _grid_row(train_image, images: torch.Tensor, cell: int) -> list[np.ndarray]:
@@ -313,8 +306,7 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     seeds = check_seeds(range(cfg.seeds))
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
-    runtime = resolve_runtime(cfg.runtime, accelerator)
-    bundle = load_bundle(inputs.model_dir, device=runtime.device, dtype=runtime.dtype)
+    bundle = load_for_runtime(inputs.model_dir, runtime := resolve_runtime(cfg.runtime, accelerator))
     settings = sampler_settings(bundle, cfg.sampler)
     plan = plan_for_run(bundle, runtime, evaluate_stages(settings))
     settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
@@ -345,7 +337,7 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
 
 
 def evaluate_stages(settings: SamplerSettings) -> dict[str, int]:
-    """What evaluate's model stages ask for: sampling batches and their decode."""
+    """Sampling batches and their decode: evaluate's model stages."""
     return {"generation": settings.batch_size, "vae_decode": settings.batch_size}
 
 

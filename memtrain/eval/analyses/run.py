@@ -86,8 +86,7 @@ class AnalyzeConfig:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
-        if isinstance(self.runtime, dict):
-            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
+        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
         if any(a == "all" for a in self.analyses):  # every analysis that needs no ground truth
             self.analyses = [a for a in ANALYSES if a != "localization"]
         for name in self.analyses:

@@ -1,7 +1,6 @@
 """Audit mitigations: does a mitigated model still hold its memorized images? (paper 004 Table 1)
 
 For every mitigation named, on the memorized targets (prompt + training image):
-
 (a) the unmitigated model on the memorized prompts (computed once; its generation embeddings
     are the SSCD_Gen reference of every later row);
 (b) the mitigated model on the same prompts (`mitigation.encode`, `.unconditional`,
@@ -15,10 +14,9 @@ small utility prompt set, or "not computed" with the reason. Every mitigation is
 afterwards and the weights' checksum must equal the one taken before. The verdict per
 mitigation follows `verdict.verdict()`; the report is written by `audit.report`.
 
-Work is cut into fixed global chunks of targets before it is spread over accelerate processes,
-and the attack's per-target RNG streams are named by global target index, so 1 and N processes
-compute the same batches and write the same figures. Only the main process writes, through a
-staged folder (memtrain.core.run.OutputRun).
+Work is cut into fixed global chunks of targets before it is spread over processes, and the
+attack's RNG streams are named by global target index, so 1 and N processes write the same
+figures. Only the main process writes, through a staged folder (memtrain.core.run.OutputRun).
 """
 
 from __future__ import annotations
@@ -33,18 +31,18 @@ import numpy as np
 
 from memtrain.core import report
 from memtrain.core import run as dist
-from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_bundle, weights_checksum
+from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_for_runtime, weights_checksum
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import (WorkJournal, check_fresh_start, decoder, encode_records, encode_stages,
                                    json_unit, stages_decoder)
 from memtrain.core.manifest import ManifestItem, read_manifest
-from memtrain.core.memory import folder_plan, plan_for_run
+from memtrain.core.memory import plan_for_run
 from memtrain.core.runtime import resolve_runtime
-from memtrain.core.sampling import SamplerSettings, check_seeds, sample
+from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
-from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, build_mitigations, fingerprint, resolve_recipe,
-                                       settings_doc)
+from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, audit_plan, audit_stages, build_mitigations,
+                                       fingerprint, resolve_recipe, settings_doc)
 from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, attack_config, control_chunk, score,
                                         stage_figures, target_chunk, unmitigated_chunk, _images, _max)
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
@@ -338,21 +336,6 @@ def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inp
         m.prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
 
 
-def audit_stages(settings, recipe: AuditRecipe) -> dict[str, int]:
-    """What each of the audit's model stages asks for: sampling batches (and their decode), the
-    targets of one chunk through the VAE, the attack's rows per forward."""
-    return {"generation": settings.batch_size, "vae_decode": settings.batch_size,
-            "vae_encode": recipe.chunk_targets, "attack": recipe.attack.max_batch}
-
-
-def audit_plan(cfg: AuditConfig, defaults: ModelDefaults) -> dict:
-    """`--plan`: the batch sizes and estimated peaks for this model, dtype and budget, from the
-    model folder's configs on the meta device (no weights read, nothing written)."""
-    recipe, _ = resolve_recipe(cfg, defaults)
-    settings = SamplerSettings.for_model(defaults.model_dir).with_overrides(recipe.sampler)
-    return folder_plan(defaults.model_dir, cfg.runtime, audit_stages(settings, recipe))
-
-
 def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> dict:
     """Run the audit; returns report.json's content (every process) and writes the outputs (main
     process). `defaults` are the model's (its manifests, CLIP, recipe: scripts get them from the
@@ -372,8 +355,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
     dist.run_checked(lambda: check_images(inputs.targets + inputs.control), accelerator)
-    runtime = resolve_runtime(cfg.runtime, accelerator)
-    bundle = load_bundle(inputs.model_dir, device=runtime.device, dtype=runtime.dtype)
+    bundle = load_for_runtime(inputs.model_dir, runtime := resolve_runtime(cfg.runtime, accelerator))
     if cfg.lora:
         fuse_lora_weights(bundle, cfg.lora)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)

@@ -16,8 +16,9 @@ from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import check_fresh_start, file_digests
 from memtrain.core.manifest import read_manifest
+from memtrain.core.memory import folder_plan
 from memtrain.core.runtime import RuntimeOptions
-from memtrain.core.sampling import SamplerOverrides
+from memtrain.core.sampling import SamplerOverrides, SamplerSettings
 from memtrain.eval.audit.verdict import VerdictRule
 from memtrain.metrics import MR_THRESHOLD
 from memtrain.mitigations import THREAT_MODELS, Mitigation, available_mitigations, get_mitigation, mitigation_class
@@ -136,8 +137,7 @@ class AuditConfig:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
-        if isinstance(self.runtime, dict):
-            self.runtime = build(RuntimeOptions, self.runtime, "runtime")
+        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
         if not self.mitigations:
             raise MemtrainError("name at least one mitigation (--mitigation none nemo ...)")
         for threat in self.threat_models or ():
@@ -216,3 +216,18 @@ def settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs, ctx, notes: list
         "device": str(ctx.bundle.device), "dtype": str(ctx.bundle.dtype).replace("torch.", ""), "seconds": round(seconds, 1), "notes": notes,
         "output_dir": str(inputs.output_dir.absolute()),
     }
+
+
+def audit_stages(settings, recipe: AuditRecipe) -> dict[str, int]:
+    """What each of the audit's model stages asks for: sampling batches (and their decode), the
+    targets of one chunk through the VAE, the attack's rows per forward."""
+    return {"generation": settings.batch_size, "vae_decode": settings.batch_size,
+            "vae_encode": recipe.chunk_targets, "attack": recipe.attack.max_batch}
+
+
+def audit_plan(cfg: AuditConfig, defaults: ModelDefaults) -> dict:
+    """`--plan`: the batch sizes and estimated peaks for this model, dtype and budget, from the
+    model folder's configs on the meta device (no weights read, nothing written)."""
+    recipe, _ = resolve_recipe(cfg, defaults)
+    settings = SamplerSettings.for_model(defaults.model_dir).with_overrides(recipe.sampler)
+    return folder_plan(defaults.model_dir, cfg.runtime, audit_stages(settings, recipe))
