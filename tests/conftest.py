@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from factories import build_sd_shaped
+from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.core.manifest import read_manifest, write_manifest
 
 torch.set_num_threads(2)
@@ -60,3 +61,18 @@ def small_manifest(dev_testbed, tmp_path_factory) -> Path:
     """The first 4 memorized items."""
     items = read_manifest(dev_testbed / "manifests" / "memorized.jsonl")[:4]
     return write_manifest(tmp_path_factory.mktemp("manifests") / "small.jsonl", items)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (much faster than two on shared cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """SD1.4's CLIP tokenizer, built offline."""
+    return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))

@@ -19,7 +19,6 @@ from memtrain.core.bundle import load_bundle
 from memtrain.core.diffusion import frozen
 from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
-from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.mitigations import PruningMitigation, applied, available_mitigations, get_mitigation
 
 PROMPTS = ["a photo of a cat", "two dogs"]
@@ -37,18 +36,7 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is much faster than two on the shared cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(params=HALF)

@@ -11,7 +11,6 @@ from memtrain.core.errors import MemtrainError
 from memtrain.mitigations import applied, available_mitigations, get_mitigation
 from memtrain.mitigations.nemo import ms_ssim, ms_ssim_settings
 from memtrain.core.sampling import SamplerSettings, sample
-from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.core.text import encode_prompts
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
@@ -19,18 +18,7 @@ REFERENCE = ["a red car", "a house by the sea", "two dogs on a beach", "a bowl o
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the 2 cores are shared with a long job: one thread is ~20x faster for these tiny models
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture
