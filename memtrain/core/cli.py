@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from memtrain.core.errors import MemtrainError
+from memtrain.core.errors import MemtrainError, collective_timeout_message
 
 
 def cpu_threads_for_single_process() -> int | None:
@@ -47,6 +47,12 @@ def run_main(main):
             return main(*args, **kwargs)
         except MemtrainError as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except RuntimeError as err:  # torch.distributed's DistBackendError is one
+            message = collective_timeout_message(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -22,13 +23,16 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs, PartialState
 from accelerate.utils import ProjectConfiguration, gather_object
 
-from memtrain.core.errors import MemtrainError
+from memtrain.core.errors import COLLECTIVE_TIMEOUT, MemtrainError
 from memtrain.core.files import StagedOutput
 from memtrain.core.report import format_value, is_not_computed, scalar_figures, to_jsonable, to_pil
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# the process-group timeout: long enough for the slowest rank's share of a stage (a shard of an
+# SD v1.4 surrogate generation or audit), short enough that a dead peer does not hang a job for hours
+DEFAULT_TIMEOUT_MINUTES = 60.0
 
 
 def world(accelerator=None) -> tuple[int, int]:
@@ -161,24 +165,45 @@ def check_cpu_precision(mixed_precision: str | None) -> None:
 
 
 def make_accelerator(report_to: str | None = None, mixed_precision: str | None = None,
-                     gradient_accumulation_steps: int = 1, project_dir: str | os.PathLike = ".") -> Accelerator:
-    """The one Accelerator constructor: trackers by name, gloo for several CPU processes.
+                     gradient_accumulation_steps: int = 1, project_dir: str | os.PathLike = ".",
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Accelerator:
+    """The one Accelerator constructor: trackers by name, gloo for several CPU processes, and the
+    process-group timeout (`timeout_minutes`, every command's setting).
 
     CPU DDP and DeepSpeed ZeRO on CPU need the gloo backend named explicitly, or the ranks
-    disagree on the world size; a single process must not ask for a process group at all."""
+    disagree on the world size; a single process must not ask for a process group at all. The
+    timeout replaces NCCL's 10-minute default, which kills any rank that waits longer for a peer
+    (a collective that times out is reported naming timeout_minutes: memtrain.core.cli.run_main)."""
     log_with = None if report_to in (None, "none") else report_to
     if log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise MemtrainError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     check_cpu_precision(mixed_precision)
+    check_timeout(timeout_minutes)
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        group = {"timeout": timedelta(minutes=float(timeout_minutes))}
+        if not torch.cuda.is_available():
+            group["backend"] = "gloo"
+        handlers.append(InitProcessGroupKwargs(**group))
+        COLLECTIVE_TIMEOUT["minutes"] = float(timeout_minutes)
+        log.info("process-group timeout: %g minutes (timeout_minutes)", float(timeout_minutes))
     project_dir = Path(project_dir)
     return Accelerator(
         log_with=log_with, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
         kwargs_handlers=handlers,
     )
+
+
+def check_timeout(minutes: float) -> float:
+    """A positive number of minutes, else a one-line error naming timeout_minutes."""
+    try:
+        value = float(minutes)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0:
+        raise MemtrainError(f"timeout_minutes must be a positive number of minutes, got '{minutes}'")
+    return value
 
 
 # ----------------------------------------------------------------------------- trackers

@@ -23,6 +23,7 @@ import torch
 
 from memtrain.core.cli import add_dataclass_arguments, option
 from memtrain.core.errors import MemtrainError
+from memtrain.core.run import DEFAULT_TIMEOUT_MINUTES, check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,14 @@ class RuntimeOptions:
                                      "memory; CPU: available RAM) or a size like 24GB")
     plan: bool = option(False, "print each stage's batch size and estimated peak memory for this model, "
                                "resolution, dtype and budget, then exit without running")
+    timeout_minutes: float = option(DEFAULT_TIMEOUT_MINUTES, "how long a process waits for the others in a "
+                                    "collective before the run stops (several processes only)")
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)
         parse_device(self.device)
         parse_memory(self.max_memory)
+        self.timeout_minutes = check_timeout(self.timeout_minutes)
 
 
 def add_runtime_arguments(parser) -> None:
@@ -91,7 +95,7 @@ def add_runtime_arguments(parser) -> None:
 
 def runtime_options_from(values: dict) -> RuntimeOptions:
     """The RuntimeOptions of parsed flags (absent ones at their defaults)."""
-    keys = ("device", "dtype", "max_memory", "plan")
+    keys = ("device", "dtype", "max_memory", "plan", "timeout_minutes")
     return RuntimeOptions(**{k: values[k] for k in keys if values.get(k) not in (None, dataclasses.MISSING)})
 
 

@@ -74,7 +74,7 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
     name = Path(defaults.model_dir).name if Path(defaults.model_dir).name != "model" else Path(defaults.model_dir).parent.name
     out = Path(cfg.output_dir or Path("detections") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(out, cfg.overwrite)
-    accelerator = dist.make_accelerator(None)
+    accelerator = dist.make_accelerator(None, timeout_minutes=cfg.runtime.timeout_minutes)
     runtime = resolve_runtime(cfg.runtime, accelerator)
     bundle = load_bundle(defaults.model_dir, device=runtime.device, dtype=runtime.dtype)
     settings = bundle.sampler_settings.with_overrides(cfg.sampler)

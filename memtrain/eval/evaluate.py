@@ -301,7 +301,7 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     if cfg.runtime.plan:
         return evaluate_plan(cfg, defaults)
     owns = accelerator is None
-    accelerator = accelerator or dist.make_accelerator(cfg.report_to)
+    accelerator = accelerator or dist.make_accelerator(cfg.report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     inputs = resolve_inputs(cfg, defaults, accelerator)
     seeds = check_seeds(range(cfg.seeds))
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)

@@ -15,6 +15,7 @@ from typing import Literal
 from memtrain.attack import AttackConfig
 from memtrain.core import config
 from memtrain.core.errors import MemtrainError
+from memtrain.core.run import DEFAULT_TIMEOUT_MINUTES, check_timeout
 from memtrain.core.runtime import parse_dtype, parse_memory
 from memtrain.core.sampling import SamplerOverrides
 
@@ -160,6 +161,9 @@ class Recipe:
     # memory budget the trainer's no-grad batches (VAE encodes, held-out loss) are planned for,
     # as every command's --max_memory: auto (the device's free memory) or a size like 24GB
     max_memory: str = "auto"
+    # as every command's --timeout_minutes: how long a process waits for the others in a
+    # collective (NCCL's own default, 10 minutes, is shorter than an SD v1.4 audit shard)
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,6 +188,10 @@ def _check_values(recipe: Recipe) -> None:
             parse(getattr(recipe, key))
         except MemtrainError as err:  # the runtime's message starts "--<key> '<value>' ..."
             raise MemtrainError(f"recipe key '{key}': {str(err).removeprefix(f'--{key} ')}") from None
+    try:
+        recipe.timeout_minutes = check_timeout(recipe.timeout_minutes)
+    except MemtrainError as err:
+        raise MemtrainError(f"recipe key {err}") from None
     recipe.dtype = parse_dtype(recipe.dtype)  # bfloat16 -> bf16: one spelling in checkpoints
     if recipe.surrogates.source == "model" and not recipe.surrogates.model:
         raise MemtrainError("recipe key 'surrogates.model' is required when surrogates.source is 'model'")
@@ -215,7 +223,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 # keys that may change between a run and its resume without changing what is computed
 # (max_memory only cuts no-grad batches into chunks; `auto` differs from run to run anyway)
 RESUME_FREE_KEYS = ("output_dir", "report_to", "tracker_project", "checkpointing.", "audit.",
-                    "debug_rank_checksums", "train.max_steps", "max_memory")
+                    "debug_rank_checksums", "train.max_steps", "max_memory", "timeout_minutes")
 
 
 def first_difference(saved: dict, current: dict) -> str | None:

@@ -113,7 +113,7 @@ class AdvFinetuner:
         r = self.recipe
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = make_accelerator(r.report_to, r.train.mixed_precision, r.train.gradient_accumulation_steps,
-                                          self.out)
+                                          self.out, timeout_minutes=r.timeout_minutes)
         self.rank, self.world = acc.process_index, acc.num_processes
         # recipe `dtype` (every command's --dtype) is the frozen parts' precision
         self.runtime = resolve_runtime(RuntimeOptions(dtype=r.dtype, max_memory=r.max_memory), acc)

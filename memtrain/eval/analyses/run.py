@@ -139,7 +139,7 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
         localization.ground_truth_path(recipe.localization, defaults.model_dir)
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
-    accelerator = dist.make_accelerator(report_to)
+    accelerator = dist.make_accelerator(report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     runtime = resolve_runtime(cfg.runtime, accelerator)
     bundle = load_bundle(defaults.model_dir, device=runtime.device, dtype=runtime.dtype)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)

@@ -349,7 +349,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     mitigations = build_mitigations(cfg.mitigations, recipe)  # unknown names fail here, listing the known
     plans = {m.name: plan_threats(m, cfg.threat_models) for m in mitigations}  # before any model loads
     owns = accelerator is None
-    accelerator = accelerator or dist.make_accelerator(cfg.report_to)
+    accelerator = accelerator or dist.make_accelerator(cfg.report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     inputs = resolve_inputs(cfg, defaults, recipe, recipe_path, accelerator)
     seeds = check_seeds(range(recipe.seeds))
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
