@@ -97,6 +97,8 @@ class Mitigation:
     # True when it optimizes at generation time by design (Wen et al.): its sampling overhead is
     # reported, not held to the 5% target of the others.
     optimizes_at_generation: ClassVar[bool] = False
+    # the accelerator `prepare` spreads its work over (spread_over); None: this process does all
+    processes: ClassVar[object] = None
 
     @classmethod
     def setting_names(cls) -> list[str]:
@@ -106,6 +108,13 @@ class Mitigation:
         return {name: getattr(self, name) for name in self.setting_names()}
 
     # lifecycle ---------------------------------------------------------------------------------
+    def spread_over(self, accelerator) -> "Mitigation":
+        """Let `prepare` split its per-prompt work over the accelerate processes and gather the
+        results, so every process ends up prepared alike (every process must then call
+        `prepare`). Mitigations whose preparation is cheap ignore it."""
+        self.processes = accelerator
+        return self
+
     def prepare(self, bundle, memorized_prompts: list[str], reference_prompts: list[str],
                 seeds: list[int]) -> None:
         """Collect whatever statistics the mitigation needs; no-op by default."""

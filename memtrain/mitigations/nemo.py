@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.run import gather_in_order, shard, shard_chunks
 from memtrain.mitigations.base import (
     PruningMitigation, json_tensor, register_mitigation, tensor_json,
 )
@@ -341,17 +342,19 @@ class NeMo(PruningMitigation):
                 + (f" ('{cached}' does not exist)" if cached is not None else "")
             )
         self._tau_used = self._threshold(bundle, layers, list(reference_prompts), seeds)
-        for prompt in memorized_prompts:
-            self._records[prompt] = self._localize(bundle, layers, prompt, seeds)
+        # each prompt is localized on its own, so sharding them changes nothing but the time
+        local = [(i, self._localize(bundle, layers, p, seeds)) for i, p in shard(memorized_prompts, self.processes)]
+        self._records.update(zip(memorized_prompts, gather_in_order(local, self.processes)))
 
     @torch.no_grad()
     def _statistics(self, bundle, layers, prompts: list[str]) -> tuple[dict, dict]:
         if len(prompts) < 2:
             raise MemtrainError("nemo: needs at least 2 reference prompts for a std")
-        chunks = []
-        for start in range(0, len(prompts), self.batch_size):
-            emb = encode_prompts(bundle, prompts[start:start + self.batch_size]).embeddings
-            chunks.append(activation_profile(layers, emb.to(bundle.dtype)))
+        local = []  # global chunks of batch_size prompts: the same batches on any number of processes
+        for chunk in shard_chunks(prompts, self.batch_size, self.processes):
+            emb = encode_prompts(bundle, [p for _, p in chunk]).embeddings
+            local.append((chunk[0][0], activation_profile(layers, emb.to(bundle.dtype))))
+        chunks = gather_in_order(local, self.processes)
         stacked = {name: torch.cat([c[name] for c in chunks]) for name in layers}
         return ({n: a.mean(dim=0) for n, a in stacked.items()},
                 {n: a.std(dim=0) for n, a in stacked.items()})
@@ -363,13 +366,12 @@ class NeMo(PruningMitigation):
             return float(self.tau_mem)
         if len(reference_prompts) < 2:
             raise MemtrainError("nemo: tau_mem='auto' needs at least 2 reference prompts")
-        scores = []
-        for prompt in reference_prompts:
-            probe = self._probe(bundle, layers, prompt, seeds)
-            diffs = probe.noise_diff()
+        local = []
+        for index, prompt in shard(reference_prompts, self.processes):
+            diffs = self._probe(bundle, layers, prompt, seeds).noise_diff()
             pairs = torch.combinations(torch.arange(len(seeds)), r=2)
-            scores.append(ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]]))
-        scores = torch.cat(scores)
+            local.append((index, ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]]).cpu()))
+        scores = torch.cat(gather_in_order(local, self.processes))
         sign = 1.0 if self.tau_mem == "auto" else -1.0
         return float(scores.mean() + sign * scores.std())
 

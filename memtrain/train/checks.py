@@ -1,6 +1,11 @@
-"""The fine-tuner's checks (main process; the others wait): the per-epoch memorization audit,
-held-out denoising loss and KID before and after, and the closing audit of the fine-tuned model
-with memtrain.eval.audit (prompts, full-strength attack, held-out control)."""
+"""The fine-tuner's checks: the per-epoch memorization audit, held-out denoising loss and KID
+before and after, and the closing audit of the fine-tuned model with memtrain.eval.audit
+(prompts, full-strength attack, held-out control).
+
+Every check is collective: each process takes its share of the targets, loss rows and KID
+prompts in batches cut before sharding (memtrain.core.run.shard_chunks), the results are
+gathered in order, and only the main process writes. The figures therefore do not depend on
+the number of processes, and no process idles in a collective while another works alone."""
 
 from __future__ import annotations
 
@@ -9,56 +14,84 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from memtrain.attack import diffusion_loss
-from memtrain.core.diffusion import frozen, generator, images_to_latents
+from memtrain.core.diffusion import derived_seed, frozen, generator, images_to_latents
 from memtrain.core.files import write_json
 from memtrain.core.manifest import load_image, read_manifest
 from memtrain.core.report import image_grid, reference_rows
-from memtrain.core.run import log_to_trackers
-from memtrain.core.runtime import run_in_chunks
+from memtrain.core.run import gather_in_order, gather_list, log_to_trackers, shard_chunks
 from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
 from memtrain.eval.audit import AuditConfig, audit
-from memtrain.eval.measure import measure
-from memtrain.metrics import inception_features, kid, not_computed
+from memtrain.eval.measure import Measurement, measure
+from memtrain.metrics import MetricBackendError, inception_features, kid, not_computed
 from memtrain.train.surrogates import descriptor_for
 
 log = logging.getLogger(__name__)
+GRID_CELL = 64  # pixels per image in the audit grids
+KID_CHUNK = 8
+HELDOUT_CHUNK = 16  # held-out loss rows (item x noise sample) per U-Net call, at most  # utility prompts per sampling call and Inception batch
 
 
 def _sampler(trainer) -> SamplerSettings:
     return trainer.bundle.sampler_settings.with_overrides(trainer.recipe.audit.sampler)
 
 
-def memorization_figures(trainer, epoch: int) -> tuple[dict, dict]:
-    """MR from the memorized prompts and from fresh Dori embeddings, plus their image grids."""
+def thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """(N, S, 3, H, W) -> (N, S, 3, GRID_CELL, GRID_CELL): what the grids show, and all that is
+    gathered from the other processes (not the full-size images)."""
+    small = F.interpolate(images.flatten(0, 1).float(), size=(GRID_CELL, GRID_CELL), mode="area")
+    return small.reshape(*images.shape[:2], 3, GRID_CELL, GRID_CELL)
 
+
+def memorization_figures(trainer, epoch: int) -> tuple[dict, dict]:
+    """MR from the memorized prompts and from fresh Dori embeddings, plus their image grids.
+    Targets go in batches of audit.targets_per_attack (one batched attack and one measurement
+    per batch; one target at a time with trainer.speedups off), spread over the processes."""
     a = trainer.recipe.audit
     n = min(len(trainer.items), a.max_items or len(trainer.items))
-    items = trainer.items[:n]
     seeds = list(range(a.seeds))
     descriptor = descriptor_for(trainer.recipe.surrogates.descriptor)
-    train_images = [load_image(m) for m in items]
     settings = _sampler(trainer)
-    figures, grids = {}, {}
+    per_batch = a.targets_per_attack if trainer.speedups else 1
+    local = []
     with frozen(trainer.bundle.unet):
-        adv = torch.cat([trainer.craft(epoch, i)[0] for i in range(n)])
-        for name, cond in (("prompt", [m.prompt for m in items]), ("attack", adv)):
-            m = measure(trainer.bundle, cond, seeds, descriptor, settings, train_images=train_images)
-            for key, value in m.figures().items():
-                figures[f"{name}/{key}"] = value
-            grids[name] = image_grid(reference_rows(train_images, [list(row) for row in m.images]), cell=64)
+        for chunk in shard_chunks(range(n), per_batch, trainer.acc):
+            images = [i for _, i in chunk]
+            if trainer.speedups:
+                adv, _ = trainer.craft_targets(epoch, images, derived_seed(trainer.recipe.seed, epoch, images[0], 1))
+            else:  # the trainer's own per-image crafting
+                adv = torch.cat([trainer.craft(epoch, i)[0] for i in images])
+            train_images = [load_image(trainer.items[i]) for i in images]
+            rows = {}
+            for name, cond in (("prompt", [trainer.items[i].prompt for i in images]), ("attack", adv)):
+                m = measure(trainer.bundle, cond, seeds, descriptor, settings, train_images=train_images)
+                rows[name] = (m.sscd_orig, m.gen_embeddings, thumbnails(m.images))
+            local.append((images[0], (train_images, rows)))
+            trainer.work[f"{trainer.stage}/targets"] += len(images)
+    parts = gather_in_order(local, trainer.acc)
+    train_images = [im for part, _ in parts for im in part]
+    figures, grids = {}, {}
+    for name in ("prompt", "attack"):
+        orig = np.concatenate([rows[name][0] for _, rows in parts])
+        gen = np.concatenate([rows[name][1] for _, rows in parts])
+        small = torch.cat([rows[name][2] for _, rows in parts])
+        m = Measurement(sscd_orig=orig, gen_embeddings=gen, images=small)
+        figures.update({f"{name}/{key}": value for key, value in m.figures().items()})
+        grids[name] = image_grid(reference_rows(train_images, [list(row) for row in small]), cell=GRID_CELL)
     return figures, grids
 
 
 def epoch_audit(trainer, epoch: int, step: int) -> None:
-
     """MR on the prompts and under a fresh attack after an epoch: JSON, grids, trackers."""
     acc = trainer.acc
+    trainer.stage = "epoch_audit"
+    figures, grids = memorization_figures(trainer, epoch)
     if acc.is_main_process:
-        figures, grids = memorization_figures(trainer, epoch)
         folder = trainer.out / "audit" / "epochs"
         folder.mkdir(parents=True, exist_ok=True)
         for name, grid in grids.items():
@@ -72,7 +105,6 @@ def epoch_audit(trainer, epoch: int, step: int) -> None:
 
 def heldout_loss(trainer) -> float | dict:
     """Mean denoising loss on held-out pairs under fixed noise and timesteps."""
-
     a = trainer.recipe.audit
     path = Path(a.heldout_manifest) if a.heldout_manifest else Path(trainer.recipe.memorized_manifest).with_name("held_out.jsonl")
     if not path.is_file():
@@ -87,23 +119,38 @@ def heldout_loss(trainer) -> float | dict:
     k = a.heldout_noise_samples
     noise = torch.randn((len(items), k, *latents.shape[1:]), generator=g)
     t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(items), k), generator=g)
-    # one U-Net row per (item, noise sample), in chunks of the planned batch: every item has k
-    # rows, so the mean over rows is the mean over items of each item's mean over its k samples
+    # one U-Net row per (item, noise sample): every item has k rows, so the mean over rows is the
+    # mean over items of each item's mean over its k samples. Rows go in chunks of the planned
+    # batch, spread over the processes; the per-row losses are gathered in order.
     rows = len(items) * k
     owner = torch.arange(len(items)).repeat_interleave(k)
     noise, t = noise.reshape(rows, 1, *latents.shape[1:]), t.reshape(rows, 1)
-
-    def chunk(start: int, stop: int) -> torch.Tensor:
+    # a fixed chunk (within the plan) keeps the chunks alike on any number of processes
+    batch = trainer.planned_batch("unet_loss", min(rows, HELDOUT_CHUNK))
+    local = []
+    for chunk in shard_chunks(range(rows), batch, trainer.acc):
+        start, stop = chunk[0][0], chunk[-1][0] + 1
         own = owner[start:stop]
-        return diffusion_loss(bundle, latents[own], emb[own], noise[start:stop], t[start:stop])
+        losses = diffusion_loss(bundle, latents[own], emb[own], noise[start:stop], t[start:stop])
+        local.append((start, losses.float().cpu()))
+        trainer.runtime.record("unet_loss", stop - start)
+        trainer.work[f"{trainer.stage}/heldout_rows"] += stop - start
+    return float(torch.cat(gather_in_order(local, trainer.acc)).mean())
 
-    batch = trainer.planned_batch("unet_loss", rows)
-    return float(torch.cat(run_in_chunks(rows, batch, chunk, "unet_loss", trainer.runtime)).mean())
+
+def kid_reference(trainer) -> np.ndarray:
+    """Inception features of the KID utility images: computed once per run (before and after
+    training share them), each process embedding its share."""
+    if trainer.kid_reference is None:
+        pairs = trainer.utility[: trainer.recipe.audit.kid_prompts]
+        local = [(chunk[0][0], inception_features([p.image for _, p in chunk], num_threads=1))
+                 for chunk in shard_chunks(pairs, KID_CHUNK, trainer.acc)]
+        trainer.kid_reference = np.concatenate(gather_in_order(local, trainer.acc))
+    return trainer.kid_reference
 
 
 def utility_generations_kid(trainer) -> float | dict:
     """KID (inception features) of generations on utility prompts vs the utility images."""
-
     a = trainer.recipe.audit
     if not a.kid:
         return not_computed("audit.kid is false")
@@ -112,21 +159,28 @@ def utility_generations_kid(trainer) -> float | dict:
         return not_computed("KID needs at least 2 utility prompts")
     settings = _sampler(trainer)
     try:
-        images = sample(trainer.bundle, [p.caption for p in pairs], [0], settings).images[:, 0]
-        real = inception_features([p.image for p in pairs], num_threads=1)
-        gen = inception_features(images, num_threads=1)
-    except Exception as err:  # no Inception weights installed, ...
-        return not_computed(f"inception features unavailable ({type(err).__name__}: {str(err)[:120]})")
+        real = kid_reference(trainer)
+        local = []
+        for chunk in shard_chunks(pairs, KID_CHUNK, trainer.acc):
+            images = sample(trainer.bundle, [p.caption for _, p in chunk], [0], settings).images[:, 0]
+            local.append((chunk[0][0], inception_features(images, num_threads=1)))
+            trainer.work[f"{trainer.stage}/kid_prompts"] += len(chunk)
+        gen = np.concatenate(gather_in_order(local, trainer.acc))
+    except MetricBackendError as err:  # no Inception weights installed, ...
+        return not_computed(f"inception features unavailable ({err})")
     return float(kid(gen, real, subsets=10, subset_size=len(pairs))[0])
 
 
 def utility_before(trainer) -> None:
     """Held-out loss and KID of the model before fine-tuning (kept across a resume)."""
-
     acc, path = trainer.acc, trainer.out / "audit" / "before.json"
-    if acc.is_main_process and not path.is_file():
-        with frozen(trainer.bundle.unet):
-            write_json(path, {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)})
+    if gather_list([path.is_file()], acc)[0]:  # the main process's view decides for all
+        return
+    trainer.stage = "utility_before"
+    with frozen(trainer.bundle.unet):
+        figures = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
+    if acc.is_main_process:
+        write_json(path, figures)
     acc.wait_for_everyone()
 
 
@@ -165,13 +219,14 @@ def full_audit(trainer, model_dir: Path) -> dict | None:
 
 def closing_audit(trainer, model_dir: Path) -> None:
     """output_dir/audit/report.json: memorization after training and the utility block."""
-
     acc = trainer.acc
+    before = json.loads((trainer.out / "audit" / "before.json").read_text())
+    trainer.stage = "closing_audit"
+    with frozen(trainer.bundle.unet):
+        figures, grids = memorization_figures(trainer, trainer.recipe.train.epochs)
+        after = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
+    full = full_audit(trainer, model_dir)
     if acc.is_main_process:
-        before = json.loads((trainer.out / "audit" / "before.json").read_text())
-        with frozen(trainer.bundle.unet):
-            figures, grids = memorization_figures(trainer, trainer.recipe.train.epochs)
-            after = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
         folder = trainer.out / "audit"
         for name, grid in grids.items():
             grid.save(folder / f"final_{name}.png")
@@ -181,9 +236,6 @@ def closing_audit(trainer, model_dir: Path) -> None:
             "utility": {"heldout_loss_before": before["heldout_loss"], "heldout_loss_after": after["heldout_loss"],
                         "kid_before": before["kid"], "kid_after": after["kid"]},
         }
-    acc.wait_for_everyone()
-    full = full_audit(trainer, model_dir)
-    if acc.is_main_process:
         if full is not None:
             report.update(full)
         loss_before, loss_after = report["utility"]["heldout_loss_before"], report["utility"]["heldout_loss_after"]

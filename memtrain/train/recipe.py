@@ -119,6 +119,9 @@ class AuditSpec:
     epoch_end: bool = True  # small MR audit (prompts and under attack) after each epoch
     seeds: int = 2
     max_items: int | None = 4
+    # targets per batched attack in the epoch and closing audits: the batches are cut before the
+    # targets are spread over the processes, so the figures do not depend on their number
+    targets_per_attack: int = 2
     closing: bool = True  # closing audit into output_dir/audit/report.json
     heldout_manifest: str | None = None  # held-out pairs for the denoising loss
     heldout_noise_samples: int = 4
@@ -175,7 +178,8 @@ def _check_values(recipe: Recipe) -> None:
         "train.surrogate_batch_size": recipe.train.surrogate_batch_size,
         "train.utility_batch_size": recipe.train.utility_batch,
         "train.gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
-        "attack.steps": recipe.attack.steps, "surrogates.per_prompt": recipe.surrogates.per_prompt,
+        "attack.steps": recipe.attack.steps, "audit.targets_per_attack": recipe.audit.targets_per_attack,
+        "surrogates.per_prompt": recipe.surrogates.per_prompt,
         "train.lora.rank": recipe.train.lora.rank, "train.learning_rate": recipe.train.learning_rate,
     }
     for key, value in positive.items():
