@@ -36,6 +36,11 @@ def ranks_recipe(root: Path, out: Path) -> Path:
                        utility={"format": "manifest", "path": str(utility)},
                        train={"epochs": 1, "updates_per_embedding": 1, "max_steps": None, "learning_rate": 1e-30},
                        checkpointing={"steps": 0},
+                       # NeMo (the default surrogate mitigation) with its preparation spread over the
+                       # processes: statistics in chunks of 4 reference prompts, tau_mem from them
+                       surrogates={"mitigation": "nemo", "mitigation_settings": {
+                           "tau_mem": "auto", "num_seeds": 2, "num_inference_steps": 2, "batch_size": 4,
+                           "refinement_budget": 4}},
                        audit={"epoch_end": True, "closing": True, "full": False, "kid": True, "kid_prompts": 16,
                               "max_items": 4, "targets_per_attack": 2, "heldout_manifest": str(held_out),
                               "heldout_noise_samples": 16})  # 32 rows: 2 chunks
