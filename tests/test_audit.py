@@ -258,7 +258,8 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
     out = tmp_path / "audit"
     doc = _audit(_config(tiny_testbed, out, ["none", "wanda", nan_probe], max_targets=3))
     saved = json.loads((out / "report.json").read_text())
-    assert set(saved) == {"results", "metric_backend", "model", "settings", "versions", "num_processes", "runtime"}
+    assert set(saved) == {"results", "metric_backend", "metric_devices", "model", "settings", "versions", "num_processes",
+                          "runtime"}
     assert saved["num_processes"] == 1 and saved["metric_backend"].startswith("sscd")
     assert set(saved["versions"]) >= {"torch", "diffusers", "memtrain"}
     assert [r["mitigation"] for r in saved["results"]] == ["none", "wanda", "nan_probe"]

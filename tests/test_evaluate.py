@@ -126,6 +126,9 @@ def test_outputs_clip_and_fid(dev_testbed, small_manifest, tmp_path):
     assert saved["sampler"] == {"scheduler": "ddim", "num_inference_steps": 4, "guidance_scale": 3.0, "batch_size": 16}
     assert saved["seeds"] == [0, 1, 2] and saved["num_processes"] == 1
     assert saved["metric_backend"].startswith("sscd") and not saved["metric_is_standin"]
+    assert saved["metric_devices"] == {"sscd": "cpu (onnxruntime CPUExecutionProvider, int8)",
+                                       "inception": "cpu (torchscript)", "clip": "cpu (transformers)"}
+    assert "metrics ran on | sscd: cpu" in (out / "report.md").read_text()
     assert len(saved["items"]) == 4 and len(saved["items"][0]["sscd_orig"]) == 3
     assert {"id", "prompt", "sscd_orig_max", "d_sscd", "a_clip", "paper002_max_score"} <= set(saved["items"][0])
     # paper 002's combined score

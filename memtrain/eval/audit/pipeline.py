@@ -48,8 +48,8 @@ from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, att
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
 from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
 from memtrain.eval.audit.verdict import judge_over_budgets, verdict, verdict_reason
-from memtrain.eval.utility import alignment_scorer, check_images, fid_kid, versions
-from memtrain.metrics import get_descriptor, not_computed
+from memtrain.eval.utility import check_images, fid_kid, metric_backends, metric_devices, versions
+from memtrain.metrics import not_computed
 from memtrain.mitigations import THREAT_MODELS, Mitigation, applied, search_space_ablation
 
 ROLES = {"targets": ("memorized", "--manifest", True), "control": ("held_out", "--control_manifest", True),
@@ -153,7 +153,8 @@ def utility(ctx: Context, inputs: Inputs, mitigation: Mitigation | None = None) 
 
     def compute():
         return fid_kid(inputs.utility_manifest, _sampler(ctx, mitigation), max_prompts=ctx.recipe.utility_prompts,
-                       seed=0, chunk_items=ctx.recipe.chunk_targets, accelerator=ctx.accelerator)
+                       seed=0, chunk_items=ctx.recipe.chunk_targets, accelerator=ctx.accelerator,
+                       device=ctx.bundle.device, reference=ctx.reference_features)  # the images once a run
 
     key = f"{'unmitigated' if mitigation is None else mitigation.name}.utility"
     return tuple(ctx.journal.unit(key, compute, *json_unit(), collective=True))
@@ -183,8 +184,6 @@ def _uses_per_prompt(ctx: Context, mitigation, targets: list[ManifestItem]) -> b
     """Per-prompt pruning only means something for mitigations that select per prompt."""
     return bool(ctx.recipe.prune_per_prompt and targets
                 and mitigation.for_prompts([targets[0].prompt]) is not mitigation)
-
-
 
 
 def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, control_chunks,
@@ -352,10 +351,10 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     accelerator = accelerator or dist.make_accelerator(cfg.report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     inputs = resolve_inputs(cfg, defaults, recipe, recipe_path, accelerator)
     seeds = check_seeds(range(recipe.seeds))
-    descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
-    scorer, clip_reason = alignment_scorer(cfg.clip_model or defaults.clip_model)
+    runtime = resolve_runtime(cfg.runtime, accelerator)  # the metrics run where the model does
+    descriptor, scorer, clip_reason = metric_backends(cfg, cfg.clip_model or defaults.clip_model, runtime.device)
     dist.run_checked(lambda: check_images(inputs.targets + inputs.control), accelerator)
-    bundle = load_for_runtime(inputs.model_dir, runtime := resolve_runtime(cfg.runtime, accelerator))
+    bundle = load_for_runtime(inputs.model_dir, runtime)
     if cfg.lora:
         fuse_lora_weights(bundle, cfg.lora)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)
@@ -384,6 +383,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
             notes.insert(0, f"copy descriptor is the stand-in '{descriptor.name}', NOT SSCD")
         doc = {
             "metric_backend": descriptor.name,
+            "metric_devices": metric_devices(descriptor, scorer, baseline.fid, runtime.device),
             "model": {"source": cfg.model or defaults.label or defaults.model_dir, "path": inputs.model_dir,
                       "lora": cfg.lora, "defaults": defaults.label},
             "settings": settings_doc(cfg, recipe, inputs, ctx, notes, time.time() - start),

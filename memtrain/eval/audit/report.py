@@ -17,6 +17,7 @@ from memtrain.core.manifest import load_image
 from memtrain.core.run import log_to_trackers
 from memtrain.eval.audit.robustness import plot_robustness
 from memtrain.eval.audit.verdict import VERDICTS, VerdictRule
+from memtrain.eval.utility import devices_line
 
 
 def _cell_mean_std(fig: dict, key: str = "sscd_orig") -> Any:
@@ -152,7 +153,7 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
         "reference prompts": f"{s['n_reference_prompts']} from {s['manifests']['reference']}",
         "utility (FID/KID)": s["manifests"]["utility"] or "none", "seeds": s["seeds"], "sampler": s["sampler"],
         "attack": s["attack"], "copy descriptor": doc["metric_backend"], "MR threshold": s["threshold"],
-        "processes": doc["num_processes"], "recipe": s["recipe_path"],
+        "processes": doc["num_processes"], "recipe": s["recipe_path"],        "metrics ran on": devices_line(doc.get("metric_devices", {})),
     })
     md.heading("Results (paper 004 Table 1 layout)")
     md.table(table_rows(results), TABLE_COLUMNS)

@@ -24,6 +24,7 @@ from memtrain.core.sampling import SamplerSettings
 from memtrain.core.text import encode_prompts
 from memtrain.eval.audit.recipe import CONTROL_STREAM, AuditRecipe
 from memtrain.eval.measure import Measurement, measure
+from memtrain.eval.utility import ReferenceFeatures
 from memtrain.metrics import not_computed
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Context:
     progress: bool = False
     latents: dict = field(default_factory=dict)  # (stream, index) -> target latent (1, C, h, w)
     journal: Any = field(default_factory=NoJournal)  # finished units (core.journal), reused on --resume
+    reference_features: ReferenceFeatures = field(default_factory=ReferenceFeatures)  # FID/KID's, once a run
 
     def log(self, message: str) -> None:
         if self.progress and dist.is_main(self.accelerator):
