@@ -28,8 +28,7 @@ from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
 from memtrain.eval.audit import AuditConfig, audit
 from memtrain.eval.measure import Measurement, measure
-from memtrain.metrics import MetricBackendError, inception_features, kid, not_computed
-from memtrain.train.surrogates import descriptor_for
+from memtrain.metrics import MetricBackendError, inception_features, inception_placement, kid, not_computed
 
 log = logging.getLogger(__name__)
 GRID_CELL = 64  # pixels per image in the audit grids
@@ -55,7 +54,7 @@ def memorization_figures(trainer, epoch: int) -> tuple[dict, dict]:
     a = trainer.recipe.audit
     n = min(len(trainer.items), a.max_items or len(trainer.items))
     seeds = list(range(a.seeds))
-    descriptor = descriptor_for(trainer.recipe.surrogates.descriptor)
+    descriptor = trainer.descriptor
     settings = _sampler(trainer)
     per_batch = a.targets_per_attack if trainer.speedups else 1
     local = []
@@ -143,7 +142,8 @@ def kid_reference(trainer) -> np.ndarray:
     training share them), each process embedding its share."""
     if trainer.kid_reference is None:
         pairs = trainer.utility[: trainer.recipe.audit.kid_prompts]
-        local = [(chunk[0][0], inception_features([p.image for _, p in chunk], num_threads=1))
+        local = [(chunk[0][0], inception_features([p.image for _, p in chunk], num_threads=1,
+                                                        device=trainer.runtime.device))
                  for chunk in shard_chunks(pairs, KID_CHUNK, trainer.acc)]
         trainer.kid_reference = np.concatenate(gather_in_order(local, trainer.acc))
     return trainer.kid_reference
@@ -163,7 +163,7 @@ def utility_generations_kid(trainer) -> float | dict:
         local = []
         for chunk in shard_chunks(pairs, KID_CHUNK, trainer.acc):
             images = sample(trainer.bundle, [p.caption for _, p in chunk], [0], settings).images[:, 0]
-            local.append((chunk[0][0], inception_features(images, num_threads=1)))
+            local.append((chunk[0][0], inception_features(images, num_threads=1, device=trainer.runtime.device)))
             trainer.work[f"{trainer.stage}/kid_prompts"] += len(chunk)
         gen = np.concatenate(gather_in_order(local, trainer.acc))
     except MetricBackendError as err:  # no Inception weights installed, ...
@@ -242,5 +242,8 @@ def closing_audit(trainer, model_dir: Path) -> None:
         if isinstance(loss_before, float) and isinstance(loss_after, float):
             report["utility"]["heldout_loss_ratio"] = loss_after / loss_before
         report["runtime"] = trainer.runtime.to_dict()  # batch sizes and peak memory of the whole run
+        report["metric_devices"] = {"sscd": trainer.descriptor.placement,
+                                    "inception": (inception_placement(trainer.runtime.device)
+                                                  if isinstance(after["kid"], float) else "not computed")}
         write_json(folder / "report.json", report)
     acc.wait_for_everyone()

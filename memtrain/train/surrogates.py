@@ -36,10 +36,11 @@ SETTINGS_FILE = "settings.json"
 EMBED_CHUNK = 16  # training images per descriptor call
 
 
-def descriptor_for(spec: str):
+def descriptor_for(spec: str, device=None):
+    """The copy descriptor a recipe names ('standin' opts into the stand-in), on `device` where
+    its backend can run there."""
     # naming the stand-in in a recipe is the explicit opt-in get_descriptor asks for
-    """The copy descriptor a recipe names ('standin' opts into the stand-in)."""
-    return get_descriptor(spec, allow_standin=str(spec).lower().startswith("standin"))
+    return get_descriptor(spec, allow_standin=str(spec).lower().startswith("standin"), device=device)
 
 
 def _generator(bundle, spec: SurrogateSpec, prompts: list[str], reference_prompts: list[str],
@@ -96,7 +97,7 @@ def build_surrogates(bundle, spec: SurrogateSpec, memorized: Sequence[ManifestIt
         return cached
     prompts = [m.prompt for m in memorized]
     seeds = [spec.seed + k for k in range(spec.per_prompt)]
-    descriptor = descriptor_for(spec.descriptor)
+    descriptor = descriptor_for(spec.descriptor, bundle.device)
     # every image is checked against every memorized image: their embeddings, gathered
     train_local = [(chunk[0][0], descriptor.embed([load_image(m) for _, m in chunk]))
                    for chunk in shard_chunks(memorized, EMBED_CHUNK, accelerator)]

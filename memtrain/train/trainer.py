@@ -60,7 +60,7 @@ from memtrain.train.checkpoints import (STATE_FILE, Position, checkpoint_dirs, f
                                         resolve_resume)
 from memtrain.train.data import load_utility
 from memtrain.train.recipe import Recipe, check_resolved, first_difference
-from memtrain.train.surrogates import build_surrogates
+from memtrain.train.surrogates import build_surrogates, descriptor_for
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class AdvFinetuner:
         self.scheduler = training_scheduler(self.bundle)
         self.memorized = list(read_manifest(r.memorized_manifest, require_images=True, strict=True))
         self.utility = load_utility(r.utility)
+        self.descriptor = descriptor_for(r.surrogates.descriptor, acc.device)  # the copy metric, on the device
         self.resolution = self.bundle.pixel_resolution
         surrogates = self._surrogates()
         by_id: dict[str, list] = {}

@@ -326,13 +326,13 @@ def assemble_result(ctx: Context, mitigation, rows: dict, baseline: Baseline, fi
 
 
 def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inputs) -> None:
-    """Every process prepares the same (deterministic) mitigations on all memorized prompts, so
-    a mitigation that does not fit the model fails here, before anything is written."""
+    """Every process ends up with the same mitigations prepared on all memorized prompts (NeMo's
+    per-prompt work spread over them); one that does not fit the model fails before any output."""
     prompts = [it.prompt for it in inputs.targets]
     for m in mitigations:
         m.encode(ctx.bundle, prompts[:1])  # the text path fits (tokenizer, pad token, ...)
         ctx.log(f"audit: preparing {m.name}")
-        m.prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
+        m.spread_over(ctx.accelerator).prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
 
 
 def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> dict:
