@@ -432,6 +432,39 @@ def fresh_accelerate():
     torch.set_num_threads(1)
 
 
+def test_craft_runs_the_attack_without_gradient_checkpointing(tiny_setup, tmp_path, fresh_accelerate):
+    """With train.gradient_checkpointing, `craft` turns it off for the attack (grads w.r.t. the
+    embedding only) and back on after; y_adv equals the one crafted with it on (speedups=False),
+    which recomputes every checkpointed block's forward."""
+    import torch
+
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner
+
+    recipe = load_recipe(tiny_recipe(tiny_setup, tmp_path / "ckpt", train={"gradient_checkpointing": True},
+                                     attack={"steps": 3}))
+    trainer = AdvFinetuner(recipe)
+    assert trainer.speedups
+    trainer.setup()
+    trainer.prepare_model()
+    unet = trainer.bundle.unet
+    assert unet.is_gradient_checkpointing
+    seen, block_calls = [], []
+    unet.register_forward_pre_hook(lambda m, args: seen.append(m.is_gradient_checkpointing))
+    unet.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda m, args: block_calls.append(1))
+    runs = {}
+    for speedups in (True, False):
+        trainer.speedups = speedups
+        seen.clear(), block_calls.clear()
+        runs[speedups] = trainer.craft(0, 0)
+        assert seen and set(seen) == {not speedups}
+        assert unet.is_gradient_checkpointing and unet.training  # restored for the training steps
+        runs[speedups] += (len(block_calls) / len(seen),)
+    # checkpointing on: a block after the first cross-attention (its input depends on y) runs twice
+    assert runs[True][2] == 1 and runs[False][2] == 2
+    assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
+
+
 def test_half_precision_on_the_cpu_is_honoured(tiny_setup, tmp_path, fresh_accelerate):
     """An explicit bf16 is honoured on the CPU too: accelerate's bf16 autocast for the
     trained U-Net (fp32 master weights), recipe `dtype` for the frozen text tower and VAE."""

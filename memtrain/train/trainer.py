@@ -45,7 +45,7 @@ from memtrain.attack import attack
 from memtrain.core.bundle import ModelDefaults, load_bundle, quiet_diffusers
 from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
-from memtrain.core.diffusion import training_scheduler
+from memtrain.core.diffusion import checkpointing_off, training_scheduler
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import replace_dir, write_json
 from memtrain.core.manifest import load_image, read_manifest
@@ -100,13 +100,13 @@ class AdvFinetuner:
     """Adversarial fine-tuning (paper 004 Alg. 2) of one recipe: setup, the loop, checkpoints, outputs."""
 
     def __init__(self, recipe: Recipe, resume_from_checkpoint: str | None = None,
-                 defaults: ModelDefaults | None = None):
+                 defaults: ModelDefaults | None = None, speedups: bool = True):
         check_resolved(recipe)  # model: testbed must have been resolved (memtrain.testbed.resolver)
         self.recipe = recipe
         self.defaults = defaults or ModelDefaults.plain(recipe.model)
         self.out = Path(recipe.output_dir).absolute()
         self.ckpt_root = self.out / "checkpoints"
-        self.resume_arg = resume_from_checkpoint
+        self.resume_arg, self.speedups = resume_from_checkpoint, speedups  # speedups=False: as before them
 
     # setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -255,9 +255,10 @@ class AdvFinetuner:
         config = self.recipe.attack.for_epoch(epoch, seed=derived_seed(self.recipe.seed, epoch, image))
         # bf16 under accelerate: its autocast, as the U-Net trains. Not fp16: the attack scales its
         # loss by the model's dtype, and the fp32 master weights would hide fp16 gradient underflow.
-        # Under DeepSpeed the module itself is half precision and the attack casts to it.
+        # Under DeepSpeed the module itself is half precision and the attack casts to it. Checkpointing
+        # off (speedups): the attack wants grads w.r.t. y only, recomputing the U-Net buys nothing.
         bf16 = self.acc.mixed_precision == "bf16" and self.acc.distributed_type != DistributedType.DEEPSPEED
-        with self.acc.autocast() if bf16 else contextlib.nullcontext():
+        with self.acc.autocast() if bf16 else contextlib.nullcontext(), checkpointing_off(self.bundle.unet, self.speedups):
             result = attack(self.bundle, self.target_latents[image : image + 1], [self.items[image].prompt], config)
         self.runtime.record("attack", min(config.noise_samples, config.max_batch))
         return result.embeddings, float(result.final_loss.mean())
