@@ -417,6 +417,9 @@ def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
                 "--warmup", "0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"concatenated / separate: \d+\.\d\dx", proc.stdout)
+    # today's trainer against the sped-up one, checkpointing on for both (the tiny recipe has it off)
+    assert "train.gradient_checkpointing=true for both runs" in proc.stdout
+    assert re.search(r"speedups off: +\d+\.\d s\n  speedups on: +\d+\.\d s\nspeedup \d+\.\d\dx", proc.stdout)
 
 
 @pytest.fixture
