@@ -9,7 +9,10 @@ import torch
 from factories import tiny_bundle
 from memtrain.core.errors import MemtrainError
 from memtrain.mitigations import applied, available_mitigations, get_mitigation
+from memtrain.core.bundle import weights_checksum
 from memtrain.mitigations.nemo import ms_ssim, ms_ssim_settings
+from memtrain.mitigations.wanda import ffn_output_layers
+from memtrain.train.checkpoints import param_checksum
 from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
 
@@ -314,6 +317,32 @@ def test_wanda_union_over_timesteps(bundle):
     assert not changed_params(before, bundle)
 
 
+@pytest.mark.parametrize("include_uncond", [True, False])
+def test_wanda_column_norms_equal_a_direct_computation(bundle, include_uncond):
+    """The squared column norms summed on the layers' device equal the sums computed in float64
+    from every input ff.net.2 received (batches of 3 jobs: 2 chunks, so step = call % 3)."""
+    wanda = get_mitigation("wanda", timesteps=3, num_inference_steps=10, num_seeds=2, batch_size=3,
+                           include_uncond=include_uncond)
+    layers = ffn_output_layers(bundle.unet)
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [layer.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].double()))
+               for name, layer in layers.items()]
+    try:
+        got = wanda._column_sq_norms(bundle, layers, PROMPTS, SEEDS[:2])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, layer in layers.items():
+        assert len(inputs[name]) == 6  # 2 chunks x 3 steps
+        expected = torch.zeros(3, layer.in_features, dtype=torch.float64)
+        for call, x in enumerate(inputs[name]):
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            rows = x if include_uncond else x[len(x) // 2:]  # [uncond half; cond half]
+            expected[call % 3] += (rows ** 2).sum(dim=(0, 1))
+        assert got[name].device.type == "cpu" and got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name].double(), expected, rtol=2e-6, atol=0)
+
+
 def test_wanda_state_round_trip_and_per_prompt(bundle, tmp_path):
     wanda = prepared_wanda(bundle, scope="per_prompt")
     single = wanda.for_prompts(PROMPTS[:1])
@@ -374,3 +403,35 @@ def test_text_path_mitigations_have_no_search_space(bundle):
 
     for name in ("none", "pad_eot", "pad_mask"):
         assert search_space_ablation(get_mitigation(name), bundle.unet) is None
+
+
+# --- weight checksums ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checksums_see_every_single_bit_flip_and_its_undo(bundle, dtype):
+    """weights_checksum (mitigation undo) and param_checksum (rank equality), reduced on the
+    weights' device, change when any one bit of a weight flips and are equal again after undo."""
+    bundle.unet.to(dtype)
+    before, params_before = weights_checksum(bundle), param_checksum(bundle.unet)
+    assert weights_checksum(bundle) == before and set(params_before) == {"sha256", "sum"}
+    weight = dict(bundle.unet.named_parameters())["down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"]
+    raw = weight.data.view(-1).view(torch.uint8)
+    size = weight.element_size()
+    for element in (0, weight.numel() // 2 + 1, weight.numel() - 1):
+        for byte in range(element * size, (element + 1) * size):
+            for bit in range(8):  # every bit of the element, sign and exponent included
+                raw[byte] ^= 1 << bit
+                assert param_checksum(bundle.unet)["sha256"] != params_before["sha256"], (element, byte, bit)
+                if bit in (0, 7):  # the whole bundle's digest (slower: the text encoder's table)
+                    assert weights_checksum(bundle) != before, (element, byte, bit)
+                raw[byte] ^= 1 << bit
+        assert weights_checksum(bundle) == before
+    assert param_checksum(bundle.unet) == params_before
+    # the largest tensor spans many rows of the reduction: a flip in its last word, and a swap
+    table = bundle.text_encoder.get_input_embeddings().weight.data.view(-1)
+    table.view(torch.uint8)[-1] ^= 128
+    assert weights_checksum(bundle) != before
+    table.view(torch.uint8)[-1] ^= 128
+    assert weights_checksum(bundle) == before
+    table[[0, 1]] = table[[1, 0]]
+    assert weights_checksum(bundle) != before

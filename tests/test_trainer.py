@@ -417,6 +417,9 @@ def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
                 "--warmup", "0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"concatenated / separate: \d+\.\d\dx", proc.stdout)
+    # today's trainer against the sped-up one, checkpointing on for both (the tiny recipe has it off)
+    assert "train.gradient_checkpointing=true for both runs" in proc.stdout
+    assert re.search(r"speedups off: +\d+\.\d s\n  speedups on: +\d+\.\d s\nspeedup \d+\.\d\dx", proc.stdout)
 
 
 @pytest.fixture
@@ -430,6 +433,39 @@ def fresh_accelerate():
     GradientState._reset_state()
     PartialState._reset_state()
     torch.set_num_threads(1)
+
+
+def test_craft_runs_the_attack_without_gradient_checkpointing(tiny_setup, tmp_path, fresh_accelerate):
+    """With train.gradient_checkpointing, `craft` turns it off for the attack (grads w.r.t. the
+    embedding only) and back on after; y_adv equals the one crafted with it on (speedups=False),
+    which recomputes every checkpointed block's forward."""
+    import torch
+
+    from memtrain.train.recipe import load_recipe
+    from memtrain.train.trainer import AdvFinetuner
+
+    recipe = load_recipe(tiny_recipe(tiny_setup, tmp_path / "ckpt", train={"gradient_checkpointing": True},
+                                     attack={"steps": 3}))
+    trainer = AdvFinetuner(recipe)
+    assert trainer.speedups
+    trainer.setup()
+    trainer.prepare_model()
+    unet = trainer.bundle.unet
+    assert unet.is_gradient_checkpointing
+    seen, block_calls = [], []
+    unet.register_forward_pre_hook(lambda m, args: seen.append(m.is_gradient_checkpointing))
+    unet.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda m, args: block_calls.append(1))
+    runs = {}
+    for speedups in (True, False):
+        trainer.speedups = speedups
+        seen.clear(), block_calls.clear()
+        runs[speedups] = trainer.craft(0, 0)
+        assert seen and set(seen) == {not speedups}
+        assert unet.is_gradient_checkpointing and unet.training  # restored for the training steps
+        runs[speedups] += (len(block_calls) / len(seen),)
+    # checkpointing on: a block after the first cross-attention (its input depends on y) runs twice
+    assert runs[True][2] == 1 and runs[False][2] == 2
+    assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
 
 
 def test_half_precision_on_the_cpu_is_honoured(tiny_setup, tmp_path, fresh_accelerate):

@@ -9,7 +9,6 @@ built in, and other codecs (the testbed's pixel codec) register themselves with
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import warnings
@@ -23,6 +22,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.fingerprint import fingerprint
 from memtrain.core.runtime import DTYPE_NAMES, Runtime, run_in_chunks
 from memtrain.core.sampling import SamplerSettings
 
@@ -300,11 +300,8 @@ def fuse_lora_weights(bundle: ModelBundle, lora: str | Path) -> None:
 
 
 def weights_checksum(bundle: ModelBundle) -> str:
-    """BLAKE2 over every parameter and buffer of U-Net, text encoder and VAE, bit for bit: equal
-    before a mitigation and after its undo, or the undo was not exact."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in ("unet", "text_encoder", "vae"):
-        for name, tensor in getattr(bundle, part).state_dict().items():
-            h.update(f"{part}.{name}".encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """Digest of every parameter and buffer of U-Net, text encoder and VAE, bit for bit: equal
+    before a mitigation and after its undo, or the undo was not exact. Reduced on the weights'
+    device (memtrain.core.fingerprint): only a few int64 per tensor come to the host."""
+    return fingerprint((f"{part}.{name}", tensor) for part in ("unet", "text_encoder", "vae")
+                       for name, tensor in getattr(bundle, part).state_dict().items())

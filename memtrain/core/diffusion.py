@@ -1,6 +1,7 @@
 """Diffusion helpers shared by the attack, the mitigations, the trainer and the testbed: images
 to pixels and latents (one preprocessing for every path), the training noise schedule and its
-regression target, seed derivation, and freezing a module for a block of work."""
+regression target, seed derivation, and freezing a module (or its gradient checkpointing) for a
+block of work."""
 
 from __future__ import annotations
 
@@ -81,3 +82,19 @@ def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
         module.train(was_training)
+
+
+@contextlib.contextmanager
+def checkpointing_off(module: torch.nn.Module, active: bool = True) -> Iterator[torch.nn.Module]:
+    """Gradient checkpointing off in every block of a diffusers model for the block, each block's
+    flag restored after (its checkpointing function is kept). diffusers gates checkpointing on
+    grad mode alone, so an attack (grads w.r.t. the embedding only) would run every block's
+    forward twice; off, it holds the activations instead. active=False: a no-op."""
+    blocks = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)] if active else []
+    for block in blocks:
+        block.gradient_checkpointing = False
+    try:
+        yield module
+    finally:
+        for block in blocks:
+            block.gradient_checkpointing = True

@@ -64,7 +64,10 @@ def ffn_output_layers(unet, model_name: str = "") -> dict[str, torch.nn.Linear]:
 
 @contextlib.contextmanager
 def _recording(layers: dict, store: dict, state: dict, normalize: bool, include_uncond: bool):
-    """Pre-hooks adding each call's squared column norms of X into store[layer][step] (B, C)."""
+    """Pre-hooks adding each call's squared column norms of X into store[layer][step] (C,).
+
+    The store's tensors live on the layers' device: a host copy in the hook would wait for the
+    device at every hooked layer of every U-Net call; the caller reads the sums once at the end."""
     handles = []
 
     def make_hook(name: str):
@@ -72,7 +75,7 @@ def _recording(layers: dict, store: dict, state: dict, normalize: bool, include_
             x = args[0].detach().float()  # (2B, tokens, C): [uncond half; cond half]
             if normalize:
                 x = F.normalize(x, dim=-1)
-            sq = (x * x).sum(dim=1).cpu()  # (2B, C)
+            sq = (x * x).sum(dim=1)  # (2B, C)
             uncond, cond = sq.chunk(2)
             per_job = cond + uncond if include_uncond else cond
             store[name][state["step"]] += per_job.sum(dim=0)
@@ -185,7 +188,8 @@ class Wanda(PruningMitigation):
         """Per layer (T, C): summed squared column norms of ff.net.2's input over the first T
         denoising steps of every (prompt, seed) run (prompts: strings or embeddings (N, L, D))."""
         steps = int(self.timesteps)
-        store = {name: torch.zeros(steps, layer.in_features) for name, layer in layers.items()}
+        store = {name: torch.zeros(steps, layer.in_features, device=layer.weight.device)
+                 for name, layer in layers.items()}
         state = {"step": 0}
         cond = prompts if isinstance(prompts, torch.Tensor) else encode_prompts(bundle, prompts).embeddings
         cond = cond.to(bundle.device, bundle.dtype)
@@ -196,7 +200,7 @@ class Wanda(PruningMitigation):
                 chunk = jobs[start:start + self.batch_size]
                 y = cond[torch.tensor([i for i, _ in chunk], device=cond.device)]
                 self._first_steps(bundle, y, uncond, [s for _, s in chunk], steps, state)
-        return store
+        return {name: sums.cpu() for name, sums in store.items()}  # one host copy per layer
 
     def _first_steps(self, bundle, y, uncond, seeds, steps, state) -> None:
         """The sampler's CFG loop, stopped after `steps` U-Net calls."""

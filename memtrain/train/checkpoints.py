@@ -3,7 +3,6 @@ names, and the per-rank parameter digest the distributed tests compare."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import sha256_file
+from memtrain.core.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 STATE_FILE = "memtrain_state.json"  # written last into a checkpoint: its presence means complete
@@ -36,15 +36,12 @@ class Position:
 
 
 def param_checksum(module: torch.nn.Module) -> dict:
-    """Order-stable digest of every parameter: equal on all DDP ranks iff weights agree."""
-    h = hashlib.sha256()
-    total = 0.0
-    for name, p in sorted(module.named_parameters()):
-        data = p.detach().float().cpu().contiguous()
-        h.update(name.encode())
-        h.update(data.numpy().tobytes())
-        total += float(data.double().sum())
-    return {"sha256": h.hexdigest(), "sum": total}
+    """Order-stable digest of every parameter: equal on all DDP ranks iff weights agree. Reduced
+    on the parameters' device (memtrain.core.fingerprint): no host copy of the weights."""
+    params = sorted(module.named_parameters())
+    sums = [p.detach().double().sum() for _, p in params]
+    total = float(torch.stack(sums).sum()) if sums else 0.0
+    return {"sha256": fingerprint(params, digest="sha256"), "sum": total}
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

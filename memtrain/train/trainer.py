@@ -46,7 +46,7 @@ from memtrain.attack import attack
 from memtrain.core.bundle import ModelDefaults, load_bundle, quiet_diffusers
 from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
-from memtrain.core.diffusion import training_scheduler
+from memtrain.core.diffusion import checkpointing_off, training_scheduler
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import replace_dir, write_json
 from memtrain.core.manifest import load_image, read_manifest
@@ -262,23 +262,14 @@ class AdvFinetuner:
         """Adversarial embeddings (len(images), 77, D) and their final losses, all targets in one
         batched attack against the current unwrapped U-Net."""
         config = self.recipe.attack.for_epoch(epoch, seed=seed)
-        unet = self.bundle.unet
-        # diffusers recomputes activations whenever grad mode is on; the attack needs grads only
-        # w.r.t. the embedding, so checkpointing would cost a third more compute for nothing
-        checkpointing = self.speedups and unet.is_gradient_checkpointing
-        if checkpointing:
-            unet.disable_gradient_checkpointing()
         # bf16 under accelerate: its autocast, as the U-Net trains. Not fp16: the attack scales its
         # loss by the model's dtype, and the fp32 master weights would hide fp16 gradient underflow.
-        # Under DeepSpeed the module itself is half precision and the attack casts to it.
+        # Under DeepSpeed the module itself is half precision and the attack casts to it. Checkpointing
+        # off (speedups): the attack wants grads w.r.t. y only, recomputing the U-Net buys nothing.
         bf16 = self.acc.mixed_precision == "bf16" and self.acc.distributed_type != DistributedType.DEEPSPEED
-        try:
-            with self.acc.autocast() if bf16 else contextlib.nullcontext():
-                result = attack(self.bundle, self.target_latents[images], [self.items[i].prompt for i in images],
-                                config)
-        finally:
-            if checkpointing:
-                unet.enable_gradient_checkpointing()
+        with self.acc.autocast() if bf16 else contextlib.nullcontext(), checkpointing_off(self.bundle.unet,
+                                                                                           self.speedups):
+            result = attack(self.bundle, self.target_latents[images], [self.items[i].prompt for i in images], config)
         self.runtime.record("attack", min(config.noise_samples * len(images), config.max_batch))
         return result.embeddings, result.final_loss
 
