@@ -22,6 +22,7 @@ from memtrain.core.diffusion import frozen, images_to_latents
 from memtrain.core.errors import MemtrainError
 from memtrain.core.manifest import load_image, read_manifest
 from memtrain.core.sampling import SamplerSettings, check_seeds, sample
+from memtrain.metrics import get_descriptor, inception_features, inception_placement
 
 FALLBACK_PROMPTS = ["a photo of a cat", "a red house by the sea", "a bowl of fruit", "a mountain lake"]
 
@@ -196,3 +197,18 @@ def bench_mitigation_overhead(bundle, prompts: Sequence[str], seeds: Sequence[in
         pairs = [(timed(plain, bundle.device), timed(mitigated, bundle.device)) for _ in range(repeats)]
         ratios[m.name] = statistics.median(b / a for a, b in pairs)
     return ratios
+
+
+def bench_metrics(device: torch.device, images: int = 32, resolution: int = 512) -> dict:
+    """Images per second of the copy descriptor (SSCD) and of Inception (FID/KID) on `device`, and
+    where each ran: what an audit's scoring costs beside its generation. The first call of each
+    (loading the model) is left out of the timing."""
+    batch = torch.rand(images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    descriptor = get_descriptor(None, device=device)
+    descriptor.embed(batch[:2])
+    inception_features(batch[:2], device=device)
+    sscd_s = timed(lambda: descriptor.embed(batch), device)
+    inception_s = timed(lambda: inception_features(batch, device=device), device)
+    return {"images": images, "resolution": resolution,
+            "sscd": {"placement": descriptor.placement, "images_per_s": images / sscd_s},
+            "inception": {"placement": inception_placement(device), "images_per_s": images / inception_s}}

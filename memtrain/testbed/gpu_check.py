@@ -40,7 +40,7 @@ from memtrain.core.files import StagedOutput, write_json
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit import AuditConfig, audit
-from memtrain.eval.bench import bench_prompts
+from memtrain.eval.bench import bench_metrics, bench_prompts
 from memtrain.testbed.photos import write_photo_manifests
 from memtrain.testbed.resolver import resolve_model
 from memtrain.train.bench_full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
@@ -129,7 +129,9 @@ def speed_stage(spec: dict) -> dict:
     att = bench_full_attack(bundle, spec["manifest"], b.attack_targets,
                             AttackConfig(steps=b.attack_steps, noise_samples=b.noise_samples, lr=0.1), b.matmul_size)
     att["peak_memory_gb"] = runtime.peak_memory_gb()
-    return {"generation": gen, "attack": att, "dtype": runtime.dtype_name, "device": str(runtime.device)}
+    metrics = bench_metrics(runtime.device, images=b.prompts * b.seeds, resolution=b.resolution)
+    return {"generation": gen, "attack": att, "metrics": metrics, "dtype": runtime.dtype_name,
+            "device": str(runtime.device)}
 
 
 def finetune_stage(spec: dict) -> dict:
@@ -268,6 +270,8 @@ def summarize(runtime, budget: CheckBudget, stages: dict[str, dict], seconds: fl
         "audit": {"seconds": _finite(audit["seconds"], 1), "peak_memory_gb": _finite(audit["peak_memory_gb"], 3),
                   "mitigations": audit["mitigations"], "targets": budget.audit_targets, "seeds": budget.audit_seeds,
                   "dtype": audit["dtype"], "device": audit["device"], "rows": audit["rows"]},
+        "metrics": {name: {"placement": m["placement"], "images_per_s": _finite(m["images_per_s"], 3)}
+                    for name, m in stages["speed"]["metrics"].items() if isinstance(m, dict)},
         "goals": GOALS,
         "met": {"generation_ratio": gen["ratio"] >= GOALS["generation_ratio"],
                 "attack_fraction_of_matmul": att["fraction_of_matmul"] >= GOALS["attack_fraction_of_matmul"],
@@ -294,6 +298,7 @@ def format_check(doc: dict) -> str:
     if f is not None:
         lines.append(f"finetune ({f['finetune']}, mixed precision {f['mixed_precision']}): {f['seconds_per_image']:.3f} "
                      f"s/image, peak memory {f['peak_memory_gb']:.2f} GB ({f['peak_memory_gb_per_image']:.2f} GB/image)")
+    lines += [f"{name}: {m['images_per_s']:.2f} images/s on {m['placement']}" for name, m in doc["metrics"].items()]
     lines += [f"audit ({' '.join(au['mitigations'])}, {au['targets']} targets x {au['seeds']} seeds, {au['dtype']}): "
               f"{au['seconds']:.1f} s, peak memory {au['peak_memory_gb']:.2f} GB",
               f"ratio: {g['ratio']:.2f}"]

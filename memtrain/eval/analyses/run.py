@@ -137,10 +137,10 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
     check_output_dir(out, cfg.overwrite)
     if "localization" in cfg.analyses:  # fail before loading anything
         localization.ground_truth_path(recipe.localization, defaults.model_dir)
-    descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
     accelerator = dist.make_accelerator(report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     runtime = resolve_runtime(cfg.runtime, accelerator)
+    descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin, device=runtime.device)
     bundle = load_bundle(defaults.model_dir, device=runtime.device, dtype=runtime.dtype)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)
     plan = plan_for_run(bundle, runtime, {"generation": settings.batch_size, "vae_decode": settings.batch_size})
@@ -151,6 +151,7 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
     common = {"model": cfg.model or defaults.label or defaults.model_dir, "recipe": str(path.absolute()),
               "memorized": mem_path, "non_memorized": non_path, "seeds": inputs.seeds,
               "sampler": settings.to_dict(), "metric_backend": descriptor.name, "device": str(bundle.device),
+              "metric_devices": {"sscd": descriptor.placement},
               "versions": versions()}
     results, pages = {}, {}
     with dist.OutputRun(accelerator, out, cfg.overwrite, cfg.project, dataclasses.asdict(cfg),
