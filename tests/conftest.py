@@ -76,3 +76,11 @@ def one_thread():
 def tokenizer(tmp_path_factory):
     """SD1.4's CLIP tokenizer, built offline."""
     return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory):
+    """The golden-test fixture (tests/golden_fixture.py), built once per session."""
+    import golden_fixture
+
+    return golden_fixture.build(str(tmp_path_factory.mktemp("golden_tokenizer")))
