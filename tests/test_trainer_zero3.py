@@ -29,11 +29,15 @@ def ds_config(tmp: Path, stage: int) -> Path:
     return path
 
 
-def launch(config: Path, recipe: Path, *extra: str) -> None:
+def launch(config: Path, recipe: Path, *extra: str, ok: bool = True):
+    """2-process DeepSpeed on the CPU (ACCELERATE_USE_CPU unset, or accelerate drops DeepSpeed).
+    A hang (a forward only the main process makes) fails at the timeout."""
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
                 "--deepspeed_config_file", str(config), "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(recipe), *extra], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(recipe), *extra], timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def unet(model_dir: Path) -> torch.nn.Module:
@@ -103,3 +107,14 @@ def test_zero3_resume_continues_the_partitioned_run(tiny_setup, audited, tmp_pat
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     assert checksum(out, 0)["sha256"] == checksum(out, 1)["sha256"]
     assert_equal_weights(unet(out / "model").state_dict(), unet(audited[3] / "model").state_dict())
+
+
+@pytest.mark.slow  # several processes: the slow tier
+def test_zero3_refuses_ema_in_one_line(tiny_setup, tmp_path):
+    out = tmp_path / "ema"
+    recipe = tiny_recipe(tiny_setup, out, train={**TRAIN, "ema": {"use": True}}, checkpointing={"steps": 0})
+    proc = launch(ds_config(tmp_path, 3), recipe, ok=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "ZeRO-3" in errors[0] and "accelerate_configs/deepspeed_zero2.yaml" in errors[0], proc.stderr[-2000:]
+    assert not (out / "model").exists()
