@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs, PartialState
 from accelerate.utils import ProjectConfiguration, gather_object
+from transformers.integrations import unset_hf_deepspeed_config
 
 from memtrain.core.errors import COLLECTIVE_TIMEOUT, MemtrainError
 from memtrain.core.files import StagedOutput
@@ -188,11 +189,17 @@ def make_accelerator(report_to: str | None = None, mixed_precision: str | None =
         COLLECTIVE_TIMEOUT["minutes"] = float(timeout_minutes)
         log.info("process-group timeout: %g minutes (timeout_minutes)", float(timeout_minutes))
     project_dir = Path(project_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         log_with=log_with, mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
         kwargs_handlers=handlers,
     )
+    if accelerator.state.deepspeed_plugin is not None:
+        # accelerate hands its DeepSpeed config to transformers, whose from_pretrained then builds
+        # every model partitioned under ZeRO-3 (the frozen text encoder too, whatever
+        # zero3_init_flag says); memtrain prepares only the trained U-Net, so models load whole
+        unset_hf_deepspeed_config()
+    return accelerator
 
 
 def check_timeout(minutes: float) -> float:

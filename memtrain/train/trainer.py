@@ -55,7 +55,7 @@ from memtrain.core.run import finish_trackers, gather_list, init_trackers, make_
 from memtrain.core.runtime import DTYPE_NAMES, RuntimeOptions, resolve_runtime
 from memtrain.core.sampling import SAMPLER_FILE
 from memtrain.core.text import encode_prompts
-from memtrain.train import checks
+from memtrain.train import checks, zero3
 from memtrain.train.checkpoints import (STATE_FILE, Position, checkpoint_dirs, file_digests, param_checksum,
                                         resolve_resume)
 from memtrain.train.data import load_utility
@@ -188,7 +188,10 @@ class AdvFinetuner:
         if acc.state.deepspeed_plugin is not None:  # no dataloader: DeepSpeed needs the micro batch
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
                 r.train.surrogate_batch_size + r.train.utility_batch)
+        whole = zero3.whole_copy(unet, acc, ema=self.ema is not None)
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        if whole is not None:  # ZeRO-3: no-grad uses read a whole copy (memtrain.train.zero3)
+            self.bundle.unet = zero3.attach(self.model, whole)
         self.params = params
         # what the U-Net's inputs are cast to: fp32 under accelerate's autocast; DeepSpeed's half
         # precision under DeepSpeed, which runs the module in it and adds no autocast
@@ -430,13 +433,14 @@ class AdvFinetuner:
         plugin = self.acc.state.deepspeed_plugin
         info = {"rank": self.rank, "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
                 "zero_stage": plugin.zero_stage if plugin is not None else None,
-                **param_checksum(self.acc.unwrap_model(self.model))}
+                **param_checksum(self.bundle.unet)}  # the trained U-Net, whole under ZeRO-3 too
         (folder / f"rank{self.rank}_checksum.json").write_text(json.dumps(info))
 
     def save_final(self) -> Path:
         """output_dir/model: the whole bundle (full) or a save_lora_weights file (LoRA)."""
         acc, target = self.acc, self.out / "model"
-        unet = acc.unwrap_model(self.model)
+        # the trained U-Net (after prepare bundle.unet is it, or under ZeRO-3 its whole copy)
+        unet = self.bundle.unet
         if self.ema is not None:
             self.ema.copy_to(self.params)
         if acc.is_main_process:
