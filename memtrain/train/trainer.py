@@ -204,7 +204,8 @@ class AdvFinetuner:
         optimizer's state once the model is prepared. Planned in the wider of the frozen parts'
         and the U-Net's dtypes: one plan covers both, erring large."""
         dtype = max(self.frozen_dtype, self.unet_dtype, key=lambda d: torch.empty((), dtype=d).element_size())
-        trained = sum(p.numel() for p in getattr(self, "params", []))
+        # ZeRO-3 leaves 0-sized placeholders in the module: count the whole weight (ds_numel)
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in getattr(self, "params", []))
         budget = self.runtime.budget_bytes - TRAINING_STATE_BYTES * trained
         plan = plan_memory(self.bundle, dtype, budget, {stage: max(1, wanted)}, device=str(self.runtime.device))
         return plan.batch(stage)
