@@ -38,7 +38,7 @@ def _testbed_like(root: Path) -> Path:
 def test_reference_model_trains_without_memorized_pairs(tmp_path):
     from memtrain.core.bundle import load_bundle
     from memtrain.testbed.reference import ensure_reference_model
-    from memtrain.train.trainer import param_checksum
+    from memtrain.train.checkpoints import param_checksum
 
     root = _testbed_like(tmp_path / "tb")
     out = ensure_reference_model(root, steps=3)

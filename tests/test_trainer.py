@@ -132,7 +132,7 @@ def test_deepspeed_zero2_two_processes_on_cpu_keep_ranks_identical(tiny_setup, t
     assert a["distributed_type"] == "DistributedType.DEEPSPEED" and a["zero_stage"] == 2
     assert a["sha256"] == b["sha256"] and a["sum"] == b["sum"]
     from memtrain.core.bundle import load_bundle
-    from memtrain.train.trainer import param_checksum
+    from memtrain.train.checkpoints import param_checksum
 
     before = param_checksum(load_bundle(tiny_setup / "model").unet)
     assert a["sha256"] != before["sha256"], "ZeRO-2 run did not change the U-Net"
@@ -168,7 +168,7 @@ def test_deepspeed_zero2_bf16_trains_and_resumes(tiny_setup, tmp_path):
     assert (summary["mixed_precision"], summary["unet_dtype"]) == ("bf16", "bf16")
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
     from memtrain.core.bundle import load_bundle
-    from memtrain.train.trainer import param_checksum
+    from memtrain.train.checkpoints import param_checksum
 
     tuned = load_bundle(out / "model")
     assert param_checksum(tuned.unet)["sha256"] != param_checksum(load_bundle(tiny_setup / "model").unet)["sha256"]

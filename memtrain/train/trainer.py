@@ -16,15 +16,14 @@ accelerate's autocast; under DeepSpeed the module itself in fp16/bf16), the reci
 frozen parts' (text encoder, VAE, surrogate model). The no-grad batches (VAE encodes, held-out
 loss) are planned within the recipe's `max_memory`; output_dir/run_summary.json says what ran.
 
-Longer than 400 lines because setup, the loop, checkpoints and outputs share the trainer's state;
-the outputs (save_final, run summary, checksums) are the next to move into a module of their own.
+Longer than 400 lines because setup, the loop and checkpoints share the trainer's state; the
+outputs (the saved model, run summary, checksums) are in memtrain.train.outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-import dataclasses
 import json
 import logging
 import math
@@ -35,12 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from memtrain.attack import attack
 from memtrain.core.bundle import ModelDefaults, load_bundle, quiet_diffusers
@@ -48,16 +44,14 @@ from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
 from memtrain.core.diffusion import checkpointing_off, training_scheduler
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import replace_dir, write_json
+from memtrain.core.files import replace_dir
 from memtrain.core.manifest import load_image, read_manifest
 from memtrain.core.memory import plan_memory
-from memtrain.core.run import finish_trackers, gather_list, init_trackers, make_accelerator
-from memtrain.core.runtime import DTYPE_NAMES, RuntimeOptions, resolve_runtime
-from memtrain.core.sampling import SAMPLER_FILE
+from memtrain.core.run import finish_trackers, init_trackers, make_accelerator
+from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.text import encode_prompts
-from memtrain.train import checks, zero3
-from memtrain.train.checkpoints import (STATE_FILE, Position, checkpoint_dirs, file_digests, param_checksum,
-                                        resolve_resume)
+from memtrain.train import checks, outputs, zero3
+from memtrain.train.checkpoints import STATE_FILE, Position, checkpoint_dirs, file_digests, resolve_resume
 from memtrain.train.data import load_utility
 from memtrain.train.recipe import Recipe, check_resolved, first_difference
 from memtrain.train.surrogates import build_surrogates, descriptor_for
@@ -400,77 +394,20 @@ class AdvFinetuner:
             if pos.epoch > epoch and r.audit.epoch_end:
                 checks.epoch_audit(self, epoch, step)
         acc.wait_for_everyone()
-        model_dir = self.save_final()
+        model_dir = outputs.save_final(self)
         if r.debug_rank_checksums:
-            self.write_checksum()
+            outputs.write_checksum(self)
         if r.audit.closing:
             checks.closing_audit(self, model_dir)
-        self.write_summary(model_dir, step)
+        outputs.write_summary(self, model_dir, step)
         finish_trackers(acc)
         acc.wait_for_everyone()
         return model_dir
 
-    # outputs ---------------------------------------------------------------------------------------
+    # outputs (memtrain.train.outputs) -------------------------------------------------------------
     def precision(self) -> dict:
         """What ran in which precision: the launch, the trained U-Net and the frozen parts."""
-        return {"world_size": self.world, "distributed_type": str(self.acc.distributed_type),
-                "mixed_precision": self.acc.mixed_precision, "unet_dtype": DTYPE_NAMES[self.unet_dtype],
-                "frozen_dtype": DTYPE_NAMES[self.frozen_dtype]}
-
-    def write_summary(self, model_dir: Path, step: int) -> None:
-        """output_dir/run_summary.json: the model, the steps run, the precision, the runtime
-        (device, dtype, batch sizes, peak memory of the main process) and each process's work
-        per stage (collective: every process sends its counts)."""
-        work = gather_list([dict(self.work)], self.acc)
-        log.info("rank %d work: %s", self.rank, dict(self.work))
-        if self.acc.is_main_process:
-            write_json(self.out / "run_summary.json", {"model": str(model_dir), "global_step": step,
-                                                       **self.precision(), "runtime": self.runtime.to_dict(),
-                                                       "work_per_rank": work})
-
-    def write_checksum(self) -> None:
-        folder = self.out / "debug"
-        folder.mkdir(parents=True, exist_ok=True)
-        plugin = self.acc.state.deepspeed_plugin
-        info = {"rank": self.rank, "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
-                "zero_stage": plugin.zero_stage if plugin is not None else None,
-                **param_checksum(self.bundle.unet)}  # the trained U-Net, whole under ZeRO-3 too
-        (folder / f"rank{self.rank}_checksum.json").write_text(json.dumps(info))
-
-    def save_final(self) -> Path:
-        """output_dir/model: the whole bundle (full) or a save_lora_weights file (LoRA)."""
-        acc, target = self.acc, self.out / "model"
-        # the trained U-Net (after prepare bundle.unet is it, or under ZeRO-3 its whole copy)
-        unet = self.bundle.unet
-        if self.ema is not None:
-            self.ema.copy_to(self.params)
-        if acc.is_main_process:
-            tmp = self.out / ".model.partial"
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if self.recipe.train.finetune == "lora":
-                    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-                    StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
-                                                              safe_serialization=True)
-                else:
-                    # the U-Net is saved as trained: fp32 master weights under accelerate; DeepSpeed's
-                    # half-precision module under DeepSpeed (its fp32 copy is sharded in the checkpoints)
-                    self.bundle.unet = unet
-                    saved = self.bundle
-                    if self.frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
-                        saved = dataclasses.replace(load_bundle(self.bundle.path), unet=unet)
-                    saved.save(tmp)
-                    sampler = Path(self.bundle.path) / SAMPLER_FILE
-                    if sampler.is_file():
-                        shutil.copy(sampler, tmp / SAMPLER_FILE)
-                replace_dir(tmp, target)
-            except OSError as e:  # a full disk must not leave a half model where the last one was
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise MemtrainError(f"saving the fine-tuned model to {target} failed ({e.strerror or e}); "
-                                    "the partial folder was removed and the checkpoints are kept: free space, "
-                                    "then rerun with --resume_from_checkpoint latest") from e
-        acc.wait_for_everyone()
-        return target
+        return outputs.precision(self)
 
 
 def train(recipe: Recipe, resume_from_checkpoint: str | None = None, defaults: ModelDefaults | None = None) -> Path:

@@ -1,0 +1,91 @@
+"""The fine-tuner's outputs: output_dir/model (the whole bundle, or the LoRA weights),
+output_dir/run_summary.json and the per-rank debug checksums."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+
+from memtrain.core.bundle import load_bundle
+from memtrain.core.errors import MemtrainError
+from memtrain.core.files import replace_dir, write_json
+from memtrain.core.run import gather_list
+from memtrain.core.runtime import DTYPE_NAMES
+from memtrain.core.sampling import SAMPLER_FILE
+from memtrain.train.checkpoints import param_checksum
+
+log = logging.getLogger(__name__)
+
+
+def precision(trainer) -> dict:
+    """What ran in which precision: the launch, the trained U-Net and the frozen parts."""
+    return {"world_size": trainer.world, "distributed_type": str(trainer.acc.distributed_type),
+            "mixed_precision": trainer.acc.mixed_precision, "unet_dtype": DTYPE_NAMES[trainer.unet_dtype],
+            "frozen_dtype": DTYPE_NAMES[trainer.frozen_dtype]}
+
+
+def write_summary(trainer, model_dir: Path, step: int) -> None:
+    """output_dir/run_summary.json: the model, the steps run, the precision, the runtime
+    (device, dtype, batch sizes, peak memory of the main process) and each process's work
+    per stage (collective: every process sends its counts)."""
+    work = gather_list([dict(trainer.work)], trainer.acc)
+    log.info("rank %d work: %s", trainer.rank, dict(trainer.work))
+    if trainer.acc.is_main_process:
+        write_json(trainer.out / "run_summary.json", {"model": str(model_dir), "global_step": step,
+                                                      **precision(trainer), "runtime": trainer.runtime.to_dict(),
+                                                      "work_per_rank": work})
+
+
+def write_checksum(trainer) -> None:
+    """output_dir/debug/rank<r>_checksum.json: this rank's U-Net checksum (ranks must agree)."""
+    folder = trainer.out / "debug"
+    folder.mkdir(parents=True, exist_ok=True)
+    plugin = trainer.acc.state.deepspeed_plugin
+    info = {"rank": trainer.rank, "world_size": trainer.world, "distributed_type": str(trainer.acc.distributed_type),
+            "zero_stage": plugin.zero_stage if plugin is not None else None,
+            **param_checksum(trainer.bundle.unet)}  # the trained U-Net, whole under ZeRO-3 too
+    (folder / f"rank{trainer.rank}_checksum.json").write_text(json.dumps(info))
+
+
+def save_final(trainer) -> Path:
+    """output_dir/model: the whole bundle (full) or a save_lora_weights file (LoRA)."""
+    acc, target = trainer.acc, trainer.out / "model"
+    # the trained U-Net (after prepare bundle.unet is it, or under ZeRO-3 its whole copy)
+    unet = trainer.bundle.unet
+    if trainer.ema is not None:
+        trainer.ema.copy_to(trainer.params)
+    if acc.is_main_process:
+        tmp = trainer.out / ".model.partial"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if trainer.recipe.train.finetune == "lora":
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                                                          safe_serialization=True)
+            else:
+                # the U-Net is saved as trained: fp32 master weights under accelerate; DeepSpeed's
+                # half-precision module under DeepSpeed (its fp32 copy is sharded in the checkpoints)
+                trainer.bundle.unet = unet
+                saved = trainer.bundle
+                if trainer.frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
+                    saved = dataclasses.replace(load_bundle(trainer.bundle.path), unet=unet)
+                saved.save(tmp)
+                sampler = Path(trainer.bundle.path) / SAMPLER_FILE
+                if sampler.is_file():
+                    shutil.copy(sampler, tmp / SAMPLER_FILE)
+            replace_dir(tmp, target)
+        except OSError as e:  # a full disk must not leave a half model where the last one was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MemtrainError(f"saving the fine-tuned model to {target} failed ({e.strerror or e}); "
+                                "the partial folder was removed and the checkpoints are kept: free space, "
+                                "then rerun with --resume_from_checkpoint latest") from e
+    acc.wait_for_everyone()
+    return target
