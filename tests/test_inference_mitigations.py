@@ -104,22 +104,31 @@ def test_decomposition_delta_is_exact_on_a_known_mixture():
     assert torch.allclose(delta, torch.full((2,), (0.7 - 0.6) - (0.5 - 0.8)), atol=1e-5)
 
 
+@pytest.mark.parametrize("vocabulary", ["official", "whole_words"])
 @pytest.mark.parametrize("name", ["rta", "rna"])
-def test_random_insertion_changes_only_the_prompt_string(bundle, name):
-    m = get_mitigation(name, count=3, seed=7)
+def test_random_insertion_changes_only_the_prompt_string(bundle, name, vocabulary):
+    from memtrain.mitigations.random_insertion import official_token_ids, official_word
+
+    m = get_mitigation(name, count=3, seed=7, vocabulary=vocabulary)
     rewritten = m.transform_prompts(PROMPT * 2 + ["two dogs"], bundle.tokenizer)
     assert rewritten[0] == rewritten[1] != PROMPT[0]  # seeded per prompt, not per batch position
-    added = [w for w in rewritten[0].split() if w not in PROMPT[0].split()]
-    assert len(rewritten[0].split()) == len(PROMPT[0].split()) + 3 and added
+    sep = " " if vocabulary == "official" else None  # the official insertion splits on single spaces
+    added = [w for w in rewritten[0].split(sep) if w not in PROMPT[0].split(sep)]
+    assert len(rewritten[0].split(sep)) == len(PROMPT[0].split(sep)) + 3 and added
     if name == "rna":
-        assert all(w.isdigit() for w in added)
+        limit = 100_000 if vocabulary == "official" else 10 ** 6
+        assert all(w.isdigit() and int(w) < limit for w in added)
+    elif vocabulary == "official":  # decoded token ids 0..49399, whole words or not
+        drawn = {official_word(bundle.tokenizer, i) for i in range(official_token_ids(bundle.tokenizer))}
+        assert all(w in drawn for w in added)
     else:
         vocab = bundle.tokenizer.get_vocab()
         assert all(f"{w}</w>" in vocab for w in added)
+    assert m.variant == ("official (DCR)" if vocabulary == "official" else "whole_words")
     assert torch.equal(m.encode(bundle, PROMPT).embeddings, encode_prompts(bundle, rewritten[:1]).embeddings)
     assert m.sampling_kwargs(bundle, SETTINGS)["hook"] is None
     assert "prompt string" in m.threat_model_reason("embedding") and m.threat_model_reason("prompt") is None
-    assert get_mitigation(name, seed=8).transform_prompts(PROMPT, bundle.tokenizer) != rewritten[:1]
+    assert get_mitigation(name, seed=8, vocabulary=vocabulary).transform_prompts(PROMPT, bundle.tokenizer) != rewritten[:1]
 
 
 def test_threat_models_are_checked():
@@ -130,6 +139,8 @@ def test_threat_models_are_checked():
     assert not nemo.bypassed_by("weights") and get_mitigation("pad_eot").bypassed_by("weights")
     with pytest.raises(MemtrainError, match="count must be >= 1"):
         get_mitigation("rta", count=0)
+    with pytest.raises(MemtrainError, match="vocabulary 'clip' is not one of official, whole_words"):
+        get_mitigation("rna", vocabulary="clip")
 
 
 def test_overhead_benchmark_measures_every_mitigation(bundle):
