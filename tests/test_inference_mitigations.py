@@ -81,11 +81,16 @@ def test_static_switches_at_the_transition_timestep(bundle):
         get_mitigation("guidance_static", transition_fraction=1.5)
 
 
-@pytest.mark.parametrize("name, before", [("guidance_dynamic", 0.0), ("guidance_opposite", -3.0)])
-def test_dynamic_switches_after_the_first_local_minimum(bundle, name, before):
+@pytest.mark.parametrize("name, settings, before", [("guidance_dynamic", {}, 0.0), ("guidance_opposite", {}, -3.0),
+                                                     ("guidance_dynamic", {"pre_switch_scale": 1.0}, 1.0)])
+def test_dynamic_switches_after_the_first_local_minimum(bundle, name, settings, before):
     """Alg. 1 of paper 003 on a synthetic d_t sequence 9, 4, 1, 2, 5, 0.5: the first local minimum
-    is d=1 (step 2), seen at step 3, so steps 0-2 use `before` and steps 3.. the full scale."""
-    hook = get_mitigation(name).guidance_hook(bundle, SETTINGS)
+    is d=1 (step 2), seen at step 3, so steps 0-2 use `before` and steps 3.. the full scale
+    (pre_switch_scale 1.0: the authors' script, the conditional prediction alone before)."""
+    m = get_mitigation(name, **settings)
+    assert m.variant == {0.0: "Alg. 1 (guidance 0 before the switch)", -3.0: "Alg. 1, opposite guidance",
+                         1.0: "official code (guidance 1 before the switch)"}[before]
+    hook = m.guidance_hook(bundle, SETTINGS)
     x = torch.zeros(1, 4, 2, 2)
     scales = []
     for step, d in enumerate([9.0, 4.0, 1.0, 2.0, 5.0, 0.5]):
@@ -93,6 +98,9 @@ def test_dynamic_switches_after_the_first_local_minimum(bundle, name, before):
         eps_c.view(-1)[0] = d ** 0.5
         scales.append(float(hook(step, 999 - step, x, eps_c, torch.zeros_like(x))[0]))
     assert scales == [before] * 3 + [3.0] * 3
+    if name == "guidance_opposite":
+        with pytest.raises(MemtrainError, match="leave pre_switch_scale at 0"):
+            get_mitigation(name, pre_switch_scale=1.0)
 
 
 def test_decomposition_delta_is_exact_on_a_known_mixture():
