@@ -181,6 +181,7 @@ def test_removes_must_hold_at_every_budget_of_the_curve():
 def test_recipes_load_and_reject_bad_keys(tmp_path):
     sd = load_audit_recipe(REPO / "recipes" / "audit_sd14.yaml")
     assert (sd.attack.steps, sd.attack.lr, sd.attack.noise_samples, sd.attack.init) == (50, 0.1, 8, "prompt")
+    assert sd.mitigations["wanda"]["scheduler"] == "pndm"  # ConceptPrune's timesteps
     tb = load_audit_recipe(REPO / "recipes" / "audit_testbed.yaml")
     assert (tb.attack.steps, tb.attack.lr, tb.attack.init, tb.seeds) == (50, 0.01, "random", 10)
     bad = tmp_path / "bad.yaml"
