@@ -325,6 +325,19 @@ def test_threat_models(tiny_testbed, tmp_path):
     assert set(saved) == {"mem_astronaut", "mem_camera"} and saved["mem_astronaut"].shape[0] == 77
     text = (out / "report.md").read_text()
     assert "| rta [weights]: bypassed (sampled without it) |" in text and "rta [prompt] + attack" in text
+    # which reading of each method ran: a row key and a report.md column; old reports still render
+    assert rows[("rta", "prompt")]["variant"] == rows[("rta", "weights")]["variant"] == "official (DCR)"
+    assert rows[("guidance_static", "embedding")]["variant"] == ""
+    assert rows[("wanda", "weights")]["variant"] == "union over the first 1 ddim steps"
+    assert "| mitigation | variant | threat model |" in text and "| rta | official (DCR) | prompt |" in text
+    from memtrain.eval.audit import report as audit_report
+    from memtrain.eval.audit.verdict import VerdictRule
+
+    old = json.loads((out / "report.json").read_text())
+    for r in old["results"]:
+        del r["variant"]
+    assert "| rta | - | prompt |" in audit_report.markdown(old, {}, out, VerdictRule()).render()
+    assert "official (DCR)" not in audit_report.summary(old) and "official (DCR)" in audit_report.summary(doc)
     curve = rows[("rta", "prompt")]["robustness"]
     assert curve["budgets"] == [1, 2] and curve["mr_attack"][-1] == rows[("rta", "prompt")]["mr_attack"]
     assert all(0.0 <= v <= 1.0 for v in curve["mr_attack"] + curve["mr_control"])
