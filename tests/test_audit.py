@@ -181,6 +181,7 @@ def test_removes_must_hold_at_every_budget_of_the_curve():
 def test_recipes_load_and_reject_bad_keys(tmp_path):
     sd = load_audit_recipe(REPO / "recipes" / "audit_sd14.yaml")
     assert (sd.attack.steps, sd.attack.lr, sd.attack.noise_samples, sd.attack.init) == (50, 0.1, 8, "prompt")
+    assert sd.mitigations["wanda"]["scheduler"] == "pndm"  # ConceptPrune's timesteps
     tb = load_audit_recipe(REPO / "recipes" / "audit_testbed.yaml")
     assert (tb.attack.steps, tb.attack.lr, tb.attack.init, tb.seeds) == (50, 0.01, "random", 10)
     bad = tmp_path / "bad.yaml"
@@ -324,6 +325,19 @@ def test_threat_models(tiny_testbed, tmp_path):
     assert set(saved) == {"mem_astronaut", "mem_camera"} and saved["mem_astronaut"].shape[0] == 77
     text = (out / "report.md").read_text()
     assert "| rta [weights]: bypassed (sampled without it) |" in text and "rta [prompt] + attack" in text
+    # which reading of each method ran: a row key and a report.md column; old reports still render
+    assert rows[("rta", "prompt")]["variant"] == rows[("rta", "weights")]["variant"] == "official (DCR)"
+    assert rows[("guidance_static", "embedding")]["variant"] == ""
+    assert rows[("wanda", "weights")]["variant"] == "union over the first 1 ddim steps"
+    assert "| mitigation | variant | threat model |" in text and "| rta | official (DCR) | prompt |" in text
+    from memtrain.eval.audit import report as audit_report
+    from memtrain.eval.audit.verdict import VerdictRule
+
+    old = json.loads((out / "report.json").read_text())
+    for r in old["results"]:
+        del r["variant"]
+    assert "| rta | - | prompt |" in audit_report.markdown(old, {}, out, VerdictRule()).render()
+    assert "official (DCR)" not in audit_report.summary(old) and "official (DCR)" in audit_report.summary(doc)
     curve = rows[("rta", "prompt")]["robustness"]
     assert curve["budgets"] == [1, 2] and curve["mr_attack"][-1] == rows[("rta", "prompt")]["mr_attack"]
     assert all(0.0 <= v <= 1.0 for v in curve["mr_attack"] + curve["mr_control"])

@@ -81,11 +81,16 @@ def test_static_switches_at_the_transition_timestep(bundle):
         get_mitigation("guidance_static", transition_fraction=1.5)
 
 
-@pytest.mark.parametrize("name, before", [("guidance_dynamic", 0.0), ("guidance_opposite", -3.0)])
-def test_dynamic_switches_after_the_first_local_minimum(bundle, name, before):
+@pytest.mark.parametrize("name, settings, before", [("guidance_dynamic", {}, 0.0), ("guidance_opposite", {}, -3.0),
+                                                     ("guidance_dynamic", {"pre_switch_scale": 1.0}, 1.0)])
+def test_dynamic_switches_after_the_first_local_minimum(bundle, name, settings, before):
     """Alg. 1 of paper 003 on a synthetic d_t sequence 9, 4, 1, 2, 5, 0.5: the first local minimum
-    is d=1 (step 2), seen at step 3, so steps 0-2 use `before` and steps 3.. the full scale."""
-    hook = get_mitigation(name).guidance_hook(bundle, SETTINGS)
+    is d=1 (step 2), seen at step 3, so steps 0-2 use `before` and steps 3.. the full scale
+    (pre_switch_scale 1.0: the authors' script, the conditional prediction alone before)."""
+    m = get_mitigation(name, **settings)
+    assert m.variant == {0.0: "Alg. 1 (guidance 0 before the switch)", -3.0: "Alg. 1, opposite guidance",
+                         1.0: "official code (guidance 1 before the switch)"}[before]
+    hook = m.guidance_hook(bundle, SETTINGS)
     x = torch.zeros(1, 4, 2, 2)
     scales = []
     for step, d in enumerate([9.0, 4.0, 1.0, 2.0, 5.0, 0.5]):
@@ -93,6 +98,9 @@ def test_dynamic_switches_after_the_first_local_minimum(bundle, name, before):
         eps_c.view(-1)[0] = d ** 0.5
         scales.append(float(hook(step, 999 - step, x, eps_c, torch.zeros_like(x))[0]))
     assert scales == [before] * 3 + [3.0] * 3
+    if name == "guidance_opposite":
+        with pytest.raises(MemtrainError, match="leave pre_switch_scale at 0"):
+            get_mitigation(name, pre_switch_scale=1.0)
 
 
 def test_decomposition_delta_is_exact_on_a_known_mixture():
@@ -104,22 +112,31 @@ def test_decomposition_delta_is_exact_on_a_known_mixture():
     assert torch.allclose(delta, torch.full((2,), (0.7 - 0.6) - (0.5 - 0.8)), atol=1e-5)
 
 
+@pytest.mark.parametrize("vocabulary", ["official", "whole_words"])
 @pytest.mark.parametrize("name", ["rta", "rna"])
-def test_random_insertion_changes_only_the_prompt_string(bundle, name):
-    m = get_mitigation(name, count=3, seed=7)
+def test_random_insertion_changes_only_the_prompt_string(bundle, name, vocabulary):
+    from memtrain.mitigations.random_insertion import official_token_ids, official_word
+
+    m = get_mitigation(name, count=3, seed=7, vocabulary=vocabulary)
     rewritten = m.transform_prompts(PROMPT * 2 + ["two dogs"], bundle.tokenizer)
     assert rewritten[0] == rewritten[1] != PROMPT[0]  # seeded per prompt, not per batch position
-    added = [w for w in rewritten[0].split() if w not in PROMPT[0].split()]
-    assert len(rewritten[0].split()) == len(PROMPT[0].split()) + 3 and added
+    sep = " " if vocabulary == "official" else None  # the official insertion splits on single spaces
+    added = [w for w in rewritten[0].split(sep) if w not in PROMPT[0].split(sep)]
+    assert len(rewritten[0].split(sep)) == len(PROMPT[0].split(sep)) + 3 and added
     if name == "rna":
-        assert all(w.isdigit() for w in added)
+        limit = 100_000 if vocabulary == "official" else 10 ** 6
+        assert all(w.isdigit() and int(w) < limit for w in added)
+    elif vocabulary == "official":  # decoded token ids 0..49399, whole words or not
+        drawn = {official_word(bundle.tokenizer, i) for i in range(official_token_ids(bundle.tokenizer))}
+        assert all(w in drawn for w in added)
     else:
         vocab = bundle.tokenizer.get_vocab()
         assert all(f"{w}</w>" in vocab for w in added)
+    assert m.variant == ("official (DCR)" if vocabulary == "official" else "whole_words")
     assert torch.equal(m.encode(bundle, PROMPT).embeddings, encode_prompts(bundle, rewritten[:1]).embeddings)
     assert m.sampling_kwargs(bundle, SETTINGS)["hook"] is None
     assert "prompt string" in m.threat_model_reason("embedding") and m.threat_model_reason("prompt") is None
-    assert get_mitigation(name, seed=8).transform_prompts(PROMPT, bundle.tokenizer) != rewritten[:1]
+    assert get_mitigation(name, seed=8, vocabulary=vocabulary).transform_prompts(PROMPT, bundle.tokenizer) != rewritten[:1]
 
 
 def test_threat_models_are_checked():
@@ -130,6 +147,8 @@ def test_threat_models_are_checked():
     assert not nemo.bypassed_by("weights") and get_mitigation("pad_eot").bypassed_by("weights")
     with pytest.raises(MemtrainError, match="count must be >= 1"):
         get_mitigation("rta", count=0)
+    with pytest.raises(MemtrainError, match="vocabulary 'clip' is not one of official, whole_words"):
+        get_mitigation("rna", vocabulary="clip")
 
 
 def test_overhead_benchmark_measures_every_mitigation(bundle):

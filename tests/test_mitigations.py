@@ -343,6 +343,36 @@ def test_wanda_column_norms_equal_a_direct_computation(bundle, include_uncond):
         torch.testing.assert_close(got[name].double(), expected, rtol=2e-6, atol=0)
 
 
+# SD v1.4's scheduler config (PNDM, PLMS steps only): ConceptPrune's pipelines sample with it
+SD14_PNDM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+# its first 10 U-Net calls at 50 steps (961 twice: PLMS's warm-up repeats it)
+CONCEPTPRUNE_TIMESTEPS = [981, 961, 961, 941, 921, 901, 881, 861, 841, 821]
+
+
+@pytest.mark.parametrize("config", ["sd14_pndm", "ddim_saved"])
+def test_wanda_under_pndm_takes_statistics_at_conceptprunes_timesteps(bundle, config):
+    """scheduler "pndm" (SD's own config, or a checkpoint saved with DDIM's) with 50 steps: the
+    hooked layers see exactly the U-Net calls at t = 981, 961, 961, 941, ..., 821, one statistics
+    row each."""
+    from diffusers import PNDMScheduler
+
+    if config == "sd14_pndm":
+        bundle.scheduler = PNDMScheduler(**SD14_PNDM)
+    seen: list[int] = []
+    handle = bundle.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1])))
+    wanda = get_mitigation("wanda", scheduler="pndm", num_inference_steps=50, timesteps=10, batch_size=8)
+    layers = ffn_output_layers(bundle.unet)
+    try:
+        norms = wanda._column_sq_norms(bundle, layers, PROMPTS[:2], SEEDS[:1])
+    finally:
+        handle.remove()
+    assert seen == CONCEPTPRUNE_TIMESTEPS  # one chunk of 2 jobs: 10 calls
+    assert all(v.shape[0] == 10 and bool((v > 0).all()) for v in norms.values())
+    settings = SamplerSettings(scheduler="pndm", guidance_scale=3.0, num_inference_steps=4)
+    assert sample(bundle, PROMPTS[:1], [0], settings=settings).images.isfinite().all()
+
+
 def test_wanda_state_round_trip_and_per_prompt(bundle, tmp_path):
     wanda = prepared_wanda(bundle, scope="per_prompt")
     single = wanda.for_prompts(PROMPTS[:1])

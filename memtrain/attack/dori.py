@@ -72,7 +72,7 @@ class AttackConfig:
     l2_radius: float | None = None  # project each y_adv onto ||y|| <= radius (App. F.3)
     seed: int = 0
     timestep_range: tuple[int, int] | None = None  # [lo, hi) of training timesteps; None = all
-    max_batch: int = 64  # U-Net rows per forward; larger steps are chunked, one Adam step each
+    max_batch: int = 64  # U-Net rows per forward; a larger step's chunks add their gradients into one Adam step
 
     def __post_init__(self) -> None:
         self.check()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -33,6 +33,8 @@ SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "dpm": DPMSolverMultistepScheduler,
     "dpmsolver": DPMSolverMultistepScheduler,
+    # SD v1's own default (ConceptPrune's pipelines run it): PLMS steps only, as SD's config has it
+    "pndm": PNDMScheduler,
 }
 _SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 _CODECS: dict[str, type] = {"AutoencoderKL": AutoencoderKL}
@@ -161,7 +163,11 @@ class ModelBundle:
             raise MemtrainError(
                 f"unknown scheduler '{name}': choose one of {', '.join(sorted(SCHEDULERS))}"
             )
-        return SCHEDULERS[key].from_config(self.scheduler.config)
+        extra = {}
+        if key == "pndm" and "skip_prk_steps" not in self.scheduler.config:
+            # a checkpoint saved with another scheduler: SD's PNDM setting, not diffusers' default
+            extra["skip_prk_steps"] = True
+        return SCHEDULERS[key].from_config(self.scheduler.config, **extra)
 
     def _chunked(self, stage: str, inputs: torch.Tensor, fn) -> torch.Tensor:
         batch = self.batch_limits.get(stage, DEFAULT_VAE_BATCH)

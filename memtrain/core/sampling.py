@@ -65,7 +65,7 @@ class SamplerSettings:
 class SamplerOverrides:
     """A recipe's or command line's changes to a model's sampler; None keeps the model's own."""
 
-    scheduler: str | None = option(None, "override the model's scheduler (ddim, ddpm, dpm)")
+    scheduler: str | None = option(None, "override the model's scheduler (ddim, ddpm, dpm, pndm)")
     num_inference_steps: int | None = option(None, "override the model's number of sampling steps", "--steps")
     guidance_scale: float | None = option(None, "override the model's guidance scale")
     batch_size: int | None = option(None, "images per sampling batch")

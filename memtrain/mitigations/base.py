@@ -27,7 +27,7 @@ from memtrain.core.text import TextEmbedding, TokenLayout, encode_prompts
 
 _REGISTRY: dict[str, type["Mitigation"]] = {}
 
-# What the attacker can touch (issue #12): `weights` (has the released weights and runs their own
+# What the attacker can touch: `weights` (has the released weights and runs their own
 # sampler), `embedding` (feeds text embeddings through the deployed pipeline), `prompt` (types text).
 THREAT_MODELS = ("weights", "embedding", "prompt")
 
@@ -89,6 +89,10 @@ class Mitigation:
 
     name: ClassVar[str] = ""
     changes: ClassVar[str] = ""  # one sentence: "text-embedding path: ..." / "U-Net weights: ..."
+    # Which reading of the method runs, where a setting selects between the paper, its official
+    # code and memtrain's own ("official (DCR)", "whole_words", ...); "" when the registry name
+    # is the whole story. Subclasses may make it a property of their settings. Reported per row.
+    variant: ClassVar[str] = ""
     # True when it acts at generation time (text path, sampler, forward pass), not in the weights:
     # an attacker holding the weights simply runs a sampler without it.
     inference_time: ClassVar[bool] = False

@@ -8,7 +8,11 @@ the sampling loop itself is never copied. Scale 0 means the unconditional predic
   normal guidance from there on.
 - `guidance_dynamic`: paper 003 Alg. 1 with v_OG = 0: no guidance until the first local minimum of
   d_t = ||eps(x_t, e_p) - eps(x_t, e_null)||^2 along the trajectory, normal guidance after.
-- `guidance_opposite`: Alg. 1 with v_OG = 1: guidance -lambda before that point.
+  `pre_switch_scale` is the scale before the switch: 0 as Alg. 1 writes it (the default), 1.0 as
+  the authors' dynamic-transition script runs it (guidance 1: the conditional prediction alone).
+- `guidance_opposite`: Alg. 1 with v_OG = 1: guidance -lambda before that point. The authors'
+  opposite-guidance script does not run as published (it exits at the transition point), so
+  this follows Alg. 1. docs/fidelity.md, "Paper 003", has the comparison.
 - `overestimation_switch`: paper 002 App. H: per step, the least-squares fit
   x_t = w0 x0_hat + wT x_T; where delta_t = (w0 - sqrt(abar_t)) - (wT - sqrt(1 - abar_t)) > -gamma,
   that step uses the unconditional prediction. x0_hat is the clean latent predicted at that step
@@ -104,13 +108,33 @@ class GuidanceDynamic(_Sampler):
     """Paper 003 Alg. 1: guidance `before_scale` until the first local minimum of d_t, per image."""
 
     name = "guidance_dynamic"
-    changes = ("sampler: guidance scale 0 until the first local minimum of ||eps_cond - eps_uncond||^2 "
-               "along each trajectory, normal guidance after")
+    changes = ("sampler: guidance scale 0 (pre_switch_scale) until the first local minimum of "
+               "||eps_cond - eps_uncond||^2 along each trajectory, normal guidance after")
 
     opposite: bool = False  # v_OG: guidance -lambda (not 0) before the switch
+    # the scale before the switch: 0 (Alg. 1) or 1.0 (the authors' script: the conditional prediction)
+    pre_switch_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.opposite and float(self.pre_switch_scale) != 0.0:
+            raise MemtrainError(f"{self.name}: opposite guidance sets the scale before the switch (-lambda); "
+                                f"leave pre_switch_scale at 0, got {self.pre_switch_scale}")
+
+    @property
+    def variant(self) -> str:  # type: ignore[override]
+        """Which pre-switch guidance runs: Alg. 1's, the authors' script's, or another scale."""
+        if self.opposite:
+            return "Alg. 1, opposite guidance"
+        scale = float(self.pre_switch_scale)
+        if scale == 0.0:
+            return "Alg. 1 (guidance 0 before the switch)"
+        if scale == 1.0:
+            return "official code (guidance 1 before the switch)"
+        return f"guidance {scale:g} before the switch"
 
     def before_scale(self, guidance_scale: float) -> float:
-        return -float(guidance_scale) if self.opposite else 0.0
+        """The guidance scale used before the switch."""
+        return -float(guidance_scale) if self.opposite else float(self.pre_switch_scale)
 
     def guidance_hook(self, bundle, settings):
         scale = float(settings.guidance_scale)
@@ -129,7 +153,8 @@ class GuidanceDynamic(_Sampler):
         return hook
 
     def details(self) -> dict:
-        return {"guidance_before_switch": "-guidance_scale (opposite guidance)" if self.opposite else "0"}
+        before = "-guidance_scale (opposite guidance)" if self.opposite else f"{float(self.pre_switch_scale):g}"
+        return {"guidance_before_switch": before}
 
 
 @register_mitigation

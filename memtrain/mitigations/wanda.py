@@ -23,8 +23,10 @@ ruchikachavhan/concept-prune, re-implemented here:
   the top-k among the columns where the memorized norm beats the null norm, so the pruned
   fraction is exactly int(sparsity * in) / in whenever enough columns qualify.
 
-Differences: we run the bundle's own scheduler (DDIM, 50 steps) where ConceptPrune ran the
-pipeline default (PNDM); seeds come from `prepare` (ConceptPrune: one seed, 0).
+Scheduler: `scheduler: pndm` runs SD v1's own PNDM (PLMS steps, 50), as ConceptPrune's pipelines
+do, so the first 10 U-Net calls are at t = 981, 961, 961, 941, ..., 821 (PLMS repeats 961); the
+SD recipes set it. The default stays "ddim" (t = 981, 961, 941, ..., 801), the papers' sampler.
+Seeds come from `prepare` (ConceptPrune: one seed, 0). docs/fidelity.md, "Wanda (ConceptPrune)".
 """
 
 from __future__ import annotations
@@ -148,6 +150,13 @@ class Wanda(PruningMitigation):
             raise MemtrainError(f"wanda: scope must be one of {', '.join(SCOPES)}")
         if int(self.timesteps) < 1:
             raise MemtrainError(f"wanda: timesteps must be >= 1, got {self.timesteps}")
+
+    @property
+    def variant(self) -> str:  # type: ignore[override]
+        """"ConceptPrune (PNDM timesteps)" when selection and timesteps are ConceptPrune's."""
+        if self.aggregate == "union" and self.scheduler.lower() == "pndm":
+            return "ConceptPrune (PNDM timesteps)"
+        return f"{self.aggregate} over the first {self.timesteps} {self.scheduler} steps"
 
     # prepare -----------------------------------------------------------------------------------
     def prepare(self, bundle, memorized_prompts, reference_prompts, seeds) -> None:

@@ -43,11 +43,11 @@ from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
 from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, audit_plan, audit_stages, build_mitigations,
                                        fingerprint, resolve_recipe, settings_doc)
-from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, attack_config, control_chunk, score,
-                                        stage_figures, target_chunk, unmitigated_chunk, _images, _max)
+from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, assemble_result, attack_config,
+                                        control_chunk, score, stage_figures, target_chunk, unmitigated_chunk, _images)
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
 from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
-from memtrain.eval.audit.verdict import judge_over_budgets, verdict, verdict_reason
+from memtrain.eval.audit.verdict import judge_over_budgets
 from memtrain.eval.utility import check_images, fid_kid, metric_backends, metric_devices, versions
 from memtrain.metrics import not_computed
 from memtrain.mitigations import THREAT_MODELS, Mitigation, applied, search_space_ablation
@@ -286,43 +286,6 @@ def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: B
                    f"selection among them can hide the images")
     return {"layers": list(ablation.layers), "weights_zeroed": n_weights, "mr": mr,
             "sscd_orig_median": fig["sscd_orig_median"], "n": fig["n"], "reading": reading}
-
-
-def assemble_result(ctx: Context, mitigation, rows: dict, baseline: Baseline, fid, kid, notes,
-                    checksum: str, per_prompt: bool) -> dict:
-    """One mitigation's report.json entry from its stage rows, with verdict and reason."""
-    figures = {stage: stage_figures(items, ctx) for stage, items in rows.items()}
-    result = {
-        "mitigation": mitigation.name,
-        "mr_unmitigated": baseline.figures["mr"],
-        "mr_prompt": figures["prompt"]["mr"],
-        "mr_attack": figures["attack"]["mr"],
-        "mr_control": figures["control"]["mr"],
-    }
-    rates = [result[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control")]
-    v = verdict(mitigation.name, *rates, rule=ctx.recipe.verdict)
-    failed = [{"id": r.id, "stage": stage, "reason": r.failed}
-              for stage in ("attack", "control") for r in rows[stage] if r.failed]
-    result.update(
-        verdict=v,
-        verdict_reason=verdict_reason(mitigation.name, v, result, ctx.recipe.verdict),
-        unmitigated=baseline.figures, prompt=figures["prompt"], attack=figures["attack"],
-        control=figures["control"],
-        utility={"fid": fid, "kid": kid, "fid_unmitigated": baseline.fid, "kid_unmitigated": baseline.kid,
-                 "notes": list(notes)},
-        pruning="per prompt" if per_prompt else "for all prompts at once",
-        description=mitigation.describe(),
-        weights_restored=True, weights_checksum=checksum,
-        per_item=[{"id": u.id, "sscd_orig_unmitigated": _max(u), "sscd_orig_prompt": _max(p),
-                   "sscd_orig_attack": _max(a), "attack_failed": a.failed is not None,
-                   **({"found_prompt": a.found_prompt} if a.found_prompt is not None else {})}
-                  for u, p, a in zip(baseline.items, rows["prompt"], rows["attack"])],
-        control_items=[{"id": c.id, "sscd_orig_attack": _max(c), "attack_failed": c.failed is not None,
-                        **({"found_prompt": c.found_prompt} if c.found_prompt is not None else {})}
-                       for c in rows["control"]],
-        failed_targets=failed,
-    )
-    return result
 
 
 def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inputs) -> None:

@@ -111,6 +111,12 @@ def _describe_rows(description: dict, limit: int = 300) -> dict:
     return rows
 
 
+def variant_of(result: dict) -> str:
+    """The result's mitigation variant for tables: "official (DCR)", ...; "-" when the registry
+    name says it all or the report predates the `variant` key."""
+    return result.get("variant") or "-"
+
+
 def grid_prefix(result: dict) -> str:
     """File-name prefix of a result's grids: the mitigation, then its threat model unless `embedding`."""
     threat = result.get("threat_model", "embedding")
@@ -164,7 +170,8 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
                  "(attack rows: against the target's prompt). FID/KID: one generation per utility prompt vs the "
                  "utility images.")
     md.heading("Verdicts")
-    md.table([{"mitigation": r["mitigation"], "threat model": r["threat_model"], "attack": r["attack_variant"],
+    md.table([{"mitigation": r["mitigation"], "variant": variant_of(r), "threat model": r["threat_model"],
+               "attack": r["attack_variant"],
                **{k: r[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control")},
                "verdict": r["verdict"] + (f" (after {r['verdict_budget']} steps)" if r.get("verdict_budget") else "")}
               for r in results])
@@ -200,7 +207,7 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
     for r in results:
         md.heading(f"{r['label']}", level=3)
         check = r.get("search_space_ablation")
-        md.key_values({**_describe_rows(r["description"]), "threat model": r["threat_model"],
+        md.key_values({**_describe_rows(r["description"]), "variant": variant_of(r), "threat model": r["threat_model"],
                        "attack": r["attack_variant"], "pruning scope": r.get("pruning", "n/a"),
                        "weights restored after undo": r.get("weights_restored", "n/a (nothing applied)"),
                        **({"prompt MR with its whole search space zeroed": check["mr"]} if check else {})})
@@ -276,7 +283,8 @@ def summary(doc: dict) -> str:
              f"{doc['num_processes']} process(es) with {doc['metric_backend']}"]
     for r in doc["results"]:
         lines.append(f"  {r['label']:<22} MR unmitigated={fmt(r['mr_unmitigated'])} prompt={fmt(r['mr_prompt'])} "
-                     f"attack={fmt(r['mr_attack'])} control={fmt(r['mr_control'])} -> {r['verdict']}")
+                     f"attack={fmt(r['mr_attack'])} control={fmt(r['mr_control'])} -> {r['verdict']}"
+                     + (f" ({r['variant']})" if r.get("variant") else ""))
         if "search_space_ablation" in r:
             check = r["search_space_ablation"]
             lines.append(f"  {'':<10} its whole search space zeroed ({check['weights_zeroed']} weights): "

@@ -1,6 +1,6 @@
 """The audit's units of work: one chunk of targets in one stage (plain prompts, mitigated
-prompts, attack, control), sampled with the (mitigated) sampler and scored, and the figures of a
-stage. Every function takes the run's Context; results carry global indices so processes gather
+prompts, attack, control), sampled with the (mitigated) sampler and scored, the figures of a
+stage and a mitigation's report row built from them. Every function takes the run's Context; results carry global indices so processes gather
 them in order."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from memtrain.core.manifest import load_image
 from memtrain.core.sampling import SamplerSettings
 from memtrain.core.text import encode_prompts
 from memtrain.eval.audit.recipe import CONTROL_STREAM, AuditRecipe
+from memtrain.eval.audit.verdict import verdict, verdict_reason
 from memtrain.eval.measure import Measurement, measure
 from memtrain.eval.utility import ReferenceFeatures
 from memtrain.metrics import not_computed
@@ -217,3 +218,41 @@ def stage_figures(items: Sequence[ItemScores], ctx: Context) -> dict:
 
 def _max(r: ItemScores) -> float | None:
     return None if r.sscd_orig is None else float(np.max(r.sscd_orig))
+
+
+def assemble_result(ctx: Context, mitigation, rows: dict, baseline, fid, kid, notes,
+                    checksum: str, per_prompt: bool) -> dict:
+    """One mitigation's report.json entry from its stage rows, with verdict and reason."""
+    figures = {stage: stage_figures(items, ctx) for stage, items in rows.items()}
+    result = {
+        "mitigation": mitigation.name,
+        "variant": mitigation.variant,
+        "mr_unmitigated": baseline.figures["mr"],
+        "mr_prompt": figures["prompt"]["mr"],
+        "mr_attack": figures["attack"]["mr"],
+        "mr_control": figures["control"]["mr"],
+    }
+    rates = [result[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control")]
+    v = verdict(mitigation.name, *rates, rule=ctx.recipe.verdict)
+    failed = [{"id": r.id, "stage": stage, "reason": r.failed}
+              for stage in ("attack", "control") for r in rows[stage] if r.failed]
+    result.update(
+        verdict=v,
+        verdict_reason=verdict_reason(mitigation.name, v, result, ctx.recipe.verdict),
+        unmitigated=baseline.figures, prompt=figures["prompt"], attack=figures["attack"],
+        control=figures["control"],
+        utility={"fid": fid, "kid": kid, "fid_unmitigated": baseline.fid, "kid_unmitigated": baseline.kid,
+                 "notes": list(notes)},
+        pruning="per prompt" if per_prompt else "for all prompts at once",
+        description=mitigation.describe(),
+        weights_restored=True, weights_checksum=checksum,
+        per_item=[{"id": u.id, "sscd_orig_unmitigated": _max(u), "sscd_orig_prompt": _max(p),
+                   "sscd_orig_attack": _max(a), "attack_failed": a.failed is not None,
+                   **({"found_prompt": a.found_prompt} if a.found_prompt is not None else {})}
+                  for u, p, a in zip(baseline.items, rows["prompt"], rows["attack"])],
+        control_items=[{"id": c.id, "sscd_orig_attack": _max(c), "attack_failed": c.failed is not None,
+                        **({"found_prompt": c.found_prompt} if c.found_prompt is not None else {})}
+                       for c in rows["control"]],
+        failed_targets=failed,
+    )
+    return result

@@ -1,4 +1,4 @@
-"""Threat models in the audit (issue #12): which attacker each mitigation is audited against and
+"""Threat models in the audit: which attacker each mitigation is audited against and
 how each is answered. `weights`: the attacker has the released weights and their own sampler, so
 an inference-time fix is `bypassed` for free and a weight edit faces the embedding attack on the
 edited weights; `embedding`: adversarial text embeddings through the deployed pipeline; `prompt`:
@@ -44,7 +44,7 @@ def bypassed_result(mitigation: Mitigation, threat: str, mr) -> dict:
     reason = (f"an attacker with the released weights runs a sampler without '{mitigation.name}' (it acts at "
               f"generation time, not in the weights): the memorized images replicate as unmitigated (MR "
               f"{report.format_value(mr)})")
-    result = {"mitigation": mitigation.name, "threat_model": threat, "label": result_label(mitigation.name, threat),
+    result = {"mitigation": mitigation.name, "variant": mitigation.variant, "threat_model": threat, "label": result_label(mitigation.name, threat),
               "attack_space": None, "attack_variant": "none needed", "mr_unmitigated": mr, "mr_prompt": mr,
               "mr_attack": mr, "mr_control": not_computed("no attack was run"), "verdict": "bypassed",
               "verdict_reason": reason, "description": mitigation.describe(), "failed_targets": []}
