@@ -137,9 +137,9 @@ def overestimation_delta(bundle, prompt: str, seeds: list[int], settings: Sample
     return float(torch.cat(per_seed).mean())
 
 
-DETECTORS: dict[str, Detector] = {"wen": wen_magnitude, "wen_all_steps": wen_all_steps, "ren_entropy": ren_entropy,
-                                  "nemo": nemo_score,
-                                  "transition_point": transition_fraction, "overestimation": overestimation_delta}
+DETECTORS: dict[str, Detector] = {"wen": wen_magnitude, "nemo": nemo_score,
+                                  "transition_point": transition_fraction, "overestimation": overestimation_delta,
+                                  "wen_all_steps": wen_all_steps, "ren_entropy": ren_entropy}
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
