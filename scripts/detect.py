@@ -1,6 +1,6 @@
-"""Detection benchmark: the papers' memorization detectors (Wen's first-step magnitude, NeMo's
-first-step SSIM, paper 003's transition point, paper 002's overestimation) on memorized against
-non-memorized prompts. Writes OUT/detect.json (AUC, TPR at 1% FPR, seconds per prompt, every
+"""Detection benchmark: the papers' memorization detectors (Wen's first-step magnitude and its mean
+over all steps, Ren's attention entropy, NeMo's first-step SSIM, paper 003's transition point,
+paper 002's overestimation) on memorized against non-memorized prompts. Writes OUT/detect.json (AUC, TPR at 1% FPR, seconds per prompt, every
 score), OUT/detect.md, OUT/roc.png.
 
     python scripts/detect.py                      # the cached testbed: memorized vs unique prompts

@@ -27,9 +27,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from memtrain.core.errors import MemtrainError
 from memtrain.core.sampling import SamplerSettings, eps_from_output, initial_noise, sample
 from memtrain.core.text import encode_prompts
 from memtrain.mitigations import NeMo, guidance_magnitude
+from memtrain.mitigations.attention import cross_attention_probabilities
 from memtrain.mitigations.guidance import first_local_minimum, step_delta
 
 Detector = Callable[[object, str, list[int], SamplerSettings], float]
@@ -49,6 +51,40 @@ def wen_magnitude(bundle, prompt: str, seeds: list[int], settings: SamplerSettin
     out = bundle.unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, encoder_hidden_states=y).sample
     eps_u, eps_c = (eps_from_output(scheduler, o, x, t) for o in out.chunk(2))
     return float(guidance_magnitude(eps_c, eps_u).sqrt().mean())
+
+
+def wen_step_magnitudes(bundle, prompt: str, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
+    """(steps, seeds): ||eps_c - eps_u|| per image at every step of a normally guided run."""
+    def magnitude(step, t, x, eps_c, eps_u, state):
+        return guidance_magnitude(eps_c, eps_u).sqrt().cpu(), None
+
+    return torch.cat([torch.stack(b) for b in _trajectories(bundle, prompt, seeds, settings, magnitude)], dim=1)
+
+
+def wen_all_steps(bundle, prompt: str, seeds: list[int], settings: SamplerSettings) -> float:
+    """Mean over the sampling steps and seeds of wen_step_magnitudes."""
+    return float(wen_step_magnitudes(bundle, prompt, seeds, settings).mean())
+
+
+ENTROPY_LAYER = 3  # MemAttn's detector reads the 4th cross-attention layer of the forward pass
+
+
+@torch.no_grad()
+def ren_entropy(bundle, prompt: str, seeds: list[int], settings: SamplerSettings) -> float:
+    """Entropy of the first step's mean cross-attention distribution of layer ENTROPY_LAYER."""
+    scheduler = bundle.make_scheduler(settings.scheduler)
+    scheduler.set_timesteps(settings.num_inference_steps, device=bundle.device)
+    t = scheduler.timesteps[0]
+    shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+    x = torch.stack([initial_noise(s, shape) for s in seeds]).to(bundle.device, bundle.dtype) * scheduler.init_noise_sigma
+    cond = encode_prompts(bundle, [prompt]).embeddings.expand(len(seeds), -1, -1)
+    # the conditional branch alone: a row's attention does not depend on the rest of the batch
+    layers = cross_attention_probabilities(bundle.unet, scheduler.scale_model_input(x, t), t, cond)
+    if len(layers) <= ENTROPY_LAYER:
+        raise MemtrainError(f"ren_entropy: the U-Net has {len(layers)} cross-attention layers, it reads layer "
+                            f"{ENTROPY_LAYER} (0-based)")
+    p = layers[ENTROPY_LAYER].float()
+    return float(-(p * p.clamp_min(1e-30).log()).sum(dim=1).mean())
 
 
 def nemo_score(bundle, prompt: str, seeds: list[int], settings: SamplerSettings) -> float:
@@ -102,7 +138,8 @@ def overestimation_delta(bundle, prompt: str, seeds: list[int], settings: Sample
 
 
 DETECTORS: dict[str, Detector] = {"wen": wen_magnitude, "nemo": nemo_score,
-                                  "transition_point": transition_fraction, "overestimation": overestimation_delta}
+                                  "transition_point": transition_fraction, "overestimation": overestimation_delta,
+                                  "wen_all_steps": wen_all_steps, "ren_entropy": ren_entropy}
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:

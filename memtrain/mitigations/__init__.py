@@ -3,27 +3,27 @@
 Registered names: none, pad_eot, pad_mask (text-embedding path, paper 000), nemo, wanda
 (U-Net weight pruning, paper 004 App. H), guidance_static, guidance_dynamic, guidance_opposite
 (sampler, paper 003), overestimation_switch (sampler, paper 002 App. H), rta, rna (prompt
-string, Somepalli et al. 2023), ren (cross-attention logits, Ren et al. 2024), wen
-(generation-time embedding optimization, Wen et al. 2024). `get_mitigation(name, **settings)` builds one.
+string, Somepalli et al. 2023), ren, ren_unmasked (cross-attention logits, Ren et al. 2024),
+wen, wen_per_image (generation-time embedding optimization, Wen et al. 2024). `get_mitigation(name, **settings)` builds one.
 """
 
 from memtrain.mitigations.base import (
     THREAT_MODELS, Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
     get_mitigation, mitigation_class, register_mitigation, search_space_ablation,
 )
-from memtrain.mitigations.attention import Ren
+from memtrain.mitigations.attention import Ren, RenUnmasked
 from memtrain.mitigations.guidance import (
     GuidanceDynamic, GuidanceOpposite, GuidanceStatic, OverestimationSwitch, decomposition_delta, guidance_magnitude,
 )
 from memtrain.mitigations.nemo import NeMo
-from memtrain.mitigations.wen import Wen
+from memtrain.mitigations.wen import Wen, WenPerImage
 from memtrain.mitigations.random_insertion import RandomNumberAddition, RandomTokenAddition
 from memtrain.mitigations.pad_eot import PadEot, PadMask
 from memtrain.mitigations.wanda import Wanda
 
 __all__ = [
     "THREAT_MODELS", "GuidanceDynamic", "GuidanceOpposite", "GuidanceStatic", "OverestimationSwitch",
-    "RandomNumberAddition", "RandomTokenAddition", "Ren", "Wen", "decomposition_delta", "guidance_magnitude",
+    "RandomNumberAddition", "RandomTokenAddition", "Ren", "RenUnmasked", "Wen", "WenPerImage", "decomposition_delta", "guidance_magnitude",
     "Mitigation", "NoMitigation", "PruningMitigation", "PadEot", "PadMask", "NeMo", "Wanda",
     "SearchSpaceAblation", "applied", "available_mitigations", "get_mitigation", "mitigation_class", "register_mitigation",
     "search_space_ablation",

@@ -92,7 +92,7 @@ def steps(model: Path, photos: Path, out: Path) -> list[tuple[str, list[str], Ca
 
     def check_detect() -> None:
         d = json.loads((out / "detect" / "detect.json").read_text())["detectors"]
-        assert set(d) == {"wen", "nemo", "transition_point", "overestimation"}, sorted(d)
+        assert set(d) == {"wen", "nemo", "transition_point", "overestimation", "wen_all_steps", "ren_entropy"}, sorted(d)
         assert all(0.0 <= r["auc"] <= 1.0 and len(r["scores"]["memorized"]) == 4 for r in d.values()), d
 
     def check_analyze() -> None:
