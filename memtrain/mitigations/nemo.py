@@ -238,9 +238,6 @@ def candidate_neurons(activation: dict, mean: dict, std: dict, theta: float, k: 
     return selected
 
 
-_candidates = candidate_neurons  # the name existing callers use
-
-
 def _without(blocked: dict, layer: str, neuron: int | None = None) -> dict:
     """`blocked` with a layer emptied, or with the first listing of one neuron dropped."""
     trial = {name: list(rows) for name, rows in blocked.items()}
