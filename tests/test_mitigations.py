@@ -255,6 +255,25 @@ def test_nemo_statistics_computed_once_then_cached(bundle, tmp_path):
         get_mitigation("nemo", statistics=str(wrong)).prepare(bundle, PROMPTS, [], SEEDS)
 
 
+def test_nemo_reads_and_writes_its_published_statistics_format(bundle, tmp_path):
+    from memtrain.mitigations.nemo import value_layers
+
+    # NeMo's own file (1_compute_activations_statistics.py): torch.save((mean_list, std_list)),
+    # one tensor per value layer in data-flow order; a .pt name is written in that format
+    cache = tmp_path / "statistics.pt"
+    first = prepared_nemo(bundle, statistics=str(cache))
+    mean, std = torch.load(cache, map_location="cpu", weights_only=True)
+    layers = value_layers(bundle.unet)
+    assert [m.shape[0] for m in mean] == [layer.out_features for layer in layers.values()] and len(std) == len(mean)
+    assert torch.equal(mean[0], first.state_dict()[f"mean.{next(iter(layers))}"])
+    again = get_mitigation("nemo", **{**first.settings(), "tau_mem": -1.0})
+    again.prepare(bundle, PROMPTS, [], SEEDS)
+    assert again.neurons() == first.neurons()
+    torch.save((mean, std[:-1]), tmp_path / "short.pt")
+    with pytest.raises(MemtrainError, match=r"short\.pt.*std tensors where this model has"):
+        get_mitigation("nemo", statistics=str(tmp_path / "short.pt")).prepare(bundle, PROMPTS, [], SEEDS)
+
+
 def test_models_without_the_layers_are_refused(tokenizer):
     bundle = tiny_bundle(None, tokenizer=tokenizer, cross_attention=False)
     with pytest.raises(MemtrainError, match="attn2.to_v") as err:

@@ -1,38 +1,46 @@
 """NeMo (Hintersdorf et al. 2024, "Finding NeMo"): localize and prune memorization neurons.
 
-Longer than 400 lines on purpose: detection, initial selection, refinement and the MS-SSIM
-score are one algorithm, read best in one file.
+Longer than 400 lines on purpose: detection, initial selection and refinement are one
+algorithm, read best in one file (MS-SSIM: ms_ssim.py; statistics files: nemo_stats.py).
 
 Neurons are the output channels of the cross-attention value projections (`attn2.to_v`), by
 default in the down and mid blocks (the 7 layers NeMo uses on SD1.x; `layers="all"` adds the
 up blocks). Our reading of the reference code (ml-research/localizing_memorization_in_diffusion_
-models), re-implemented here:
+models @ f952ede, docs/fidelity.md), re-implemented here:
 
 * activation statistics (1_compute_activations_statistics.py): a neuron's activation for a
   prompt is mean_tokens |to_v(text embedding)| (to_v reads only the text); per neuron, mean and
-  std over non-memorized reference prompts.
+  unbiased std over non-memorized reference prompts. `statistics: FILE` also reads NeMo's
+  published torch.save file.
 * memorization signal (utils/activation_detection.py, compute_noise_diff): one U-Net call on
   the initial noise x_T, conditional branch only (guidance 0), noise_diff = eps_pred - x_T,
-  min-max scaled per sample and channel. The code evaluates it at the *second* scheduled
-  timestep without stepping x_T (`timestep_index=1`).
-* detection (3_detect_memorized_neurons.py, calculate_max_pairwise_ssim): per seed, the max
-  MS-SSIM (kernel 11, betas 0.33 x 3) of its noise_diff against every other seed's; seeds
-  above tau_mem (0.428 = mean + std on 50k LAION prompts; 0.288 "strong" = mean - std) are the
-  ones looked at, no such seed = not memorized.
-* the thresholded "memorization score" during selection and refinement is different: max over
-  the looked-at seeds of MS-SSIM(noise_diff unblocked, noise_diff with neurons blocked), same
-  seed. Blocking must push it to <= tau_mem.
-* initial selection: neurons with z = |a - mean| / std > theta plus the top-k activations per
-  layer; start theta 5, k 0; while the score is above tau: theta -= 0.25 (down to 1), k += 1.
-  If theta reaches 1 first, the refinement threshold becomes the score reached.
+  min-max scaled per sample and channel, at the *second* scheduled timestep without stepping
+  x_T (`timestep_index=1`). `noise="official"`: the samples are one batch of randn from seed 1
+  (the official draw); `"per_seed"`: one generator per audit seed.
+* detection (calculate_max_pairwise_ssim): per sample, the max MS-SSIM (kernel 11, betas
+  0.33 x 3) of its noise_diff against every other sample's, all pairs in one call;
+  `ssim_range="batch"` is torchmetrics' data_range=None (the call's range, per scale), as the
+  official code runs it; `"fixed"` uses 1.0. Samples above tau_mem are the ones looked at.
+  tau_mem 0.428 (0.288 "strong") is the published threshold, but the script that calibrated it
+  (2_compute_pairwise_ssim.py) ran guidance 7 with the CFG halves' labels swapped, i.e. scored
+  7 eps_uncond - 6 eps_text, while detection runs guidance 0: `tau_mem="auto"` (mean + std of
+  the pairwise scores on reference prompts, guidance 0) will not reproduce 0.428 on SD v1.4.
+* the thresholded "memorization score" during selection and refinement: max over the
+  looked-at samples of MS-SSIM(noise_diff unblocked, noise_diff with neurons blocked), same
+  sample, one call. Blocking must push it to <= tau_mem.
+* initial selection: neurons with z = |a - mean| / std > theta (ascending), then the top-k
+  activations per layer (descending; duplicates kept, as the code builds its lists); start
+  theta 5, k 0; while the score is above tau: theta -= 0.25 (down to 1), k += 1. If theta
+  reaches 1 first, the refinement threshold becomes the score reached.
 * refinement (neuron_refinement): layers in reverse order, re-enable a whole layer if the score
-  stays below the threshold without it; then per remaining neuron, re-enable it if the score
-  stays below. Greedy, so each accepted re-enabling stays.
+  stays below the threshold without it; then per listed neuron, in list order, drop its first
+  listing if the score stays below (a duplicated neuron stays blocked until its last listing
+  goes). Greedy, so each accepted re-enabling stays and the order matters.
 * pruning: the selected value-projection output rows are zeroed (the code's hook scales those
   outputs by 0: the same thing), per prompt or for the union over prompts.
 
-Bounded compute: `num_seeds` seeds and at most `refinement_budget` score evaluations per prompt
-in refinement (neurons left untested stay pruned: the conservative side).
+Bounded compute: `num_seeds` samples and at most `refinement_budget` score evaluations per
+prompt in refinement (None: unlimited, as NeMo; neurons left untested stay pruned).
 """
 
 from __future__ import annotations
@@ -40,12 +48,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.run import gather_in_order, shard, shard_chunks
@@ -54,6 +59,10 @@ from memtrain.mitigations.base import (
 )
 from memtrain.core.sampling import initial_noise
 from memtrain.core.text import encode_prompts
+from memtrain.mitigations.ms_ssim import (  # noqa: F401  (ms_ssim_settings: re-exported)
+    max_pairwise_ssim, ms_ssim, ms_ssim_settings, pairwise_ms_ssim,
+)
+from memtrain.mitigations.nemo_stats import load_statistics, save_statistics
 
 TAU_MEM = 0.428
 TAU_MEM_STRONG = 0.288
@@ -115,76 +124,6 @@ def blocked_neurons(layers: dict[str, torch.nn.Linear], blocked: dict[str, list[
             handle.remove()
 
 
-# --- SSIM ---------------------------------------------------------------------------------------
-
-def _gaussian_kernel(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
-    coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
-
-
-def _ssim_and_cs(x: torch.Tensor, y: torch.Tensor, size: int, sigma: float,
-                 data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample mean SSIM and contrast-structure term, reflect-padded then cropped."""
-    n, channels = x.shape[:2]
-    pad = (size - 1) // 2
-    kernel = _gaussian_kernel(size, sigma, channels, x)
-    stack = torch.cat([x, y, x * x, y * y, x * y])
-    if pad:
-        stack = F.pad(stack, [pad] * 4, mode="reflect")
-    mu_x, mu_y, xx, yy, xy = F.conv2d(stack, kernel, groups=channels).split(n)
-    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    cs = (2 * cov + c2) / (var_x + var_y + c2)
-    ssim = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
-    if pad:
-        ssim, cs = ssim[..., pad:-pad, pad:-pad], cs[..., pad:-pad, pad:-pad]
-    return ssim.flatten(1).mean(1), cs.flatten(1).mean(1)
-
-
-def ms_ssim_settings(height: int, width: int, kernel_size: int = 11,
-                     scales: int = 3) -> tuple[int, int]:
-    """(kernel, scales) that fit the image: NeMo's MS-SSIM (11, 3) on 64x64 SD latents; fewer
-    scales, then a smaller odd kernel, for small latents."""
-    side = min(height, width)
-    # the reflect-pad-then-crop scheme needs at least `kernel_size` pixels at every scale
-    while scales > 1 and side // 2 ** (scales - 1) < kernel_size:
-        scales -= 1
-    if side < kernel_size:
-        kernel_size = max(1, side if side % 2 else side - 1)
-    return kernel_size, scales
-
-
-def ms_ssim(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 11, sigma: float = 1.5,
-            betas: tuple[float, ...] = (0.33, 0.33, 0.33), data_range: float = 1.0) -> torch.Tensor:
-    """Multi-scale SSIM per sample (N,), as torchmetrics computes it with normalize='relu':
-    prod_s relu(cs_s)^beta_s with relu(ssim) at the coarsest scale. Scales that do not fit the
-    image are dropped and the remaining betas rescaled to the same total."""
-    kernel_size, scales = ms_ssim_settings(x.shape[-2], x.shape[-1], kernel_size, len(betas))
-    weights = torch.tensor(betas[:scales], dtype=x.dtype, device=x.device)
-    weights = weights * (sum(betas) / weights.sum())
-    x, y = x.float(), y.float()
-    terms = []
-    for scale in range(scales):
-        ssim, cs = _ssim_and_cs(x, y, kernel_size, sigma, data_range)
-        terms.append((ssim if scale == scales - 1 else cs).clamp_min(0))
-        if scale < scales - 1:
-            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    return torch.prod(torch.stack(terms) ** weights.float().view(-1, 1), dim=0)
-
-
-def max_pairwise_ssim(diffs: torch.Tensor) -> torch.Tensor:
-    """(S,) for each seed, the max MS-SSIM of its noise_diff against every other seed's."""
-    count = diffs.shape[0]
-    pairs = torch.combinations(torch.arange(count), r=2)
-    scores = ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]])
-    best = torch.full((count,), -math.inf)
-    for (i, j), score in zip(pairs.tolist(), scores.cpu().tolist()):
-        best[i], best[j] = max(best[i], score), max(best[j], score)
-    return best
-
-
 # --- the memorization signal --------------------------------------------------------------------
 
 def _signal(kind: str, output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -211,73 +150,101 @@ def _minmax(diff: torch.Tensor) -> torch.Tensor:
     return (diff - low) / (high - low).clamp_min(1e-12)
 
 
+OFFICIAL_NOISE_SEED = 1  # NeMo's scripts' default --seed: one generator for the whole batch
+NOISE_MODES = ("official", "per_seed")
+SSIM_RANGES = {"batch": None, "fixed": 1.0}  # -> ms_ssim's data_range
+
+
+def detection_latents(mode: str, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """The (S, C, H, W) initial noise NeMo probes: "official" draws all S samples in one
+    randn call from a generator seeded 1 (the seeds only give the count); "per_seed" draws each
+    from its own seed (memtrain's sampler noise, so it matches the audit's images)."""
+    if mode == "official":
+        generator = torch.Generator().manual_seed(OFFICIAL_NOISE_SEED)
+        return torch.randn((len(seeds), *shape), generator=generator)
+    return torch.stack([initial_noise(s, shape) for s in seeds])
+
+
 @dataclasses.dataclass
 class _Probe:
-    """Everything needed to evaluate one prompt's noise_diff under different blockings."""
+    """Everything needed to evaluate one prompt's noise_diff under different blockings.
+    Samples are indices into `latents`."""
 
     bundle: object
     layers: dict
     embedding: torch.Tensor  # (1, L, D)
-    seeds: list[int]
+    latents: torch.Tensor  # (S, C, H, W), CPU float32
     timestep: torch.Tensor
     abar: torch.Tensor
     batch_size: int
+    data_range: float | None
     evaluations: int = 0
+    _scores: dict = dataclasses.field(default_factory=dict)
 
     @torch.no_grad()
     def noise_diff(self, blocked: dict[str, list[int]] | None = None,
-                   seeds: list[int] | None = None) -> torch.Tensor:
+                   samples: list[int] | None = None) -> torch.Tensor:
         bundle = self.bundle
-        seeds = self.seeds if seeds is None else seeds
-        shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+        samples = list(range(len(self.latents))) if samples is None else samples
         scheduler = bundle.make_scheduler("ddim")
         out = []
         self.evaluations += 1
         with blocked_neurons(self.layers, blocked):
-            for start in range(0, len(seeds), self.batch_size):
-                chunk = seeds[start:start + self.batch_size]
-                x = torch.stack([initial_noise(s, shape) for s in chunk])
+            for start in range(0, len(samples), self.batch_size):
+                x = self.latents[samples[start:start + self.batch_size]]
                 x = (x * scheduler.init_noise_sigma).to(bundle.device, bundle.dtype)
                 x_in = scheduler.scale_model_input(x, self.timestep)
-                y = self.embedding.expand(len(chunk), -1, -1).to(bundle.device, bundle.dtype)
+                y = self.embedding.expand(len(x), -1, -1).to(bundle.device, bundle.dtype)
                 pred = bundle.unet(x_in, self.timestep, encoder_hidden_states=y).sample
                 kind = bundle.prediction_type
                 out.append(_minmax(_signal(kind, pred.float(), x.float(), self.abar).cpu()))
         return torch.cat(out)
 
     def score(self, reference: torch.Tensor, blocked: dict[str, list[int]],
-              seeds: list[int]) -> float:
-        """The thresholded score: max over seeds of MS-SSIM(unblocked, blocked)."""
-        return float(ms_ssim(reference, self.noise_diff(blocked, seeds)).max())
+              samples: list[int]) -> float:
+        """The thresholded score: max over samples of MS-SSIM(unblocked, blocked), one call.
+        Memoized by the blocked set (dropping one listing of a duplicated neuron blocks the same
+        neurons: NeMo evaluates it again, with the same result)."""
+        key = (tuple(samples), tuple((n, tuple(sorted(set(r)))) for n, r in blocked.items() if r))
+        if key not in self._scores:
+            self._scores[key] = float(ms_ssim(reference, self.noise_diff(blocked, samples),
+                                              data_range=self.data_range).max())
+        return self._scores[key]
 
 
-def _make_probe(bundle, layers, embedding, seeds, num_inference_steps, timestep_index,
-                batch_size) -> _Probe:
+def _make_probe(bundle, layers, embedding, latents, num_inference_steps, timestep_index,
+                batch_size, data_range) -> _Probe:
     scheduler = bundle.make_scheduler("ddim")
     scheduler.set_timesteps(num_inference_steps)
     index = min(timestep_index, len(scheduler.timesteps) - 1)
     t = scheduler.timesteps[index]
     abar = scheduler.alphas_cumprod[int(t)].float()
-    return _Probe(bundle, layers, embedding, list(seeds), t, abar, batch_size)
+    return _Probe(bundle, layers, embedding, latents, t, abar, batch_size, data_range)
 
 
 # --- selection ----------------------------------------------------------------------------------
 
-def _candidates(activation: dict, mean: dict, std: dict, theta: float, k: int) -> dict:
-    """Initial selection: OOD neurons (z > theta) plus the top-k activations, per layer."""
+def candidate_neurons(activation: dict, mean: dict, std: dict, theta: float, k: int) -> dict:
+    """NeMo's initial selection per layer, as the official code lists it: the neurons with
+    z = |a - mean| / std > theta in ascending order, then the top-k activations in descending
+    order (duplicates kept: the refinement's greedy order follows this list)."""
     selected = {}
     for name, act in activation.items():
         z = (act - mean[name]).abs() / std[name].clamp_min(1e-12)
-        rows = set((z > theta).nonzero().flatten().tolist())
+        rows = (z > theta).nonzero().flatten().tolist()
         if k > 0:
-            rows |= set(act.topk(min(k, act.numel())).indices.tolist())
-        selected[name] = sorted(rows)
+            rows += act.abs().topk(min(k, act.numel())).indices.tolist()
+        selected[name] = rows
     return selected
 
 
 def _without(blocked: dict, layer: str, neuron: int | None = None) -> dict:
+    """`blocked` with a layer emptied, or with the first listing of one neuron dropped."""
     trial = {name: list(rows) for name, rows in blocked.items()}
-    trial[layer] = [] if neuron is None else [r for r in trial[layer] if r != neuron]
+    if neuron is None:
+        trial[layer] = []
+    else:
+        trial[layer].remove(neuron)
     return trial
 
 
@@ -298,12 +265,19 @@ class NeMo(PruningMitigation):
     min_theta: float = 1.0
     theta_step: float = 0.25
     initial_k: int = 0
-    refinement_budget: int | None = 500
+    refinement_budget: int | None = 500  # None: unlimited, as NeMo refines
     layers: str = "down_mid"
     batch_size: int = 16
-    # a safetensors file of per-neuron activation statistics (mean.<layer>, std.<layer>): loaded
-    # when it exists, else computed once from the reference prompts and written there
+    # per-neuron activation statistics: memtrain's safetensors cache or NeMo's published
+    # torch.save file (mean_list, std_list); loaded when it exists, else computed once from the
+    # reference prompts and written there (a .pt/.pth name in NeMo's format)
     statistics: str | None = None
+    # the detection draw: "official" = one randn batch from seed 1 (NeMo's code), "per_seed" =
+    # one generator per audit seed (the audit's own initial noise)
+    noise: str = "official"
+    # MS-SSIM's data range: "batch" = torchmetrics' data_range=None (the call's range, per
+    # scale; NeMo's call), "fixed" = 1.0
+    ssim_range: str = "batch"
 
     _mean: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _std: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
@@ -320,6 +294,11 @@ class NeMo(PruningMitigation):
             raise MemtrainError(f"nemo: layers must be one of {', '.join(LAYER_SCOPES)}")
         if int(self.num_seeds) < 2:
             raise MemtrainError("nemo: num_seeds must be >= 2 (the score compares seeds)")
+        if self.noise not in NOISE_MODES:
+            raise MemtrainError(f"nemo: noise must be one of {', '.join(NOISE_MODES)}, got '{self.noise}'")
+        if self.ssim_range not in SSIM_RANGES:
+            raise MemtrainError(f"nemo: ssim_range must be one of {', '.join(SSIM_RANGES)}, "
+                                f"got '{self.ssim_range}'")
 
     # prepare -----------------------------------------------------------------------------------
     def prepare(self, bundle, memorized_prompts, reference_prompts, seeds) -> None:
@@ -369,23 +348,31 @@ class NeMo(PruningMitigation):
         local = []
         for index, prompt in shard(reference_prompts, self.processes):
             diffs = self._probe(bundle, layers, prompt, seeds).noise_diff()
-            pairs = torch.combinations(torch.arange(len(seeds)), r=2)
-            local.append((index, ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]]).cpu()))
+            local.append((index, pairwise_ms_ssim(diffs, SSIM_RANGES[self.ssim_range])[1].cpu()))
         scores = torch.cat(gather_in_order(local, self.processes))
         sign = 1.0 if self.tau_mem == "auto" else -1.0
         return float(scores.mean() + sign * scores.std())
 
     def _probe(self, bundle, layers, prompt: str | torch.Tensor, seeds) -> _Probe:
         embedding = encode_prompts(bundle, [prompt]).embeddings if isinstance(prompt, str) else prompt
-        return _make_probe(bundle, layers, embedding, seeds, self.num_inference_steps,
-                           self.timestep_index, self.batch_size)
+        shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+        latents = detection_latents(self.noise, list(seeds), shape)
+        return _make_probe(bundle, layers, embedding, latents, self.num_inference_steps,
+                           self.timestep_index, self.batch_size, SSIM_RANGES[self.ssim_range])
+
+    @torch.no_grad()
+    def noise_diffs(self, bundle, prompt: str, seeds: list[int]) -> torch.Tensor:
+        """(S, C, H, W) NeMo's min-max scaled noise differences of one prompt, unblocked (S =
+        len(seeds); with noise="official" the seeds only give the count)."""
+        layers = value_layers(bundle.unet, self.layers, bundle.source)
+        return self._probe(bundle, layers, prompt, list(seeds)).noise_diff()
 
     @torch.no_grad()
     def memorization_score(self, bundle, prompt: str, seeds: list[int]) -> float:
-        """NeMo's detection score of one prompt: the max over seeds of the MS-SSIM between its
-        first-step noise difference and the other seeds' (high: every seed goes the same way)."""
-        layers = value_layers(bundle.unet, self.layers, bundle.source)
-        return float(max_pairwise_ssim(self._probe(bundle, layers, prompt, list(seeds)).noise_diff()).max())
+        """NeMo's detection score of one prompt: the max over samples of the MS-SSIM between its
+        first-step noise difference and the other samples' (high: every sample goes the same way)."""
+        diffs = self.noise_diffs(bundle, prompt, seeds)
+        return float(max_pairwise_ssim(diffs, SSIM_RANGES[self.ssim_range]).max())
 
     def localize_embedding(self, bundle, embedding: torch.Tensor, seeds: list[int]) -> dict[str, list[int]]:
         """The neurons NeMo selects for one text embedding (1, L, D), e.g. an adversarial one,
@@ -401,23 +388,26 @@ class NeMo(PruningMitigation):
         tau = self._tau_used
         probe = self._probe(bundle, layers, prompt, seeds)
         unblocked = probe.noise_diff()
-        pairwise = max_pairwise_ssim(unblocked)
-        looked_at = [s for s, score in zip(seeds, pairwise.tolist()) if score > tau]
-        record = {"memorization_score": float(pairwise.max()), "memorized": bool(looked_at),
-                  "seeds_looked_at": looked_at, "initial": {}, "refined": {},
+        pairwise = max_pairwise_ssim(unblocked, probe.data_range)
+        samples = [i for i, score in enumerate(pairwise.tolist()) if score > tau]
+        # the audit seeds looked at; with the official draw, indices into its batch
+        labels = list(seeds) if self.noise == "per_seed" else list(range(len(seeds)))
+        record = {"memorization_score": float(pairwise.max()), "memorized": bool(samples),
+                  "seeds_looked_at": [labels[i] for i in samples], "initial": {}, "refined": {},
                   "initial_score": None, "refined_score": None, "evaluations": 1,
                   "budget_exhausted": False}
-        if not looked_at:
+        if not samples:
             return record
-        keep = torch.tensor([s in looked_at for s in seeds])
-        reference = unblocked[keep]
+        reference = unblocked[samples]
         embedding = probe.embedding.to(bundle.device, bundle.dtype)
         activation = {n: a[0] for n, a in activation_profile(layers, embedding).items()}
-        initial, score, threshold = self._initial_selection(probe, reference, looked_at, activation)
-        refined, exhausted = self._refine(probe, reference, looked_at, initial, threshold)
+        initial, score, threshold = self._initial_selection(probe, reference, samples, activation)
+        refined, exhausted = self._refine(probe, reference, samples, initial, threshold)
         record.update(
-            initial=_nonempty(initial), initial_score=score, refined=_nonempty(refined),
-            refined_score=probe.score(reference, refined, looked_at),
+            # initial: as NeMo lists it (order, duplicates); refined: the pruned set, sorted
+            initial=_nonempty(initial), initial_score=score,
+            refined={layer: sorted(set(rows)) for layer, rows in _nonempty(refined).items()},
+            refined_score=probe.score(reference, refined, samples),
             refinement_threshold=threshold, evaluations=probe.evaluations,
             budget_exhausted=exhausted,
         )
@@ -427,16 +417,18 @@ class NeMo(PruningMitigation):
         tau, theta, k = self._tau_used, float(self.initial_theta), int(self.initial_k)
         max_k = max(a.numel() for a in activation.values())
         while True:
-            blocked = _candidates(activation, self._mean, self._std, theta, k)
+            blocked = candidate_neurons(activation, self._mean, self._std, theta, k)
             score = probe.score(reference, blocked, seeds)
+            if score > tau:
+                if theta > self.min_theta:
+                    theta = max(theta - self.theta_step, self.min_theta)
+                k += 1
+            # checked after every try, as in 3_detect_memorized_neurons.py: at the floor (or a
+            # start at it) the refinement threshold becomes the score reached
+            if theta <= self.min_theta or k >= max_k:
+                return blocked, score, score
             if score <= tau:
                 return blocked, score, tau
-            if theta > self.min_theta:
-                theta = max(theta - self.theta_step, self.min_theta)
-            k += 1
-            if theta <= self.min_theta or k >= max_k:
-                # could not get below tau: refine against the score reached instead
-                return blocked, score, score
 
     def _refine(self, probe, reference, seeds, initial, threshold):
         blocked = {name: list(rows) for name, rows in initial.items()}
@@ -529,33 +521,6 @@ class NeMo(PruningMitigation):
         self._records = meta.get("records", {})
         self._tau_used = meta.get("tau_used")
         self._active = meta.get("active")
-
-
-def save_statistics(path: Path, mean: dict, std: dict) -> None:
-    """Write NeMo's per-neuron statistics as safetensors (atomically: a killed run leaves none)."""
-    tensors = {f"mean.{n}": t.float().contiguous().cpu() for n, t in mean.items()}
-    tensors.update({f"std.{n}": t.float().contiguous().cpu() for n, t in std.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-
-
-def load_statistics(path: Path, layers: dict) -> tuple[dict, dict]:
-    """Read statistics written by `save_statistics`; every value layer must be there with its width."""
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # not safetensors, truncated
-        raise MemtrainError(f"nemo statistics '{path}' cannot be read ({type(err).__name__}): "
-                            "delete it to recompute from reference prompts") from None
-    mean, std = {}, {}
-    for name, layer in layers.items():
-        m, s = tensors.get(f"mean.{name}"), tensors.get(f"std.{name}")
-        if m is None or s is None or m.shape != (layer.out_features,) or s.shape != m.shape:
-            raise MemtrainError(f"nemo statistics '{path}' do not fit this model (layer {name}, "
-                                f"{layer.out_features} neurons): compute them for this model from reference prompts")
-        mean[name], std[name] = m, s
-    return mean, std
 
 
 def _nonempty(blocked: dict) -> dict:
