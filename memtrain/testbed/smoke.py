@@ -35,7 +35,8 @@ ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM"
        **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "true"})}
 FINETUNE = [  # recipes/sd14.yaml at the smallest budget that still runs each part once
     "train.epochs=1", "train.updates_per_embedding=1", "train.surrogate_batch_size=1", "train.mixed_precision=no",
-    "attack.steps=2", "attack.noise_samples=1", "surrogates.mitigation=pad_mask", "surrogates.per_prompt=1",
+    "attack.steps=2", "attack.noise_samples=1", "surrogates.mitigation=pad_mask", "surrogates.mitigation_settings={}",
+    "surrogates.per_prompt=1",
     "surrogates.sampler.num_inference_steps=2", "audit.seeds=1", "audit.max_items=1", "audit.kid=false",
     "audit.sampler.num_inference_steps=2", "audit.full_recipe=recipes/audit_smoke.yaml", "audit.full_max_targets=1",
     "checkpointing.steps=2", "checkpointing.total_limit=1", "report_to=wandb",

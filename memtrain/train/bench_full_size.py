@@ -33,7 +33,8 @@ from memtrain.train.trainer import AdvFinetuner
 # the fine-tuning part's recipe: the SD recipe at one surrogate per prompt, made cheaply; the
 # setup's attack is cut to one step (the timed steps use a fixed embedding, the attack is timed
 # on its own above): at the recipe's 50 x 8 it alone took over 15 min at 256 px on 2 cores
-SMALL = ["train.epochs=1", "train.surrogate_batch_size=1", "surrogates.mitigation=pad_mask", "surrogates.per_prompt=1",
+SMALL = ["train.epochs=1", "train.surrogate_batch_size=1", "surrogates.mitigation=pad_mask",
+         "surrogates.mitigation_settings={}", "surrogates.per_prompt=1",
          "surrogates.sampler.num_inference_steps=2", "attack.steps=1", "attack.noise_samples=1", "report_to=none",
          "checkpointing.steps=0"]
 
