@@ -145,4 +145,4 @@ def test_testbed_model_fills_its_manifests(tmp_path):
     assert defaults.manifest("unique") == str(tmp_path / "manifests" / "unique.jsonl")
     # another model needs its own manifests
     with pytest.raises(MemtrainError, match="'memorized_manifest' is required"):
-        resolve_recipe(recipe_from_dict({"output_dir": "out", "model": "m", "utility": {"path": "u"}}))
+        resolve_recipe(recipe_from_dict({"output_dir": "out", "model": "example-org/sd-model", "utility": {"path": "u"}}))

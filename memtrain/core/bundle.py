@@ -282,10 +282,13 @@ def load_bundle(
     return bundle
 
 
-def load_for_runtime(model: str | Path, runtime: Runtime) -> ModelBundle:
-    """load_bundle on the runtime's device in its dtype; the bundle records its batch sizes there."""
+def load_for_runtime(model: str | Path, runtime: Runtime, lora: str | Path | None = None) -> ModelBundle:
+    """load_bundle on the runtime's device in its dtype, with `lora` (U-Net LoRA weights, every
+    command's --lora) fused in; the bundle records its batch sizes there."""
     bundle = load_bundle(model, device=runtime.device, dtype=runtime.dtype)
     bundle.runtime = runtime
+    if lora:
+        fuse_lora_weights(bundle, lora)
     return bundle
 
 

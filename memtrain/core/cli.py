@@ -132,3 +132,9 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *flags: str) -> A
     """A config dataclass field that is also a command-line flag: its help text and any extra
     spellings (`option(None, "targets", "--manifest")`) for add_dataclass_arguments."""
     return dataclasses.field(default=default, metadata={"help": help, "flags": flags})
+
+
+def section(cls: type, help: str = "", flat: bool = False) -> Any:
+    """A nested settings group of a config: flags `--name.field`, recipe keys `name: {field: ...}`;
+    `flat` also accepts its fields' own spellings (`--scheduler` for `--sampler.scheduler`)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "flat": flat})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import re
 import types
 import typing
@@ -155,6 +156,15 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise MemtrainError(f"recipe '{path}' must be a YAML mapping at the top level")
     return data
+
+
+def packaged_recipe(name: str) -> Path:
+    """A recipe shipped inside the package (memtrain/recipes/), found with importlib.resources so
+    an installed wheel finds it from any directory."""
+    resource = importlib.resources.files("memtrain.recipes") / name
+    if not resource.is_file():
+        raise MemtrainError(f"no packaged recipe '{name}'")
+    return Path(str(resource))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -20,6 +21,21 @@ from PIL import Image
 
 
 # ----------------------------------------------------------------------------- JSON
+
+
+@dataclass
+class CommandResult:
+    """A command's typed result: its report document, where it was written, or (--plan) the
+    memory plan instead. Commands with richer results (the audit's rows) extend it."""
+
+    report: dict
+    output_dir: Path | None = None
+    plan: dict | None = None
+    message: str | None = None  # one line for the console besides the report
+
+    @property
+    def plan_text(self) -> str | None:
+        return self.plan["plan_text"] if self.plan else None
 
 
 def is_not_computed(value: Any) -> bool:

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from memtrain.core import report
 from memtrain.core import run as dist
-from memtrain.core.bundle import ModelDefaults, load_bundle
-from memtrain.core.config import build
+from memtrain.core.bundle import ModelDefaults, load_for_runtime
 from memtrain.core.memory import folder_plan, plan_for_run
-from memtrain.core.runtime import RuntimeOptions, resolve_runtime
-from memtrain.core.cli import option
+from memtrain.core.runtime import resolve_runtime
+from memtrain.core.cli import option, section
+from memtrain.core.options import ModelOptions, OutputOptions
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir, write_json
 from memtrain.core.manifest import read_manifest
@@ -23,24 +23,20 @@ from memtrain.eval.detect import DETECTORS, auc, roc_points, score_prompts, tpr_
 from memtrain.eval.utility import versions
 
 
-@dataclass
-class DetectConfig:
-    """What scripts/detect.py sets (its flags are these fields)."""
+@dataclass(kw_only=True)
+class DetectConfig(ModelOptions, OutputOptions):
+    """`memtrain detect`'s config: the shared model/output options and its own."""
 
-    model: str | None = option(None, "diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
     memorized: str | None = option(None, "manifest of memorized prompts; default: the model's memorized set")
     non_memorized: str | None = option(None, "manifest of non-memorized prompts; default: the model's unique set")
     detectors: list[str] | None = option(None, f"which detectors ({', '.join(DETECTORS)}); default: all")
     seeds: int = option(4, "generations per prompt, seeds 0..N-1")
     max_prompts: int | None = option(None, "at most N prompts from each manifest")
-    sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
-    output_dir: str | None = option(None, "default: detections/<model>-<time>")
-    overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
-    progress: bool = option(True, "progress logging")
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
+    sampler: SamplerOverrides = section(SamplerOverrides, "changes to the model's sampler", flat=True)
+    project: str | None = option("memtrain-detect", "tracker project name")
 
     def __post_init__(self) -> None:
-        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
+        super().__post_init__()
         for name in self.detectors or ():
             if name not in DETECTORS:
                 raise MemtrainError(f"unknown detector '{name}': choose one of {', '.join(DETECTORS)}")
@@ -48,8 +44,12 @@ class DetectConfig:
             raise MemtrainError(f"--seeds must be >= 2 (NeMo's score compares seeds), got {self.seeds}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise MemtrainError(f"--max_prompts must be >= 1, got {self.max_prompts}")
-        if self.output_dir is not None:
-            check_output_dir(self.output_dir, self.overwrite)
+        if self.resume:
+            raise MemtrainError("detect has no --resume: it writes its folder once, at the end (rerun it)")
+
+    def check_files(self) -> None:
+        """The output folder and the manifests named (read before any model loads)."""
+        self.check_output()
         for path in (self.memorized, self.non_memorized):
             if path is not None:
                 read_manifest(path)
@@ -74,9 +74,9 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
     name = Path(defaults.model_dir).name if Path(defaults.model_dir).name != "model" else Path(defaults.model_dir).parent.name
     out = Path(cfg.output_dir or Path("detections") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(out, cfg.overwrite)
-    accelerator = dist.make_accelerator(None, timeout_minutes=cfg.runtime.timeout_minutes)
+    accelerator = dist.make_accelerator(cfg.report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     runtime = resolve_runtime(cfg.runtime, accelerator)
-    bundle = load_bundle(defaults.model_dir, device=runtime.device, dtype=runtime.dtype)
+    bundle = load_for_runtime(defaults.model_dir, runtime, cfg.lora)
     settings = bundle.sampler_settings.with_overrides(cfg.sampler)
     plan = plan_for_run(bundle, runtime, {"generation": settings.batch_size, "vae_decode": settings.batch_size})
     settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))
@@ -96,11 +96,13 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
            "tpr_note": (f"TPR at 1% FPR with {len(negatives)} non-memorized prompts: 1% allows "
                         f"{int(0.01 * len(negatives))} of them past the threshold"),
            "detectors": results, "runtime": runtime.to_dict()}
-    with dist.OutputRun(accelerator, out, cfg.overwrite, "memtrain-detect", dataclasses.asdict(cfg), trackers=False) as run:
+    with dist.OutputRun(accelerator, out, cfg.overwrite, cfg.project, dataclasses.asdict(cfg),
+                        trackers=cfg.tracker is not None) as run:
         if run.folder is not None:
             write_json(run.folder / "detect.json", doc)
             plot_roc(results, run.folder / "roc.png")
             markdown(doc).write(run.folder / "detect.md")
+            dist.log_to_trackers(accelerator, {f"{n}/auc": r["auc"] for n, r in results.items()})
     doc["output_dir"] = str(out.absolute())
     return doc
 

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from memtrain.core import report
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_for_runtime, weights_checksum
-from memtrain.core.config import build
 from memtrain.core.memory import folder_plan, plan_for_run
-from memtrain.core.runtime import RuntimeOptions, resolve_runtime
-from memtrain.core.cli import option
+from memtrain.core.runtime import resolve_runtime
+from memtrain.core.cli import option, section
+from memtrain.core.options import MetricOptions, ModelOptions, OutputOptions
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import NoJournal, WorkJournal, check_fresh_start, decoder, encode_records, file_digests, json_unit
@@ -42,54 +42,39 @@ from memtrain.metrics import MR_THRESHOLD, PAPER002_THRESHOLD, diversity_dsscd, 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvaluateConfig:
-    """What scripts/evaluate.py sets (its flags are these fields)."""
+@dataclass(kw_only=True)
+class EvaluateConfig(ModelOptions, OutputOptions, MetricOptions):
+    """`memtrain evaluate`'s config: the shared model/output/metric options and its own."""
 
     manifest: str | None = option(None, "JSONL manifest (id, prompt, image); default: the model's memorized set")
-    model: str | None = option(None, "diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
     seeds: int = option(10, "generations per prompt, seeds 0..N-1")
-    output_dir: str | None = option(None, "default: evaluations/<model>-<manifest>-<time>")
-    overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
-    resume: bool = option(False, "continue the interrupted run in --output_dir from its last finished unit "
-                                 "(same command line)")
-    metric: str | None = option(None, "SSCD backend: onnx (default), a TorchScript/.onnx path, or standin")
-    allow_standin: bool = option(False, "permit the named stand-in descriptor")
     strict: bool = option(False, "a missing training image fails instead of being skipped")
-    clip_model: str | None = option(None, "CLIPModel folder for A_CLIP (default: the model's CLIP, e.g. the testbed's clip/)")
     lpips_model: str | None = option(None, "TorchScript LPIPS file for cross-seed LPIPS diversity")
     fid_manifest: str | None = option(None, "FID/KID of generations vs this manifest's images (shipped Inception)")
     fid_prompts: int | None = option(None, "use at most N items of the FID manifest (without --fid_manifest: the "
                                          "model's utility manifest)")
-    sampler: SamplerOverrides = field(default_factory=SamplerOverrides)  # flags: --scheduler, --num_inference_steps, ...
+    sampler: SamplerOverrides = section(SamplerOverrides, "changes to the model's sampler", flat=True)
     threshold: float = option(MR_THRESHOLD, "SSCD_Orig above this in any seed = replicated")
-    report_to: str | None = option(None, "wandb (or none): also log to W&B")
-    project: str = option("memtrain-evaluate", "tracker project name")
+    project: str | None = option("memtrain-evaluate", "tracker project name")
     # Prompts per work unit (bounds memory at SD sizes). Units are cut before they are spread
     # over processes, so at a fixed value any process count gives bit-identical figures.
     chunk_items: int = option(16, "prompts per work unit spread over processes (figures identical for any "
                                 "process count at a fixed value)")
     grid_items: int = option(32, "prompts shown in the image grids")
     grid_cell: int = option(128, "grid cell size in pixels")
-    progress: bool = option(True, "progress bars")
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
 
     def __post_init__(self) -> None:
-        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
+        super().__post_init__()
         if self.seeds < 1:
             raise MemtrainError(f"--seeds must be >= 1, got {self.seeds}")
         if self.fid_prompts is not None and self.fid_prompts < 2:
             raise MemtrainError(f"--fid_prompts must be >= 2 (FID needs two images per set), got {self.fid_prompts}")
-        if self.report_to not in (None, "none", "wandb"):
-            raise MemtrainError(f"--report_to must be 'wandb' or 'none', got '{self.report_to}'")
         if self.chunk_items < 1 or self.grid_items < 0:
             raise MemtrainError("chunk_items must be >= 1 and grid_items >= 0")
-        # files named on the command line fail now, before a testbed build or a model load
-        if self.resume and self.output_dir is None:
-            raise MemtrainError("--resume needs the --output_dir of the interrupted run")
-        if self.output_dir is not None:
-            check_output_dir(self.output_dir, self.overwrite)
-            check_fresh_start(self.output_dir, self.resume, self.overwrite)
+
+    def check_files(self) -> None:
+        """The output folder and the manifests named (read before any model loads)."""
+        self.check_output()
         for path in (self.manifest, self.fid_manifest):
             if path is not None:
                 read_manifest(path)
@@ -295,7 +280,7 @@ def evaluate(cfg: EvaluateConfig, defaults: ModelDefaults | None = None, acceler
     seeds = check_seeds(range(cfg.seeds))
     runtime = resolve_runtime(cfg.runtime, accelerator)  # the metrics run where the model does
     descriptor, scorer, clip_reason = metric_backends(cfg, cfg.clip_model or defaults.clip_model, runtime.device)
-    bundle = load_for_runtime(inputs.model_dir, runtime)
+    bundle = load_for_runtime(inputs.model_dir, runtime, cfg.lora)
     settings = sampler_settings(bundle, cfg.sampler)
     plan = plan_for_run(bundle, runtime, evaluate_stages(settings))
     settings = dataclasses.replace(settings, batch_size=plan.batch("generation"))

@@ -21,10 +21,12 @@ it first (`scripts/fetch_images.py RELEASE --output_dir DIR`) and triage `DIR` (
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import atomic_write_text, write_json
 from memtrain.core.manifest import ManifestItem, load_image, read_manifest, write_manifest
@@ -128,16 +130,31 @@ def summary_markdown(s: dict) -> str:
         f"{q['0.1']:.3f} / {q['0.5']:.3f} / {q['0.9']:.3f}.",
         f"Near-duplicate training images (SSCD > {s['duplicate_threshold']}): {s['n_duplicate_groups']} group(s), "
         f"{s['n_items_in_duplicate_groups']} item(s); see duplicates.json.", "",
-        "Audit the replicating ones: `scripts/audit.py --manifest replicating.jsonl ...`.", "",
+        "Audit the replicating ones: `memtrain audit --manifest replicating.jsonl ...`.", "",
     ])
 
 
-def triage(cfg: EvaluateConfig, release: str, defaults=None, duplicate_threshold: float | None = None) -> dict:
-    """Evaluate `release` with `cfg` (its manifest field is replaced) and write triage's files;
-    returns triage.json's content (on every process)."""
-    manifest = release_manifest(release)
+@dataclass(kw_only=True)
+class TriageConfig(EvaluateConfig):
+    """`memtrain triage`'s config: evaluate's, with the release in place of the manifest."""
+
+    release: str = option(dataclasses.MISSING, "a manifest with local images, or a `memtrain fetch` output folder")
+    duplicate_threshold: float | None = option(None, "SSCD between two training images that flags them as "
+                                                     "near-duplicates (default: --threshold)")
+    project: str | None = option("memtrain-triage", "tracker project name")
+
+    def check_files(self) -> None:
+        """The release resolves to local images (a URL-only one fails now, before any model loads)."""
+        super().check_files()
+        release_manifest(self.release)
+
+
+def triage(cfg: TriageConfig, defaults=None) -> dict:
+    """Evaluate the release with `cfg` and write triage's files; returns triage.json's content
+    (on every process)."""
+    manifest = release_manifest(cfg.release)
     cfg = dataclasses.replace(cfg, manifest=str(manifest))
-    dup = cfg.threshold if duplicate_threshold is None else duplicate_threshold
+    dup = cfg.threshold if cfg.duplicate_threshold is None else cfg.duplicate_threshold
     descriptor = get_descriptor(cfg.metric, allow_standin=cfg.allow_standin)
     metrics = evaluate(cfg, defaults, extra_outputs=triage_outputs(cfg.threshold, dup, descriptor))
     if cfg.runtime.plan:

@@ -8,27 +8,30 @@ and never checks whether a model is a testbed; this module is the only one that 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
 
 from memtrain.core.bundle import ModelDefaults
+from memtrain.core.config import packaged_recipe
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import exclusive_lock
 from memtrain.train.recipe import TESTBED, Recipe, check_resolved
 from memtrain.testbed.build import default_testbed_dir, ensure_testbed
 from memtrain.testbed.reference import REFERENCE_KEY, ensure_reference_model
 
-REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-TESTBED_AUDIT_RECIPE = REPO_RECIPES / "audit_testbed.yaml"
+TESTBED_AUDIT_RECIPE = "audit_testbed.yaml"  # packaged with memtrain (memtrain/recipes/)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells repository ids
 ROLES = ("memorized", "held_out", "unique", "utility")
 CACHED_LABEL = "testbed (cached)"
 
 
 def testbed_root_of(path: str | Path) -> Path | None:
-    """The testbed folder `path` is (or whose model/ it is), if any."""
+    """The testbed folder `path` is (or whose model/ folder it is), if any; any other subfolder of
+    a testbed is not one."""
     path = Path(path).expanduser().absolute()
-    for root in (path, path.parent):
+    for root in (path, path.parent) if path.name == "model" else (path,):
         if (root / "testbed_card.json").is_file() and (root / "model" / "model_index.json").is_file():
             return root
     return None
@@ -41,7 +44,7 @@ def testbed_defaults(root: Path, label: str | None = None) -> ModelDefaults:
     clip = root / "clip"
     return ModelDefaults(model_dir=str(root / "model"), manifests=manifests,
                          clip_model=str(clip) if clip.is_dir() else None,
-                         audit_recipe=str(TESTBED_AUDIT_RECIPE), label=label or root.name)
+                         audit_recipe=str(packaged_recipe(TESTBED_AUDIT_RECIPE)), label=label or root.name)
 
 
 def cached_testbed(seed: int = 0, progress: bool = True) -> Path:
@@ -51,12 +54,26 @@ def cached_testbed(seed: int = 0, progress: bool = True) -> Path:
 
 
 def resolve_model(model: str | None, progress: bool = True) -> ModelDefaults:
-    """--model as commands take it: None -> the cached testbed (built on first use); a testbed
-    folder or its model/ -> that testbed; anything else (a diffusers folder, a hub id) as is."""
-    if model is None:
+    """--model as commands take it: None or "testbed" -> the cached testbed (built on first use);
+    a testbed folder or its model/ -> that testbed; a diffusers model folder or a hub id as is.
+    Anything else (a file, a missing path, another folder) is refused in one line."""
+    if model is None or model == TESTBED:
         return testbed_defaults(cached_testbed(progress=progress), CACHED_LABEL)
-    root = testbed_root_of(model) if Path(model).expanduser().exists() else None
-    return testbed_defaults(root) if root is not None else ModelDefaults.plain(model)
+    path = Path(model).expanduser()
+    expected = ("give a diffusers model folder (with model_index.json), a testbed folder or its model/ "
+                "folder, a hub id such as CompVis/stable-diffusion-v1-4, or testbed")
+    if path.exists():
+        root = testbed_root_of(path)
+        if root is not None:
+            return testbed_defaults(root)
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return ModelDefaults.plain(model)
+        kind = "a file" if path.is_file() else "a folder without model_index.json"
+        raise MemtrainError(f"--model '{model}' is {kind}: {expected}")
+    owner = Path(str(model).split("/")[0])
+    if HUB_ID.match(str(model)) and not str(model).startswith((".", "/", "~")) and not owner.is_dir():
+        return ModelDefaults.plain(model)
+    raise MemtrainError(f"--model '{model}' does not exist: {expected}")
 
 
 def resolve_recipe(recipe: Recipe, progress: bool = True) -> tuple[Recipe, ModelDefaults]:

@@ -15,8 +15,9 @@ from typing import Literal
 from memtrain.attack import AttackConfig
 from memtrain.core import config
 from memtrain.core.errors import MemtrainError
-from memtrain.core.run import DEFAULT_TIMEOUT_MINUTES, check_timeout
-from memtrain.core.runtime import parse_dtype, parse_memory
+from memtrain.core.cli import option, section
+from memtrain.core.manifest import read_manifest
+from memtrain.core.options import ModelOptions, OutputOptions
 from memtrain.core.sampling import SamplerOverrides
 
 
@@ -139,37 +140,50 @@ class AuditSpec:
 TESTBED = "testbed"  # the value of `model` the testbed resolver replaces by the cached testbed
 
 
-@dataclass
-class Recipe:
-    """A fine-tuning recipe (recipes/*.yaml): model, data, training, attack, surrogates, checks."""
+@dataclass(kw_only=True)
+class Recipe(ModelOptions, OutputOptions):
+    """A fine-tuning recipe (recipes/*.yaml): the shared model and output options, then data,
+    training, attack, surrogates and checks.
 
-    output_dir: str
-    model: str = TESTBED  # a diffusers SD folder or hub id; "testbed": the cached testbed (built if absent)
-    memorized_manifest: str | None = None  # required unless model is the testbed (then: its memorized split)
-    utility: UtilitySpec = field(default_factory=UtilitySpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
+    From the shared groups: `model` ("testbed": the cached testbed, built if absent), `dtype` (the
+    frozen parts' precision: text encoder, VAE, surrogate model; the trained U-Net follows
+    train.mixed_precision), `max_memory` (the budget of the no-grad batches: VAE encodes,
+    held-out loss), `timeout_minutes`, `output_dir` (required), `resume` (= --resume_from_checkpoint
+    latest), `report_to`, `project`, `progress`."""
+
+    model: str | None = option(TESTBED, "a diffusers SD folder or hub id; testbed: the cached testbed (built if absent)")
+    output_dir: str | None = option(None, "where checkpoints, the model and the reports go (required)")
+    project: str | None = option("memtrain-adv-finetune", "tracker project name")
+    memorized_manifest: str | None = option(None, "the memorized pairs to remove (required unless model is the "
+                                                  "testbed: then its memorized split)")
+    utility: UtilitySpec = section(UtilitySpec, "non-memorized pairs for the denoising loss")
+    train: TrainSpec = section(TrainSpec, "the optimisation")
     # Dori per memorized image and epoch (Alg. 2): odd epochs from the prompt, even from N(0, I)
-    attack: FinetuneAttack = field(default_factory=FinetuneAttack)
-    surrogates: SurrogateSpec = field(default_factory=SurrogateSpec)
-    checkpointing: CheckpointSpec = field(default_factory=CheckpointSpec)
-    audit: AuditSpec = field(default_factory=AuditSpec)
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    tracker_project: str = "memtrain-adv-finetune"
-    seed: int = 0
-    debug_rank_checksums: bool = False  # write per-rank parameter checksums at the end
-    # precision of the frozen parts (text encoder, VAE, surrogate model), as every command's
-    # --dtype: auto = bf16 on a CUDA device with bf16, else fp16; fp32 on the CPU. The trained
-    # U-Net follows train.mixed_precision instead.
-    dtype: str = "auto"
-    # memory budget the trainer's no-grad batches (VAE encodes, held-out loss) are planned for,
-    # as every command's --max_memory: auto (the device's free memory) or a size like 24GB
-    max_memory: str = "auto"
-    # as every command's --timeout_minutes: how long a process waits for the others in a
-    # collective (NCCL's own default, 10 minutes, is shorter than an SD v1.4 audit shard)
-    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    attack: FinetuneAttack = section(FinetuneAttack, "the attack crafted per image and epoch")
+    surrogates: SurrogateSpec = section(SurrogateSpec, "the images the memorized prompts are trained toward")
+    checkpointing: CheckpointSpec = section(CheckpointSpec, "checkpoint frequency")
+    audit: AuditSpec = section(AuditSpec, "the per-epoch and closing checks")
+    seed: int = option(0, "the run's seed")
+    debug_rank_checksums: bool = option(False, "write per-rank parameter checksums at the end")
+    resume_from_checkpoint: str | None = option(None, "continue from this checkpoint folder, or latest (the "
+                                                      "newest complete one under output_dir/checkpoints)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_values(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def checkpoint_to_resume(self) -> str | None:
+        """resume_from_checkpoint, or latest under --resume."""
+        return self.resume_from_checkpoint or ("latest" if self.resume else None)
+
+    def check_files(self) -> None:
+        """The memorized manifest named (the testbed's are checked once it is resolved)."""
+        if self.memorized_manifest:
+            read_manifest(self.memorized_manifest)
 
 
 def _check_values(recipe: Recipe) -> None:
@@ -187,16 +201,13 @@ def _check_values(recipe: Recipe) -> None:
             raise MemtrainError(f"recipe key '{key}' must be > 0, got {value}")
     if recipe.checkpointing.steps < 0:
         raise MemtrainError(f"recipe key 'checkpointing.steps' must be >= 0, got {recipe.checkpointing.steps}")
-    for key, parse in (("dtype", parse_dtype), ("max_memory", parse_memory)):
-        try:
-            parse(getattr(recipe, key))
-        except MemtrainError as err:  # the runtime's message starts "--<key> '<value>' ..."
-            raise MemtrainError(f"recipe key '{key}': {str(err).removeprefix(f'--{key} ')}") from None
-    try:
-        recipe.timeout_minutes = check_timeout(recipe.timeout_minutes)
-    except MemtrainError as err:
-        raise MemtrainError(f"recipe key {err}") from None
-    recipe.dtype = parse_dtype(recipe.dtype)  # bfloat16 -> bf16: one spelling in checkpoints
+    if not recipe.output_dir:
+        raise MemtrainError("recipe is missing the required key 'output_dir' (where the run writes)")
+    if recipe.plan:
+        raise MemtrainError("finetune has no --plan: it plans its no-grad batches within max_memory as it runs")
+    if recipe.lora and recipe.train.finetune == "lora":
+        raise MemtrainError("recipe key 'lora' with train.finetune: lora: fuse the first LoRA into a model folder "
+                            "and fine-tune that (the new LoRA would be saved relative to the fused model)")
     if recipe.surrogates.source == "model" and not recipe.surrogates.model:
         raise MemtrainError("recipe key 'surrogates.model' is required when surrogates.source is 'model'")
 
@@ -214,9 +225,7 @@ def check_resolved(recipe: Recipe) -> None:
 
 def recipe_from_dict(data: dict, overrides: list[str] | None = None) -> Recipe:
     """A checked Recipe from a mapping and dotted overrides."""
-    recipe = config.load_config(Recipe, data=data, overrides=overrides)
-    _check_values(recipe)
-    return recipe
+    return config.load_config(Recipe, data=data, overrides=overrides)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -226,8 +235,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 # keys that may change between a run and its resume without changing what is computed
 # (max_memory only cuts no-grad batches into chunks; `auto` differs from run to run anyway)
-RESUME_FREE_KEYS = ("output_dir", "report_to", "tracker_project", "checkpointing.", "audit.",
-                    "debug_rank_checksums", "train.max_steps", "max_memory", "timeout_minutes")
+RESUME_FREE_KEYS = ("output_dir", "report_to", "project", "progress", "resume", "overwrite", "checkpointing.",
+                    "audit.", "debug_rank_checksums", "train.max_steps", "max_memory", "timeout_minutes", "device",
+                    "plan", "resume_from_checkpoint")
 
 
 def first_difference(saved: dict, current: dict) -> str | None:

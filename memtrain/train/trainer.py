@@ -39,7 +39,7 @@ from diffusers.training_utils import EMAModel
 from peft import LoraConfig
 
 from memtrain.attack import attack
-from memtrain.core.bundle import ModelDefaults, load_bundle, quiet_diffusers
+from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_bundle, quiet_diffusers
 from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
 from memtrain.core.diffusion import checkpointing_off, training_scheduler
@@ -124,7 +124,12 @@ class AdvFinetuner:
         # (prepare_model then reads the dtype off the module)
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.unet_dtype = HALF.get(acc.mixed_precision, torch.float32) if deepspeed else torch.float32
+        if r.device is not None and torch.device(r.device).type != acc.device.type:
+            raise MemtrainError(f"device '{r.device}': the fine-tuner runs where accelerate places it "
+                                f"({acc.device}); choose the device with accelerate launch (e.g. --cpu)")
         self.bundle = load_bundle(r.model, device=acc.device)
+        if r.lora:  # start from the model with these LoRA weights fused in
+            fuse_lora_weights(self.bundle, r.lora)
         self.bundle.runtime = self.runtime  # records the VAE chunks it runs
         # frozen parts stay outside accelerator.prepare (DeepSpeed must not partition them)
         if self.frozen_dtype != torch.float32:
@@ -341,7 +346,7 @@ class AdvFinetuner:
         self.prepare_model()
         r, acc = self.recipe, self.acc
         step, pos, y_adv = self.resume()
-        init_trackers(acc, r.tracker_project, flat_items(r.to_dict()), self.out)
+        init_trackers(acc, r.project, flat_items(r.to_dict()), self.out)
         if r.audit.closing:
             checks.utility_before(self)
         total = self.total_steps()

@@ -31,7 +31,7 @@ import numpy as np
 
 from memtrain.core import report
 from memtrain.core import run as dist
-from memtrain.core.bundle import ModelDefaults, fuse_lora_weights, load_for_runtime, weights_checksum
+from memtrain.core.bundle import ModelDefaults, load_for_runtime, weights_checksum
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import (WorkJournal, check_fresh_start, decoder, encode_records, encode_stages,
                                    json_unit, stages_decoder)
@@ -41,9 +41,10 @@ from memtrain.core.runtime import resolve_runtime
 from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
+from memtrain.eval.audit.result import AuditResult
 from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, audit_plan, audit_stages, build_mitigations,
-                                       fingerprint, resolve_recipe, settings_doc)
-from memtrain.eval.audit.stages import (CONTROL_STREAM, Context, ItemScores, assemble_result, attack_config,
+                                       fingerprint, settings_doc)
+from memtrain.eval.audit.stages import (Context, ItemScores, assemble_result, attack_config,
                                         control_chunk, score, stage_figures, target_chunk, unmitigated_chunk, _images)
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
 from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
@@ -61,7 +62,7 @@ class Inputs:
     """Everything resolved before the expensive part starts: model, manifests, items, output folder."""
 
     model_dir: str
-    recipe_path: Path
+    recipe_path: str | None  # the per-model settings file the config was built on (None: built in code)
     targets: list[ManifestItem]
     control: list[ManifestItem]
     reference_prompts: list[str]
@@ -70,7 +71,7 @@ class Inputs:
     output_dir: Path
 
 
-def resolve_inputs(cfg: AuditConfig, defaults: ModelDefaults, recipe: AuditRecipe, recipe_path: Path,
+def resolve_inputs(cfg: AuditConfig, defaults: ModelDefaults, recipe: AuditRecipe, recipe_path: str | None,
                    accelerator=None) -> Inputs:
     """Every input checked before the model loads or anything is written; a manifest the command
     line leaves out comes from the model's defaults (the testbed's splits) or is an error."""
@@ -92,7 +93,7 @@ def resolve_inputs(cfg: AuditConfig, defaults: ModelDefaults, recipe: AuditRecip
     out = Path(dist.gather_list([str(out)], accelerator)[0])  # the main process's choice everywhere
     check_output_dir(out, cfg.overwrite)
     check_fresh_start(out, cfg.resume, cfg.overwrite)
-    return Inputs(defaults.model_dir, recipe_path.absolute(), targets, control,
+    return Inputs(defaults.model_dir, str(Path(recipe_path).absolute()) if recipe_path else None, targets, control,
                   reference[: recipe.reference_prompts], manifests["utility"],
                   {k: str(Path(v).absolute()) if v else None for k, v in manifests.items()}, out)
 
@@ -298,16 +299,16 @@ def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inp
         m.spread_over(ctx.accelerator).prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
 
 
-def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> dict:
-    """Run the audit; returns report.json's content (every process) and writes the outputs (main
-    process). `defaults` are the model's (its manifests, CLIP, recipe: scripts get them from the
+def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> AuditResult:
+    """Run the audit; returns its typed result (report.json's content, on every process) and
+    writes the outputs (main process). `defaults` are the model's (its manifests, CLIP, recipe: scripts get them from the
     testbed resolver); without them `cfg.model` must name a checkpoint and the manifests be given.
     Bad input raises MemtrainError before anything is written."""
     start = time.time()
     defaults = defaults or ModelDefaults.plain(cfg.model)
     if cfg.runtime.plan:
-        return audit_plan(cfg, defaults)
-    recipe, recipe_path = resolve_recipe(cfg, defaults)
+        return AuditResult({}, plan=audit_plan(cfg, defaults))
+    recipe, recipe_path = cfg, cfg.recipe_path  # the config holds the per-model settings (audit_config)
     mitigations = build_mitigations(cfg.mitigations, recipe)  # unknown names fail here, listing the known
     plans = {m.name: plan_threats(m, cfg.threat_models) for m in mitigations}  # before any model loads
     owns = accelerator is None
@@ -317,9 +318,7 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     runtime = resolve_runtime(cfg.runtime, accelerator)  # the metrics run where the model does
     descriptor, scorer, clip_reason = metric_backends(cfg, cfg.clip_model or defaults.clip_model, runtime.device)
     dist.run_checked(lambda: check_images(inputs.targets + inputs.control), accelerator)
-    bundle = load_for_runtime(inputs.model_dir, runtime)
-    if cfg.lora:
-        fuse_lora_weights(bundle, cfg.lora)
+    bundle = load_for_runtime(inputs.model_dir, runtime, cfg.lora)
     settings = bundle.sampler_settings.with_overrides(recipe.sampler)
     bundle.make_scheduler(settings.scheduler)  # an unknown name fails here, in one line
     plan = plan_for_run(bundle, runtime, audit_stages(settings, recipe))
@@ -360,4 +359,4 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     ctx.journal.close()
     if owns:
         accelerator.end_training()
-    return doc
+    return AuditResult(doc, inputs.output_dir.absolute())

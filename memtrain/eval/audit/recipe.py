@@ -10,20 +10,19 @@ from typing import Sequence
 
 from memtrain.attack import AttackConfig
 from memtrain.core.bundle import ModelDefaults
-from memtrain.core.cli import option
-from memtrain.core.config import apply_overrides, build, read_yaml
+from memtrain.core.cli import option, section
+from memtrain.core.command_line import merge
+from memtrain.core.config import apply_overrides, build, packaged_recipe, read_yaml
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import check_output_dir
-from memtrain.core.journal import check_fresh_start, file_digests
+from memtrain.core.journal import file_digests
 from memtrain.core.manifest import read_manifest
 from memtrain.core.memory import folder_plan
-from memtrain.core.runtime import RuntimeOptions
+from memtrain.core.options import MetricOptions, ModelOptions, OutputOptions
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings
 from memtrain.eval.audit.verdict import VerdictRule
 from memtrain.metrics import MR_THRESHOLD
 from memtrain.mitigations import THREAT_MODELS, Mitigation, available_mitigations, get_mitigation, mitigation_class
 
-REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 MODEL_RECIPE = "audit_sd14.yaml"  # a checkpoint that brings no recipe of its own: paper 004's defaults
 SEARCH_SPACE_CHECKS = ("ineffective", "always", "never")
 # The control's attack streams are named CONTROL_STREAM + held-out index, so they never share
@@ -47,15 +46,15 @@ class AuditRecipe:
     # outside the layers it prunes, or did its selection miss it? "ineffective" (only for that
     # verdict), "always" or "never".
     search_space_check: str = "ineffective"
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: AttackConfig = section(AttackConfig, "the Dori attack")
     # Against a mitigation that uses the text only at known timesteps (guidance_static), spend the
     # attack's budget on those timesteps (the adaptive variant); reports say which variant ran.
     adaptive_attack: bool = True
     # Robustness curve: MR under attack (and of the control) after each of these attack budgets
     # (steps), from the one attack run; [] skips it. Paper 004: NeMo is back at MR 0.73 after 1 step.
     robustness_budgets: list = field(default_factory=list)
-    sampler: SamplerOverrides = field(default_factory=SamplerOverrides)
-    mitigations: dict = field(default_factory=dict)  # name -> that mitigation's typed settings
+    sampler: SamplerOverrides = section(SamplerOverrides, "changes to the model's sampler", flat=True)
+    mitigation_settings: dict = field(default_factory=dict)  # name -> that mitigation's typed settings
     verdict: VerdictRule = field(default_factory=VerdictRule)
     grid_items: int = 8  # targets shown in the grids
     grid_cell: int = 96
@@ -81,19 +80,19 @@ class AuditRecipe:
         if self.attack.init == "alternate":
             raise MemtrainError("recipe key 'attack.init': 'alternate' is the fine-tuner's schedule; "
                                 "an audit starts from prompt, random or other_prompt")
-        for name, settings in self.mitigations.items():
+        for name, settings in self.mitigation_settings.items():
             try:
                 mitigation_class(name)
             except MemtrainError as err:
-                raise MemtrainError(f"recipe key 'mitigations.{name}': {err}") from None
+                raise MemtrainError(f"recipe key 'mitigation_settings.{name}': {err}") from None
             if not isinstance(settings, dict):
-                raise MemtrainError(f"recipe key 'mitigations.{name}' must be a mapping of settings")
+                raise MemtrainError(f"recipe key 'mitigation_settings.{name}' must be a mapping of settings")
             get_mitigation(name, **settings)  # typed: a wrong key or type fails here, no model needed
 
     def mitigation(self, name: str) -> Mitigation:
         """A fresh mitigation with this recipe's settings for it."""
         key = mitigation_class(name).name
-        return get_mitigation(key, **self.mitigations.get(key, {}))
+        return get_mitigation(key, **self.mitigation_settings.get(key, {}))
 
 
 def load_audit_recipe(path: str | Path, overrides: Sequence[str] = ()) -> AuditRecipe:
@@ -101,76 +100,57 @@ def load_audit_recipe(path: str | Path, overrides: Sequence[str] = ()) -> AuditR
     return build(AuditRecipe, apply_overrides(read_yaml(path), list(overrides)))
 
 
-@dataclass
-class AuditConfig:
-    """What the command line sets; the per-model settings are in the recipe."""
+@dataclass(kw_only=True)
+class AuditConfig(ModelOptions, OutputOptions, MetricOptions, AuditRecipe):
+    """The audit's whole config: the shared model/output/metric options, what to audit, and the
+    per-model settings (AuditRecipe) whose defaults come from the model's recipe (`audit_config`)."""
 
     mitigations: list[str] = option(dataclasses.MISSING, "mitigations to audit (none, nemo, wanda, pad_eot, "
                                     "pad_mask, guidance_static, rta, ..., or all)", "--mitigation")
     threat_models: list[str] | None = option(None, "weights, embedding, prompt (default: every one that applies "
                                                    "to each mitigation)", "--threat_model")
-    model: str | None = option(None, "diffusers SD folder or hub id (or a testbed folder); default: the cached testbed")
-    lora: str | None = option(None, "U-Net LoRA weights to fuse into --model first (adv_finetune's output_dir/model "
-                                    "of a finetune: lora run)")
     manifest: str | None = option(None, "memorized targets (id, prompt, image); default: the model's memorized set")
     control_manifest: str | None = option(None, "held-out images for the false-positive control; default: the "
                                                 "model's held_out set")
     reference_manifest: str | None = option(None, "non-memorized prompts (NeMo statistics); default: the model's "
                                                   "unique set")
     utility_manifest: str | None = option(None, "prompts + images for FID/KID; default: the model's utility set")
-    output_dir: str | None = option(None, "default: audits/<model>-<time>")
-    overwrite: bool = option(False, "replace an existing output dir (once the new one is complete)")
-    resume: bool = option(False, "continue the interrupted run in --output_dir from its last finished unit "
-                                 "(same command line)")
-    report_to: str | None = option(None, "also log to a tracker: wandb, tensorboard (or none)")
-    seeds: int | None = option(None, "generations per input, seeds 0..N-1 (default: the recipe's, 10)")
-    recipe: str | None = option(None, "audit recipe YAML (default: the model's own, else recipes/audit_sd14.yaml)")
-    overrides: list[str] | None = option(None, "recipe keys to change, key=value (e.g. robustness_budgets=[] "
-                                               "attack.steps=10)", "--set")
-    metric: str | None = option(None, "SSCD backend: onnx (default), a TorchScript/.onnx path, or standin")
-    allow_standin: bool = option(False, "permit the named stand-in descriptor")
-    max_targets: int | None = option(None, "audit only the first N targets (default: the recipe's)")
-    attack_steps: int | None = option(None, "override the recipe's attack steps")
-    clip_model: str | None = option(None, "CLIPModel folder for A_CLIP (default: the model's CLIP, if any)")
-    project: str = option("memtrain-audit", "tracker project name")
-    progress: bool = option(True, "progress logging")
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # --device --dtype --max_memory --plan
+    project: str | None = option("memtrain-audit", "tracker project name")
+    recipe_path: str | None = dataclasses.field(default=None, init=False, repr=False)  # where the settings came from
 
     def __post_init__(self) -> None:
-        self.runtime = build(RuntimeOptions, self.runtime, "runtime")  # a mapping from a recipe or test
+        super().__post_init__()
         if not self.mitigations:
             raise MemtrainError("name at least one mitigation (--mitigation none nemo ...)")
         for threat in self.threat_models or ():
             if threat not in THREAT_MODELS:
                 raise MemtrainError(f"unknown --threat_model '{threat}': choose one of {', '.join(THREAT_MODELS)}")
-        if self.report_to not in (None, "none", "wandb", "tensorboard"):
-            raise MemtrainError(f"--report_to must be wandb, tensorboard or none, got '{self.report_to}'")
-        for key in ("seeds", "max_targets", "attack_steps"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise MemtrainError(f"--{key} must be >= 1, got {value}")
-        # files named on the command line fail now, before a testbed build or a model load
-        if self.resume and self.output_dir is None:
-            raise MemtrainError("--resume needs the --output_dir of the interrupted run")
-        if self.output_dir is not None:
-            check_output_dir(self.output_dir, self.overwrite)
-            check_fresh_start(self.output_dir, self.resume, self.overwrite)
+        build_mitigations(self.mitigations, self)  # unknown names fail here, listing the known ones
+
+    def check_files(self) -> None:
+        """What the config names on disk: the output folder and the manifests (before any model loads)."""
+        self.check_output()
         for path in (self.manifest, self.control_manifest, self.reference_manifest, self.utility_manifest):
             if path is not None:
                 read_manifest(path)
-        if self.recipe is not None or self.overrides:
-            load_audit_recipe(self.recipe or REPO_RECIPES / MODEL_RECIPE, self.overrides or ())
 
 
-def resolve_recipe(cfg: AuditConfig, defaults: ModelDefaults) -> tuple[AuditRecipe, Path]:
-    """The recipe (--recipe, else the model's own, else audit_sd14.yaml) with the CLI's overrides."""
-    path = Path(cfg.recipe or defaults.audit_recipe or REPO_RECIPES / MODEL_RECIPE)
-    recipe = load_audit_recipe(path, cfg.overrides or ())
-    changes = {"seeds": cfg.seeds, "max_targets": cfg.max_targets}
-    recipe = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
-    if cfg.attack_steps is not None:
-        recipe.attack = dataclasses.replace(recipe.attack, steps=cfg.attack_steps)
-    return recipe, path
+def model_recipe(defaults: ModelDefaults, recipe: str | Path | None = None) -> Path:
+    """The per-model settings file: `recipe` if given, else the model's own, else paper 004's."""
+    if recipe is not None:
+        return Path(recipe)
+    if defaults.audit_recipe:
+        return Path(defaults.audit_recipe)
+    return packaged_recipe(MODEL_RECIPE)
+
+
+def audit_config(defaults: ModelDefaults, values: dict, recipe: str | Path | None = None) -> AuditConfig:
+    """The typed way to configure an audit: `values` (config keys, nested as mappings) over the
+    model's recipe (`recipe` replaces it)."""
+    path = model_recipe(defaults, recipe)
+    config = build(AuditConfig, merge(read_yaml(path), values))
+    config.recipe_path = str(path)
+    return config
 
 
 def build_mitigations(names: Sequence[str], recipe: AuditRecipe) -> list[Mitigation]:
@@ -193,11 +173,11 @@ def fingerprint(cfg: AuditConfig, recipe: AuditRecipe, inputs, checksum: str) ->
     run and shown), the recipe, the model's weights and the bytes of every manifest and image."""
     run_only = ("resume", "overwrite", "progress", "report_to", "project")
     images = [it.image for it in inputs.targets + inputs.control]
-    command = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only}
     # the budget only sizes batches (round-off, not figures): a resume may run on another card
-    command["runtime"] = {k: v for k, v in command["runtime"].items() if k in ("device", "dtype")}
+    run_only += ("max_memory", "plan", "timeout_minutes")
+    command = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only and k not in recipe_keys()}
     return {"command": command,
-            "recipe": dataclasses.asdict(recipe), "weights": checksum,
+            "recipe": recipe_doc(recipe), "weights": checksum,
             "manifests": file_digests(list(inputs.manifests.values())), "images": file_digests(images)}
 
 
@@ -211,8 +191,8 @@ def settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs, ctx, notes: list
         "n_reference_prompts": len(inputs.reference_prompts), "seeds": ctx.seeds, "threshold": recipe.threshold,
         "sampler": ctx.settings.to_dict(), "attack": dataclasses.asdict(ctx.attack),
         "control_attack_streams": f"seed {ctx.attack.seed}, indices {CONTROL_STREAM} + held-out index",
-        "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": str(inputs.recipe_path),
-        "recipe": dataclasses.asdict(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
+        "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": inputs.recipe_path,
+        "recipe": recipe_doc(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
         "device": str(ctx.bundle.device), "dtype": str(ctx.bundle.dtype).replace("torch.", ""), "seconds": round(seconds, 1), "notes": notes,
         "output_dir": str(inputs.output_dir.absolute()),
     }
@@ -228,6 +208,15 @@ def audit_stages(settings, recipe: AuditRecipe) -> dict[str, int]:
 def audit_plan(cfg: AuditConfig, defaults: ModelDefaults) -> dict:
     """`--plan`: the batch sizes and estimated peaks for this model, dtype and budget, from the
     model folder's configs on the meta device (no weights read, nothing written)."""
-    recipe, _ = resolve_recipe(cfg, defaults)
-    settings = SamplerSettings.for_model(defaults.model_dir).with_overrides(recipe.sampler)
-    return folder_plan(defaults.model_dir, cfg.runtime, audit_stages(settings, recipe))
+    settings = SamplerSettings.for_model(defaults.model_dir).with_overrides(cfg.sampler)
+    return folder_plan(defaults.model_dir, cfg.runtime, audit_stages(settings, cfg))
+
+
+def recipe_keys() -> tuple[str, ...]:
+    """The per-model settings' keys (AuditRecipe's fields)."""
+    return tuple(f.name for f in dataclasses.fields(AuditRecipe))
+
+
+def recipe_doc(config: AuditRecipe) -> dict:
+    """The per-model settings of a config, as report.json's `settings.recipe` lists them."""
+    return {key: dataclasses.asdict(config)[key] for key in recipe_keys()}

@@ -1,0 +1,44 @@
+"""What every `memtrain` subcommand is: a config dataclass (shared option groups plus its own
+fields), a `run(config, line) -> result` that returns a typed result, and a one-paragraph
+summary of that result for the console. `Command.main` is the same for all of them: parse,
+check the values, check the files, run, show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from memtrain.core.command_line import CommandLine, Positional, command_parser, parse_command_line
+from memtrain.core.run import is_main_process
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, config class, positionals, run and summary."""
+
+    name: str
+    description: str
+    config: type
+    run: Callable[[Any, CommandLine], Any]
+    show: Callable[[Any], str | None]
+    positionals: Sequence[Positional] = ()
+    recipe: str = "optional"  # optional | required | none: the RECIPE.yaml positional
+    skip: Sequence[str] = ()  # config fields that are not flags (set from positionals only)
+
+    def parser(self):
+        """Its argparse parser (flags derived from the config; defaults in the help)."""
+        return command_parser(f"memtrain {self.name}", self.description, self.config, self.positionals,
+                              self.recipe, self.skip)
+
+    def main(self, argv: Sequence[str] | None = None) -> Any:
+        """Parse argv, check the config (values, then files), run it, print its summary."""
+        line = parse_command_line(self.parser(), argv, self.positionals, self.recipe)
+        config = line.config(self.config)  # values only: a bad one fails before anything is read
+        check_files = getattr(config, "check_files", None)
+        if check_files is not None:
+            check_files()
+        result = self.run(config, line)
+        text = self.show(result)
+        if text and is_main_process():
+            print(text)
+        return result
