@@ -20,7 +20,7 @@ torch.set_num_threads(1)  # the 2 cores are shared with a long job
 from factories import tiny_bundle  # noqa: E402
 from memtrain.core.bundle import weights_checksum  # noqa: E402
 from memtrain.eval.audit import (  # noqa: E402
-    VERDICTS, AuditConfig, VerdictRule, audit, load_audit_recipe, summary, verdict,
+    VERDICTS, AuditConfig, VerdictRule, audit, audit_config, load_audit_recipe, summary, verdict,
 )
 from memtrain.eval.audit.pipeline import verify_restored  # noqa: E402
 from memtrain.testbed.resolver import resolve_model  # noqa: E402
@@ -39,7 +39,7 @@ reference_prompts: 4
 utility_prompts: 3
 attack: {steps: 2, lr: 0.01, noise_samples: 2, init: random}
 sampler: {num_inference_steps: 3}
-mitigations:
+mitigation_settings:
   nemo: {tau_mem: 0.0, num_seeds: 2, num_inference_steps: 3, refinement_budget: 3}
   wanda: {num_inference_steps: 3, guidance_scale: 3.0, timesteps: 1}
 grid_items: 2
@@ -106,16 +106,18 @@ def tiny_testbed(tmp_path_factory) -> Path:
     return root
 
 
-def _config(root: Path, out: Path, mitigations: list[str], **kw) -> AuditConfig:
-    base = dict(mitigations=mitigations, model=str(root / "model"), recipe=str(root / "recipe.yaml"),
+def _config(root: Path, out: Path, mitigations: list[str], recipe: str | None = None, **kw) -> AuditConfig:
+    """The typed API: the tiny recipe (or `recipe`) under the given values (as `memtrain audit RECIPE ...`)."""
+    base = dict(mitigations=mitigations, model=str(root / "model"),
                 output_dir=str(out), progress=False,  # the real SSCD (ONNX)
                 threat_models=["embedding"])  # the plumbing tests; test_threat_models covers the others
-    return AuditConfig(**{**base, **kw})
+    values = {**base, **kw}
+    return audit_config(resolve_model(values["model"]), values, recipe=recipe or root / "recipe.yaml")
 
 
 def _audit(cfg: AuditConfig) -> dict:
-    """As scripts/audit.py runs it: the model's defaults come from the testbed resolver."""
-    return audit(cfg, resolve_model(cfg.model))
+    """As `memtrain audit` runs it: the model's defaults come from the testbed resolver."""
+    return audit(cfg, resolve_model(cfg.model)).report
 
 
 def _run_script(args: list[str], launcher: list[str] | None = None, env: dict | None = None,
@@ -194,8 +196,8 @@ def test_recipes_load_and_reject_bad_keys(tmp_path):
     bad.write_text("attack: {steps: 0}\n")
     with pytest.raises(MemtrainError, match=r"attack steps must be >= 1"):
         load_audit_recipe(bad)
-    bad.write_text("mitigations: {nemoo: {}}\n")
-    with pytest.raises(MemtrainError, match=r"mitigations.nemoo"):
+    bad.write_text("mitigation_settings: {nemoo: {}}\n")
+    with pytest.raises(MemtrainError, match=r"mitigation_settings.nemoo"):
         load_audit_recipe(bad)
     bad.write_text("search_space_check: maybe\n")
     with pytest.raises(MemtrainError, match=r"'search_space_check' must be one of ineffective, always, never"):
@@ -412,8 +414,8 @@ def test_bad_inputs_exit_2_and_touch_nothing(tiny_testbed, tmp_path):
     r = _run_script([*_script_args(tiny_testbed, out, "none"), "--manifest", str(empty)])
     assert r.returncode == 2 and "manifest is empty" in r.stderr
 
-    r = _run_script([*_script_args(tiny_testbed, out, "none"), "--attack_steps", "0"])
-    assert r.returncode == 2 and "--attack_steps must be >= 1" in r.stderr
+    r = _run_script([*_script_args(tiny_testbed, out, "none"), "attack.steps=0"])
+    assert r.returncode == 2 and "attack steps must be >= 1" in r.stderr
     assert not out.exists()
 
     out.mkdir()
@@ -533,8 +535,8 @@ def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
     out = tmp_path / "audit"
     # 4 seeds and no robustness curve (test_threat_models covers it) keep the CI run in minutes;
     # the README command audits 10 targets x 10 seeds
-    doc = _audit(AuditConfig(mitigations=["none"], output_dir=str(out), progress=False, seeds=4,
-                             overrides=["robustness_budgets=[]"]))
+    doc = _audit(audit_config(resolve_model(None), dict(mitigations=["none"], output_dir=str(out), progress=False,
+                                                        seeds=4, robustness_budgets=[])))
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(doc)) and not saved["settings"]["metric_is_standin"]
     rows = {r["threat_model"]: r for r in saved["results"]}

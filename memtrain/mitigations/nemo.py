@@ -316,8 +316,8 @@ class NeMo(PruningMitigation):
         elif not self._mean:
             raise MemtrainError(
                 "nemo: needs activation statistics of non-memorized prompts: pass reference prompts "
-                "(audit: --reference_manifest M; computed once and cached when mitigations.nemo.statistics "
-                "names a file) or set mitigations.nemo.statistics to a saved statistics file"
+                "(audit: --reference_manifest M; computed once and cached when mitigation_settings.nemo.statistics "
+                "names a file) or set mitigation_settings.nemo.statistics to a saved statistics file"
                 + (f" ('{cached}' does not exist)" if cached is not None else "")
             )
         self._tau_used = self._threshold(bundle, layers, list(reference_prompts), seeds)
