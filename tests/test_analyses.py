@@ -204,12 +204,13 @@ def test_planted_variant_changes_exactly_the_recorded_rows_and_localization_scor
 
 def test_readme_guidance_and_overestimation_figures_on_the_real_testbed(testbed_dir, tmp_path):
     """The README's 'Mechanisms' figures for guidance and overestimation, re-measured (slow tier)."""
-    from memtrain.eval.analyses.run import AnalyzeConfig, analyze
+    from memtrain.eval.analyses.run import analysis_config, analyze
     from memtrain.testbed.resolver import resolve_model
 
-    cfg = AnalyzeConfig(analyses=["guidance", "overestimation"], model=str(testbed_dir),
-                        output_dir=str(tmp_path / "a"), progress=False)
-    docs = analyze(cfg, resolve_model(str(testbed_dir), progress=False))
+    defaults = resolve_model(str(testbed_dir), progress=False)  # its analysis recipe under these values
+    cfg = analysis_config(defaults, dict(analyses=["guidance", "overestimation"], model=str(testbed_dir),
+                                         output_dir=str(tmp_path / "a"), progress=False))
+    docs = analyze(cfg, defaults)
     g = docs["guidance"]["groups"]
     # three builds of the testbed (README: same card, weights slightly apart) gave 6.3 / 1.9 / 296,
     # 6.0 / 1.4 / 281 and 6.1 / 1.7 / 389: per-trajectory first local minima spread over t = 132-732

@@ -14,8 +14,7 @@ import pytest
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.manifest import read_manifest, write_manifest
-from memtrain.eval.evaluate import EvaluateConfig
-from memtrain.eval.triage import triage
+from memtrain.eval.triage import TriageConfig, triage
 from memtrain.testbed.resolver import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +30,14 @@ def _release(dev_testbed: Path, folder: Path) -> Path:
 def test_triage_splits_at_the_threshold_and_flags_shared_images(dev_testbed, tmp_path):
     release = _release(dev_testbed, tmp_path)
     out = tmp_path / "triage"
-    cfg = EvaluateConfig(model=str(dev_testbed / "model"), seeds=2, output_dir=str(out), progress=False)
+    cfg = TriageConfig(model=str(dev_testbed / "model"), seeds=2, output_dir=str(out), progress=False,
+                       release=str(release))
     # a threshold inside the range of the scores, so both outputs are non-empty; the split must
     # follow the scores whatever they are
-    probe = triage(dataclasses.replace(cfg, output_dir=str(tmp_path / "probe")), str(release),
-                   resolve_model(cfg.model))
+    probe = triage(dataclasses.replace(cfg, output_dir=str(tmp_path / "probe")), resolve_model(cfg.model))
     scores = sorted(r["sscd_orig_max"] for r in json.loads((Path(probe["output_dir"]) / "metrics.json").read_text())["items"])
     threshold = (scores[1] + scores[2]) / 2
-    result = triage(dataclasses.replace(cfg, threshold=threshold), str(release), resolve_model(cfg.model),
-                    duplicate_threshold=0.95)
+    result = triage(dataclasses.replace(cfg, threshold=threshold, duplicate_threshold=0.95), resolve_model(cfg.model))
 
     metrics = json.loads((out / "metrics.json").read_text())
     expected = {r["id"] for r in metrics["items"] if r["sscd_orig_max"] > threshold}
@@ -60,10 +58,10 @@ def test_triage_splits_at_the_threshold_and_flags_shared_images(dev_testbed, tmp
 def test_a_release_of_urls_is_refused_before_any_work(tmp_path):
     wen = tmp_path / "sdv1_500_memorized.jsonl"
     wen.write_text(json.dumps({"caption": "a photo", "index": 7, "url": "https://example.org/a.jpg"}) + "\n")
-    with pytest.raises(MemtrainError, match="fetch_images"):
-        triage(EvaluateConfig(output_dir=str(tmp_path / "out")), str(wen))
+    with pytest.raises(MemtrainError, match="memtrain fetch"):
+        triage(TriageConfig(output_dir=str(tmp_path / "out"), release=str(wen)))
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "triage.py"), str(wen), "--model", str(tmp_path / "none"),
                            "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "fetch_images" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode != 0 and "memtrain fetch" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 

@@ -183,14 +183,14 @@ def _keep_items_with_images(path: Path, items: list[ManifestItem], strict: bool)
         if not ok and strict:
             what = "has no image" if item.image is None else f"image not found: {item.image}"
             raise _fail(path, None, f"item {item.id!r} {what}",
-                        "fetch it (scripts/fetch_images.py) or drop strict")
+                        "fetch it (memtrain fetch) or drop strict")
     if missing:
         ids = ", ".join(repr(m.id) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
         log.warning("%s: skipped %d of %d items whose image file is missing: %s",
                     path, len(missing), len(items), ids)
     if not present:
         raise _fail(path, None, f"none of the {len(items)} items has an existing image file",
-                    "fetch them with scripts/fetch_images.py")
+                    "fetch them with memtrain fetch")
     return Manifest(present, path=path, missing=missing)
 
 
@@ -231,7 +231,7 @@ def load_image(item: ManifestItem):
     it cannot."""
     if item.image is None:
         raise ManifestError(f"item {item.id!r} has no image; fetch it with "
-                            "scripts/fetch_images.py or add an \"image\" path")
+                            "memtrain fetch or add an \"image\" path")
     try:
         with Image.open(item.image) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS or im.width < 1 or im.height < 1:

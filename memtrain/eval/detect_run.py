@@ -1,4 +1,4 @@
-"""scripts/detect.py's run: every detector of memtrain.eval.detect on memorized against
+"""memtrain detect's run: every detector of memtrain.eval.detect on memorized against
 non-memorized prompts; OUT/detect.json, OUT/detect.md, OUT/roc.png (one staged folder)."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the seeds, resumable, any number of processes) and adds to its output folder:
 - `triage.json` and `triage.md`: counts and figures.
 
 The release must have local images: a Webster / Wen / NeMo / MemBench file lists URLs, so fetch
-it first (`scripts/fetch_images.py RELEASE --output_dir DIR`) and triage `DIR` (or its
+it first (`memtrain fetch RELEASE --output_dir DIR`) and triage `DIR` (or its
 `manifest.jsonl`).
 """
 
@@ -43,10 +43,10 @@ def release_manifest(release: str | Path) -> Path:
         path = path / "manifest.jsonl"
     if not path.is_file():
         raise MemtrainError(f"release '{release}' not found: give a manifest with local images or the "
-                            "--output_dir of scripts/fetch_images.py")
+                            "--output_dir of memtrain fetch")
     fmt = detect_format(path)
     if fmt != "manifest" or not any(item.image for item in read_manifest(path)):
-        raise MemtrainError(f"release '{release}' lists no local images: run scripts/fetch_images.py "
+        raise MemtrainError(f"release '{release}' lists no local images: run memtrain fetch "
                             f"{release} --output_dir DIR first, then triage DIR")
     return path
 

@@ -193,7 +193,7 @@ def build_planted(testbed_root: str | Path, output_dir: str | Path | None = None
 
 def planted_variant(base: str | Path | None, output_dir: str | Path | None, seed: int = 0, metric: str | None = None,
                     progress: bool = True, overwrite: bool = False) -> tuple[dict, Path]:
-    """scripts/build_testbed.py --variant planted: the base testbed (default: the cached one,
+    """memtrain build-testbed --variant planted: the base testbed (default: the cached one,
     built first if missing) and the planted testbed (default: cached beside it)."""
     if base is None:
         build_or_reuse(None, seed=seed, metric=metric, progress=progress)

@@ -47,7 +47,7 @@ def ensure_reference_model(testbed_root: str | Path, steps: int = 600, seed: int
         return out
     if not (root / "model" / "model_index.json").is_file():
         raise MemtrainError(f"'{root}' is not a built testbed (no model/model_index.json): "
-                            "build one with scripts/build_testbed.py")
+                            "build one with memtrain build-testbed")
     items = [it for split in REFERENCE_SPLITS
              for it in read_manifest(root / "manifests" / f"{split}.jsonl", require_images=True)]
     memorized = {it.image for it in read_manifest(root / "manifests" / "memorized.jsonl")}

@@ -8,7 +8,7 @@ method, prepared on the memorized prompts with the recipe's settings:
   row counting as all its weights): recall |sel & planted| / |planted|, precision
   |sel & planted| / |sel|, and the chance precision a random selection would score;
 - the prompts' MR before and after pruning the selection (SSCD_Orig > threshold in any seed).
-The audit's verdict under the attack is the audit's job: scripts/audit.py --model <planted>.
+The audit's verdict under the attack is the audit's job: memtrain audit --model <planted>.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def ground_truth_path(settings: LocalizationSettings, model_dir: str) -> Path:
     path = Path(settings.ground_truth) if settings.ground_truth else Path(model_dir).parent / GROUND_TRUTH_FILE
     if not path.is_file():
         raise MemtrainError(f"localization needs a ground truth ('{path}' does not exist): build the planted testbed "
-                            "(scripts/build_testbed.py --variant planted) and pass it as --model, or set "
+                            "(memtrain build-testbed --variant planted) and pass it as --model, or set "
                             "localization.ground_truth")
     return path
 
