@@ -16,7 +16,7 @@ import argparse
 
 from memtrain.core.cli import run_main
 from memtrain.testbed.resolver import resolve_recipe
-from memtrain.train.bench import bench_finetune, bench_speedups
+from memtrain.bench.finetune import bench_finetune, bench_speedups
 from memtrain.train.recipe import load_recipe
 from memtrain.train.trainer import AdvFinetuner
 

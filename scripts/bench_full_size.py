@@ -14,8 +14,8 @@ from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import run_main
 from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtime_options_from
 from memtrain.core.sampling import SamplerOverrides
-from memtrain.eval.bench import bench_prompts
-from memtrain.train.bench_full_size import (bench_full_attack, bench_full_finetune, bench_generation,
+from memtrain.bench.attack_sampling import bench_prompts
+from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation,
                                             finetune_recipe, format_full_size, precision_overrides)
 from memtrain.train.trainer import AdvFinetuner
 

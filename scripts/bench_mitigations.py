@@ -14,7 +14,7 @@ from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import config_from_cli, run_main
 from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtime_options_from
 from memtrain.core.sampling import SamplerOverrides
-from memtrain.eval.bench import bench_mitigation_overhead, bench_prompts
+from memtrain.bench.attack_sampling import bench_mitigation_overhead, bench_prompts
 from memtrain.mitigations import available_mitigations, get_mitigation
 from memtrain.testbed.resolver import resolve_model
 

@@ -12,7 +12,7 @@ from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import config_from_cli, run_main
 from memtrain.core.runtime import add_runtime_arguments, resolve_runtime, runtime_options_from
 from memtrain.core.sampling import SamplerOverrides
-from memtrain.eval.bench import bench_prompts, bench_sampling, format_sampling_bench
+from memtrain.bench.attack_sampling import bench_prompts, bench_sampling, format_sampling_bench
 from memtrain.testbed.resolver import resolve_model
 
 
