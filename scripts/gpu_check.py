@@ -18,7 +18,7 @@ import dataclasses
 
 from memtrain.core.cli import add_dataclass_arguments, dataclass_from_namespace, run_main
 from memtrain.core.runtime import RuntimeOptions
-from memtrain.testbed.gpu_check import CheckBudget, format_check, gpu_check
+from memtrain.bench.gpu_check import CheckBudget, format_check, gpu_check
 
 
 @run_main

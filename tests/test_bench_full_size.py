@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from memtrain.attack import AttackConfig
+from memtrain.bench.full_size import bench_full_attack, bench_generation, format_full_size, reference_pipeline
 from memtrain.core.bundle import load_bundle
 from memtrain.core.sampling import SamplerSettings, sample
-from memtrain.train.bench_full_size import bench_full_attack, bench_generation, format_full_size, reference_pipeline
 
 
 def test_pipeline_shares_the_weights_and_matches_memtrains_images_in_shape(sd_shaped_dir):

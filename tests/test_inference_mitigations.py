@@ -152,7 +152,7 @@ def test_threat_models_are_checked():
 
 
 def test_overhead_benchmark_measures_every_mitigation(bundle):
-    from memtrain.eval.bench import bench_mitigation_overhead
+    from memtrain.bench.attack_sampling import bench_mitigation_overhead
 
     ms = [get_mitigation(n) for n in SAMPLER_SIDE + ["rta"]]
     ratios = bench_mitigation_overhead(bundle, PROMPT, [0], SETTINGS, ms, repeats=1)

@@ -24,6 +24,7 @@ class Command:
     positionals: Sequence[Positional] = ()
     recipe: str = "optional"  # optional | required | none: the RECIPE.yaml positional
     skip: Sequence[str] = ()  # config fields that are not flags (set from positionals only)
+    overrides_to: str | None = None  # a list field the bare key=value go to (another config's keys), unapplied
 
     def parser(self):
         """Its argparse parser (flags derived from the config; defaults in the help)."""
@@ -33,6 +34,8 @@ class Command:
     def main(self, argv: Sequence[str] | None = None) -> Any:
         """Parse argv, check the config (values, then files), run it, print its summary."""
         line = parse_command_line(self.parser(), argv, self.positionals, self.recipe)
+        if self.overrides_to is not None:
+            line.values[self.overrides_to], line.overrides = list(line.overrides), []
         config = line.config(self.config)  # values only: a bad one fails before anything is read
         check_files = getattr(config, "check_files", None)
         if check_files is not None:

@@ -8,11 +8,11 @@ another's cached blocks):
   build     scripts/build_sd_fixture.py sd14 at --resolution, with its LAION-like photo manifests
   speed     generation images/s against diffusers' StableDiffusionPipeline at the same weights,
             dtype and settings (`ratio`), then the Dori attack's TFLOP/s against a large matmul
-            (memtrain.train.bench_full_size's functions)
+            (memtrain.bench.full_size's functions)
   finetune  adversarial fine-tuning seconds per image and peak memory (bench_full_finetune)
   audit     `none pad_mask nemo` on 4 targets x 4 seeds, as scripts/audit.py runs it
 
-The children are `python -m memtrain.testbed.gpu_check STAGE SPEC.json RESULT.json`; the parent
+The children are `python -m memtrain.bench.gpu_check STAGE SPEC.json RESULT.json`; the parent
 only validates the flags, starts them and writes the JSON. Random weights: the figures are about
 speed and memory at SD's real shapes, never about memorization.
 """
@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 from memtrain.attack import AttackConfig
+from memtrain.bench.attack_sampling import bench_metrics, bench_prompts
+from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
+                                      precision_overrides)
 from memtrain.core.bundle import load_bundle
 from memtrain.core.cli import config_from_cli
 from memtrain.core.errors import MemtrainError
@@ -40,11 +43,8 @@ from memtrain.core.files import StagedOutput, write_json
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit import AuditConfig, audit
-from memtrain.eval.bench import bench_metrics, bench_prompts
 from memtrain.testbed.photos import write_photo_manifests
 from memtrain.testbed.resolver import resolve_model
-from memtrain.train.bench_full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
-                                            precision_overrides)
 from memtrain.train.trainer import AdvFinetuner
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ class CheckBudget:
 
 
 def finetune_overrides(dtype: str, budget: CheckBudget) -> list[str]:
-    """Recipe overrides of the fine-tuning stage (on top of bench_full_size.SMALL)."""
+    """Recipe overrides of the fine-tuning stage (on top of full_size.SMALL)."""
     return [*precision_overrides(dtype), f"train.finetune={budget.finetune}", f"train.surrogate_batch_size={budget.finetune_batch}", f"surrogates.per_prompt={budget.finetune_batch}"]
 
 
@@ -180,7 +180,7 @@ def run_stage(name: str, spec: dict, work: Path, device: torch.device) -> dict:
     stage is a one-line error quoting its log's last line."""
     spec_path, result_path, log = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
     write_json(spec_path, spec)
-    argv = [sys.executable, "-m", "memtrain.testbed.gpu_check", name, str(spec_path), str(result_path)]
+    argv = [sys.executable, "-m", "memtrain.bench.gpu_check", name, str(spec_path), str(result_path)]
     return _run(name, argv, log, device, result_path)
 
 

@@ -1,7 +1,7 @@
 """Run every command on random-weight full-size SD fixtures with the smallest budgets and check
 what each wrote; wall time and peak memory per step go to WORK/smoke.json.
 
-    python scripts/smoke_full_size.py [--work runs/smoke] [--variants sd14 sd21-base] [--only audit ...] [--resolution 256]
+    python tools/smoke_full_size.py [--work runs/smoke] [--variants sd14 sd21-base] [--only audit ...] [--resolution 256]
         [--keep_checkpoints]
 
 Fixtures are built once into WORK (4 GB each) and reused. `--resolution` sets the fixtures' image
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from memtrain.core.cli import run_main
 from memtrain.testbed.full_size import VARIANTS
-from memtrain.testbed.smoke import run_smoke
+from smoke import run_smoke  # tools/smoke.py, beside this script (its folder is on sys.path when run)
 
 
 @run_main

@@ -23,10 +23,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from memtrain.attack import AttackConfig, attack
+from memtrain.bench.attack_sampling import attack_step_cost, bench_targets, timed
+from memtrain.bench.finetune import time_steps
 from memtrain.core.bundle import quiet_diffusers
 from memtrain.core.sampling import SamplerSettings, sample
-from memtrain.eval.bench import attack_step_cost, bench_targets, timed
-from memtrain.train.bench import time_steps
 from memtrain.train.recipe import Recipe, load_recipe
 from memtrain.train.trainer import AdvFinetuner
 

@@ -29,7 +29,7 @@ from memtrain.core.manifest import read_manifest, write_manifest
 from memtrain.mitigations import available_mitigations
 from memtrain.testbed.photos import write_photo_manifests
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
        # `--multi_gpu` without a GPU is 2-process DDP over gloo only when accelerate is told so
        **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "true"})}
