@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from factories import tiny_bundle
-from memtrain.core.cli import config_from_cli, option
+from memtrain.core.cli import option, section
+from memtrain.core.command_line import command_parser, parse_command_line
 from memtrain.core.config import apply_overrides, build, parse_yaml
 from memtrain.core.diffusion import derived_seed, images_to_latents, to_pixels
 from memtrain.core.errors import MemtrainError
@@ -101,14 +102,18 @@ def test_flags_are_derived_from_the_dataclass():
         names: list[str] = option(dataclasses.MISSING, "names", "--name")
         count: int = option(3, "how many")
         progress: bool = option(True, "bars")
-        sampler: SamplerOverrides = dataclasses.field(default_factory=SamplerOverrides)
+        sampler: SamplerOverrides = section(SamplerOverrides, "sampler changes", flat=True)
 
-    cfg = config_from_cli(Command, None, ["--name", "a", "b", "--steps", "4", "--no_progress"])
+    def parse(argv):
+        return parse_command_line(command_parser("test", "", Command), argv).config(Command)
+
+    cfg = parse(["--name", "a", "b", "--steps", "4", "--no_progress"])
     assert cfg.names == ["a", "b"] and cfg.count == 3 and cfg.progress is False
     assert cfg.sampler == SamplerOverrides(num_inference_steps=4)
     assert SamplerSettings().with_overrides(cfg.sampler).num_inference_steps == 4
-    with pytest.raises(SystemExit):
-        config_from_cli(Command, None, [])  # --name is required
+    assert parse(["--name", "a", "count=5", "sampler.guidance_scale=2"]).count == 5
+    with pytest.raises(MemtrainError, match="required key 'names'"):
+        parse([])  # --name is required
 
 
 def test_seed_derivation_is_stable():

@@ -5,12 +5,12 @@ Stages, each in a fresh child process (so one stage's peak memory is its own: CU
 allocated bytes on a GPU, the child's peak resident set on the CPU, and no stage inherits
 another's cached blocks):
 
-  build     scripts/build_sd_fixture.py sd14 at --resolution, with its LAION-like photo manifests
+  build     memtrain build-fixture sd14 at --resolution, with its LAION-like photo manifests
   speed     generation images/s against diffusers' StableDiffusionPipeline at the same weights,
             dtype and settings (`ratio`), then the Dori attack's TFLOP/s against a large matmul
             (memtrain.bench.full_size's functions)
   finetune  adversarial fine-tuning seconds per image and peak memory (bench_full_finetune)
-  audit     `none pad_mask nemo` on 4 targets x 4 seeds, as scripts/audit.py runs it
+  audit     `none pad_mask nemo` on 4 targets x 4 seeds, as `memtrain audit` runs it
 
 The children are `python -m memtrain.bench.gpu_check STAGE SPEC.json RESULT.json`; the parent
 only validates the flags, starts them and writes the JSON. Random weights: the figures are about
@@ -37,19 +37,20 @@ from memtrain.bench.attack_sampling import bench_metrics, bench_prompts
 from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
                                       precision_overrides)
 from memtrain.core.bundle import load_bundle
-from memtrain.core.cli import config_from_cli
+from memtrain.core.cli import option, section
+from memtrain.core.command_line import command_parser, parse_command_line
+from memtrain.core.config import packaged_recipe
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import StagedOutput, write_json
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.sampling import SamplerOverrides
-from memtrain.eval.audit import AuditConfig, audit
+from memtrain.eval.audit import AuditConfig, audit, config_for_model
 from memtrain.testbed.photos import write_photo_manifests
 from memtrain.testbed.resolver import resolve_model
 from memtrain.train.trainer import AdvFinetuner
 
-REPO = Path(__file__).resolve().parents[2]
-SD_RECIPE = REPO / "recipes" / "sd14.yaml"
-AUDIT_RECIPE = REPO / "recipes" / "audit_smoke.yaml"  # every audit stage once; budgets set below
+SD_RECIPE = packaged_recipe("sd14.yaml")
+AUDIT_RECIPE = packaged_recipe("audit_smoke.yaml")  # every audit stage once; budgets set below
 AUDIT_MITIGATIONS = ["none", "pad_mask", "nemo"]
 GOALS = {"generation_ratio": 1.3, "attack_fraction_of_matmul": 0.4, "wall_seconds_on_h100": 480}
 
@@ -86,6 +87,28 @@ class CheckBudget:
                 raise MemtrainError(f"--{f.name} {value}: must be >= {0 if f.name == 'finetune_steps' else 1}")
 
 
+@dataclass(kw_only=True)
+class GpuCheckConfig:
+    """scripts/gpu_check.py's config: where it writes, the device and precision, the budgets."""
+
+    output_dir: str | None = option(None, "where gpu_check.json and logs/ go (required)")
+    overwrite: bool = option(False, "replace an existing output dir")
+    fixture: str | None = option(None, "an sd14 fixture folder built before (else one is built)")
+    keep_work: bool = option(False, "keep OUT/work (the fixture, the audit's output)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda where there is one)")
+    dtype: str = option("auto", "auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), fp32, fp16, bf16")
+    budget: CheckBudget = section(CheckBudget, "how much each stage runs", flat=True)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise MemtrainError("--output_dir is required: the folder gpu_check.json and logs/ go to")
+        self.runtime  # a bad --device or --dtype stops here, before anything is written
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        return RuntimeOptions(device=self.device, dtype=self.dtype)
+
+
 # ----------------------------------------------------------------------------- what each stage runs
 
 
@@ -95,14 +118,14 @@ def finetune_overrides(dtype: str, budget: CheckBudget) -> list[str]:
 
 
 def audit_argv(model: Path, photos: Path, output_dir: Path, device: str, dtype: str, budget: CheckBudget) -> list[str]:
-    """scripts/audit.py's command line for the audit stage (4 targets x 4 seeds by default)."""
+    """`memtrain audit`'s command line for the audit stage (4 targets x 4 seeds by default)."""
     argv = ["--mitigation", *AUDIT_MITIGATIONS, "--model", str(model), "--manifest", str(photos / "memorized.jsonl"),
             "--control_manifest", str(photos / "held_out.jsonl"), "--reference_manifest", str(photos / "held_out.jsonl"),
             "--recipe", str(AUDIT_RECIPE), "--seeds", str(budget.audit_seeds), "--max_targets", str(budget.audit_targets),
-            "--attack_steps", str(budget.audit_attack_steps), "--output_dir", str(output_dir), "--no_progress",
+            "--attack.steps", str(budget.audit_attack_steps), "--output_dir", str(output_dir), "--no_progress",
             "--set", f"control_targets={budget.audit_targets}", f"sampler.num_inference_steps={budget.audit_steps}",
             f"chunk_targets={budget.audit_targets}", "attack.max_batch=32",
-            f"mitigations.nemo.num_inference_steps={budget.audit_steps}"]
+            f"mitigation_settings.nemo.num_inference_steps={budget.audit_steps}"]
     return argv + ["--device", device, "--dtype", dtype]  # the audit's runtime: the check's own
 
 
@@ -149,12 +172,13 @@ def finetune_stage(spec: dict) -> dict:
 
 
 def audit_stage(spec: dict) -> dict:
-    """scripts/audit.py's audit in this process (its peak memory is then this child's)."""
+    """`memtrain audit`'s audit in this process (its peak memory is then this child's)."""
 
     runtime = _stage_runtime(spec)
-    cfg = config_from_cli(AuditConfig, None, spec["argv"])
+    line = parse_command_line(command_parser("memtrain audit", "", AuditConfig), spec["argv"])
+    defaults = resolve_model(line.values["model"], progress=False)
     start = time.perf_counter()
-    doc = audit(cfg, resolve_model(cfg.model, progress=False))
+    doc = audit(config_for_model(line, defaults), defaults).report
     seconds = time.perf_counter() - start
     ran = doc.get("runtime", {})  # the audit's own account of the device and dtype it ran in
     return {"seconds": seconds, "peak_memory_gb": runtime.peak_memory_gb(), "mitigations": AUDIT_MITIGATIONS,
@@ -187,7 +211,7 @@ def run_stage(name: str, spec: dict, work: Path, device: torch.device) -> dict:
 def _run(name: str, argv: list[str], log: Path, device: torch.device, result_path: Path | None = None) -> dict:
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **child_env(device)}, stdout=out,
+        proc = subprocess.Popen(argv, env={**os.environ, **child_env(device)}, stdout=out,
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -226,7 +250,7 @@ def gpu_check(output_dir: str | Path, options: RuntimeOptions, budget: CheckBudg
         model, photos = Path(fixture) if fixture else work / f"sd14-{budget.resolution}", work / "photos"
         stages: dict[str, dict] = {}
         if fixture is None:
-            build = [sys.executable, str(REPO / "scripts" / "build_sd_fixture.py"), "sd14", str(model),
+            build = [sys.executable, "-m", "memtrain", "build-fixture", "sd14", str(model),
                      "--resolution", str(budget.resolution), "--photos", str(photos)]
             stages["build"] = _run("build", build, logs / "build.log", device)
         else:

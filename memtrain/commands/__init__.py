@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from memtrain.core.cli import run_main
 
@@ -63,3 +63,9 @@ def script(*words: str) -> Callable[[Sequence[str] | None], None]:
     def script_main(argv: Sequence[str] | None = None) -> None:
         main([*words, *(sys.argv[1:] if argv is None else argv)])
     return script_main
+
+
+def standalone(cmd) -> Callable[[Sequence[str] | None], Any]:
+    """The `main` of a script that runs one Command outside the `memtrain` table
+    (scripts/gpu_check.py): the same one-line errors and exit status 2."""
+    return run_main(cmd.main)

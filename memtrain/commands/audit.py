@@ -15,22 +15,16 @@ model's recipe; key=value and flags change single keys.
 
 from __future__ import annotations
 
-import dataclasses
-
 from memtrain.commands.base import Command
 from memtrain.core.command_line import CommandLine
-from memtrain.core.config import read_yaml
-from memtrain.eval.audit import AuditConfig, AuditResult, audit, model_recipe, summary
+from memtrain.eval.audit import AuditConfig, AuditResult, audit, config_for_model, summary
 from memtrain.testbed.resolver import resolve_model
 
 
 def run(config: AuditConfig, line: CommandLine) -> AuditResult:
     """Resolve the model, put the command line over its recipe (or RECIPE.yaml), run the audit."""
     defaults = resolve_model(config.model, progress=config.progress)
-    path = model_recipe(defaults, line.recipe)  # a RECIPE.yaml replaces the model's own
-    config = dataclasses.replace(line, recipe=None).config(AuditConfig, base=read_yaml(path))
-    config.recipe_path = str(path)
-    return audit(config, defaults)
+    return audit(config_for_model(line, defaults), defaults)
 
 
 def show(result: AuditResult) -> str:

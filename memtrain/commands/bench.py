@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from memtrain.attack import AttackConfig
 from memtrain.bench.attack_sampling import (bench_attack, bench_mitigation_overhead, bench_prompts, bench_sampling,
                                             bench_targets, format_attack_bench, format_sampling_bench)
 from memtrain.bench.finetune import bench_finetune, bench_speedups
+from memtrain.bench.gpu_check import GpuCheckConfig, format_check, gpu_check
 from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
                                       format_full_size, precision_overrides)
 from memtrain.commands.base import Command
@@ -298,3 +300,32 @@ class BenchDispatcher:
 
 
 COMMANDS = {"bench": BenchDispatcher()}
+
+
+def run_gpu_check(config: GpuCheckConfig, line: CommandLine | None = None) -> CommandResult:
+    doc = gpu_check(config.output_dir, config.runtime, config.budget, config.fixture, config.overwrite,
+                    config.keep_work)
+    return CommandResult(doc, Path(config.output_dir))
+
+
+def show_gpu_check(result: CommandResult) -> str:
+    return f"{format_check(result.report)}\nwrote {result.output_dir}/gpu_check.json"
+
+
+GPU_CHECK_DOC = """One prepared GPU check: on one CUDA GPU and no network, build the SD v1.4-shaped random-weight
+fixture at 512 px and measure, in one run, generation against diffusers' pipeline (`ratio:`),
+the attack's TFLOP/s against a large matmul, adversarial fine-tuning s/image and peak memory,
+and a small audit (none pad_mask nemo, 4 targets x 4 seeds) in half precision. Writes
+OUT/gpu_check.json (and OUT/logs/); see docs/gpu.md.
+
+    python scripts/gpu_check.py --output_dir runs/gpu_check            # GPU: bf16 (fp16 without bf16)
+    python scripts/gpu_check.py --device cpu --resolution 64 --output_dir OUT \\
+        --steps 2 --attack_steps 1 --noise_samples 1 --finetune lora --finetune_steps 1 ...   # CPU try-out
+
+The fixture (4 GB: SD's weights at any resolution) is built in OUT's scratch and deleted at the
+end (--keep_work keeps it, --fixture DIR reuses a built one). Goals on an H100: ratio >= 1.3,
+attack >= 40% of the matmul, all of it under 8 minutes.
+"""
+
+# scripts/gpu_check.py: the prepared check for a lent GPU (a script, not a `memtrain` command)
+GPU_CHECK = Command("gpu_check", GPU_CHECK_DOC, GpuCheckConfig, run_gpu_check, show_gpu_check, recipe="none")

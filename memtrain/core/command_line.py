@@ -17,14 +17,14 @@ import dataclasses
 import functools
 import inspect
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
-from memtrain.core.cli import _flag_type
 from memtrain.core.config import apply_overrides, build, parse_yaml, read_yaml
 from memtrain.core.errors import MemtrainError
 
@@ -83,6 +83,20 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[last] = value
+
+
+def _flag_type(tp) -> tuple[Any, dict]:
+    """(argparse type, extra kwargs) for one annotation: Optional[X] -> X, Literal -> choices."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and args:
+        if len(args) > 1:  # e.g. float | str: hand argparse the string, the dataclass checks it
+            return str, {}
+        tp = args[0]
+    if typing.get_origin(tp) is Literal:
+        return type(typing.get_args(tp)[0]), {"choices": list(typing.get_args(tp))}
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], {"nargs": "+"}
+    return tp, {}
 
 
 def _describe_default(f: dataclasses.Field) -> str:

@@ -9,7 +9,6 @@ size each stage actually used, and reports what ran under report.json's `runtime
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Callable, Sequence, TypeVar
 import psutil
 import torch
 
-from memtrain.core.cli import add_dataclass_arguments, option
+from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.run import DEFAULT_TIMEOUT_MINUTES, check_timeout
 
@@ -86,17 +85,6 @@ class RuntimeOptions:
         parse_device(self.device)
         parse_memory(self.max_memory)
         self.timeout_minutes = check_timeout(self.timeout_minutes)
-
-
-def add_runtime_arguments(parser) -> None:
-    """--device/--dtype/--max_memory on a hand-written argparse parser (the benchmarks, which do not plan)."""
-    add_dataclass_arguments(parser, RuntimeOptions, skip=("plan",))
-
-
-def runtime_options_from(values: dict) -> RuntimeOptions:
-    """The RuntimeOptions of parsed flags (absent ones at their defaults)."""
-    keys = ("device", "dtype", "max_memory", "plan", "timeout_minutes")
-    return RuntimeOptions(**{k: values[k] for k in keys if values.get(k) not in (None, dataclasses.MISSING)})
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Sequence
 from memtrain.attack import AttackConfig
 from memtrain.core.bundle import ModelDefaults
 from memtrain.core.cli import option, section
-from memtrain.core.command_line import merge
+from memtrain.core.command_line import CommandLine, merge
 from memtrain.core.config import apply_overrides, build, packaged_recipe, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.journal import file_digests
@@ -149,6 +149,14 @@ def audit_config(defaults: ModelDefaults, values: dict, recipe: str | Path | Non
     model's recipe (`recipe` replaces it)."""
     path = model_recipe(defaults, recipe)
     config = build(AuditConfig, merge(read_yaml(path), values))
+    config.recipe_path = str(path)
+    return config
+
+
+def config_for_model(line: CommandLine, defaults: ModelDefaults) -> AuditConfig:
+    """A command line's config over the model's recipe (a RECIPE.yaml on the line replaces it)."""
+    path = model_recipe(defaults, line.recipe)
+    config = dataclasses.replace(line, recipe=None).config(AuditConfig, base=read_yaml(path))
     config.recipe_path = str(path)
     return config
 
