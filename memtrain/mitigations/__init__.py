@@ -12,9 +12,8 @@ from memtrain.mitigations.base import (
     get_mitigation, mitigation_class, register_mitigation, search_space_ablation,
 )
 from memtrain.mitigations.attention import Ren, RenUnmasked
-from memtrain.mitigations.guidance import (
-    GuidanceDynamic, GuidanceOpposite, GuidanceStatic, OverestimationSwitch, decomposition_delta, guidance_magnitude,
-)
+from memtrain.mitigations.guidance import GuidanceDynamic, GuidanceOpposite, GuidanceStatic, OverestimationSwitch
+from memtrain.metrics.signals import decomposition_delta, guidance_magnitude  # the signals they act on
 from memtrain.mitigations.nemo import NeMo
 from memtrain.mitigations.wen import Wen, WenPerImage
 from memtrain.mitigations.random_insertion import RandomNumberAddition, RandomTokenAddition
