@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import memtrain.testbed  # noqa: F401  (registers the testbed codec)
 from memtrain.core.bundle import load_bundle
 from memtrain.core.manifest import read_manifest
 from memtrain.core.sampling import SamplerSettings

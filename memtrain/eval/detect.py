@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.registry import Registry
 from memtrain.core.sampling import SamplerSettings, eps_from_output, initial_noise, sample
 from memtrain.core.text import encode_prompts
 from memtrain.metrics.signals import first_local_minimum, guidance_magnitude, nemo_memorization_score, step_delta
@@ -137,9 +138,12 @@ def overestimation_delta(bundle, prompt: str, seeds: list[int], settings: Sample
     return float(torch.cat(per_seed).mean())
 
 
-DETECTORS: dict[str, Detector] = {"wen": wen_magnitude, "nemo": nemo_score,
-                                  "transition_point": transition_fraction, "overestimation": overestimation_delta,
-                                  "wen_all_steps": wen_all_steps, "ren_entropy": ren_entropy}
+# every detector by name, in the reports' order; a name is taken as written
+DETECTORS = Registry("detector", canonical=str)
+for _name, _detector in (("wen", wen_magnitude), ("nemo", nemo_score), ("transition_point", transition_fraction),
+                         ("overestimation", overestimation_delta), ("wen_all_steps", wen_all_steps),
+                         ("ren_entropy", ren_entropy)):
+    DETECTORS.add(_name, _detector)
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:

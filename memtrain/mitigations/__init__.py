@@ -8,7 +8,7 @@ wen, wen_per_image (generation-time embedding optimization, Wen et al. 2024). `g
 """
 
 from memtrain.mitigations.base import (
-    THREAT_MODELS, Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
+    MITIGATIONS, THREAT_MODELS, Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
     get_mitigation, mitigation_class, register_mitigation, search_space_ablation,
 )
 from memtrain.mitigations.attention import Ren, RenUnmasked
@@ -21,7 +21,7 @@ from memtrain.mitigations.pad_eot import PadEot, PadMask
 from memtrain.mitigations.wanda import Wanda
 
 __all__ = [
-    "THREAT_MODELS", "GuidanceDynamic", "GuidanceOpposite", "GuidanceStatic", "OverestimationSwitch",
+    "MITIGATIONS", "THREAT_MODELS", "GuidanceDynamic", "GuidanceOpposite", "GuidanceStatic", "OverestimationSwitch",
     "RandomNumberAddition", "RandomTokenAddition", "Ren", "RenUnmasked", "Wen", "WenPerImage", "decomposition_delta", "guidance_magnitude",
     "Mitigation", "NoMitigation", "PruningMitigation", "PadEot", "PadMask", "NeMo", "Wanda",
     "SearchSpaceAblation", "applied", "available_mitigations", "get_mitigation", "mitigation_class", "register_mitigation",
