@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import memtrain.testbed  # noqa: F401  (registers the testbed codec)
 from memtrain.core.bundle import load_bundle
 from memtrain.core.manifest import read_manifest
 from memtrain.core.sampling import SamplerSettings
 from memtrain.core.text import token_layout
 from memtrain.eval.analyses import guidance, interventions, locality, overestimation
 from memtrain.eval.analyses.inputs import AnalysisInputs, record_steps
-from memtrain.mitigations.guidance import first_local_minimum
+from memtrain.metrics.signals import first_local_minimum
 
 ROOT = Path(__file__).resolve().parents[1]
 

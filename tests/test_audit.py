@@ -254,7 +254,7 @@ def nan_probe():
             return embeddings * poison
 
     yield "nan_probe"
-    base._REGISTRY.pop("nan_probe")
+    base.MITIGATIONS.pop("nan_probe")
 
 
 def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):

@@ -23,10 +23,10 @@ from golden_fixture import OFFICIAL, PROMPTS, nemo_latents
 from memtrain.core.bundle import ModelBundle
 from memtrain.core.errors import MemtrainError
 from memtrain.core.text import encode_prompts
-from memtrain.mitigations.ms_ssim import batch_data_range, ms_ssim, pairwise_ms_ssim
-from memtrain.mitigations.nemo import (
-    NeMo, SSIM_RANGES, activation_profile, candidate_neurons, detection_latents, max_pairwise_ssim, value_layers,
-)
+from memtrain.metrics.ms_ssim import batch_data_range, max_pairwise_ssim, ms_ssim, pairwise_ms_ssim
+from memtrain.metrics.signals import SSIM_RANGES, detection_latents
+from memtrain.mitigations.nemo import NeMo
+from memtrain.mitigations.nemo_neurons import activation_profile, candidate_neurons, value_layers
 from memtrain.mitigations.nemo_stats import load_statistics
 
 GOLD = OFFICIAL["nemo"]

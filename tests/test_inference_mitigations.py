@@ -26,7 +26,6 @@ SAMPLER_SIDE = ["guidance_static", "guidance_dynamic", "guidance_opposite", "ove
 @pytest.fixture(scope="module", params=["tiny", pytest.param("testbed", marks=pytest.mark.slow)])
 def bundle(request, tmp_path_factory):
     if request.param == "testbed":
-        import memtrain.testbed  # noqa: F401  (registers the testbed's codec)
         from memtrain.core.bundle import load_bundle
 
         return load_bundle(request.getfixturevalue("testbed_dir") / "model")

@@ -10,7 +10,7 @@ from factories import tiny_bundle
 from memtrain.core.errors import MemtrainError
 from memtrain.mitigations import applied, available_mitigations, get_mitigation
 from memtrain.core.bundle import weights_checksum
-from memtrain.mitigations.nemo import ms_ssim, ms_ssim_settings
+from memtrain.metrics.ms_ssim import ms_ssim, ms_ssim_settings
 from memtrain.mitigations.wanda import ffn_output_layers
 from memtrain.train.checkpoints import param_checksum
 from memtrain.core.sampling import SamplerSettings, sample

@@ -563,9 +563,9 @@ def test_heldout_loss_runs_in_planned_chunks(tiny_setup, tmp_path, fresh_acceler
         return original(sample, *args, **kwargs)
 
     trainer.bundle.unet.forward = counting
-    chunked = checks.heldout_loss(trainer)
+    chunked = checks.heldout_loss(trainer.check_context())
     assert max(calls) <= planned and sum(calls) == rows and len(calls) == 3, calls
     assert trainer.runtime.batch_sizes["unet_loss"] <= planned
     trainer.runtime.budget_bytes = 10**12  # every row in one call
     calls.clear()
-    assert checks.heldout_loss(trainer) == pytest.approx(chunked, rel=1e-5) and calls == [rows]
+    assert checks.heldout_loss(trainer.check_context()) == pytest.approx(chunked, rel=1e-5) and calls == [rows]

@@ -73,7 +73,7 @@ def time_training(trainer: AdvFinetuner, steps: int) -> float:
         trainer.optimizer.zero_grad(set_to_none=True)
         pos = pos.advance(trainer.groups, r.train.updates_per_embedding)
     if r.audit.epoch_end:
-        checks.epoch_audit(trainer, pos.epoch, steps)
+        checks.epoch_audit(trainer.check_context(), pos.epoch, steps)
     return time.perf_counter() - start
 
 

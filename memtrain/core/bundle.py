@@ -1,9 +1,10 @@
 """The model bundle: one object for any diffusers Stable-Diffusion-style checkpoint.
 
 Loads SD1.x/SD2.x folders in diffusers layout (unet, text_encoder, tokenizer, vae, scheduler).
-The autoencoder is looked up by its config's class name in a codec registry: AutoencoderKL is
-built in, and other codecs (the testbed's pixel codec) register themselves with
-`register_codec`, so this layer never imports what sits above it.
+The autoencoder is looked up by its config's class name in the CODECS registry: AutoencoderKL is
+built in, the testbed's pixel codec is a lazy entry (a "module:attribute" string imported by
+importlib on first lookup, so this layer never imports what sits above it and a testbed folder
+loads without importing memtrain.testbed first), and other codecs register with `register_codec`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.fingerprint import fingerprint
+from memtrain.core.registry import Registry
 from memtrain.core.runtime import DTYPE_NAMES, Runtime, run_in_chunks
 from memtrain.core.sampling import SamplerSettings
 
@@ -37,7 +39,9 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,
 }
 _SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
-_CODECS: dict[str, type] = {"AutoencoderKL": AutoencoderKL}
+CODECS = Registry("autoencoder class", canonical=str)
+CODECS.add("AutoencoderKL", AutoencoderKL)
+CODECS.lazy("PixelShuffleCodec", "memtrain.testbed.codec:PixelShuffleCodec")
 # Images per autoencoder call when no memory plan set them (ModelBundle.batch_limits): a
 # manifest never goes through the VAE in one call.
 DEFAULT_VAE_BATCH = 16
@@ -48,13 +52,12 @@ def register_codec(cls: type) -> type:
 
     The class needs diffusers' from_pretrained/save_pretrained, `encode_images(pixels)` and
     `decode_latents(latents)`, and a `factor` in its config (pixels per latent cell)."""
-    _CODECS[cls.__name__] = cls
-    return cls
+    return CODECS.add(cls.__name__, cls)
 
 
 def codec_class(name: str | None) -> type | None:
     """The registered autoencoder class of that config `_class_name` (None if unknown)."""
-    return _CODECS.get(name)
+    return CODECS.get(name)
 
 
 @dataclass
@@ -265,12 +268,10 @@ def load_bundle(
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
     vae_class_name = json.loads((path / "vae" / "config.json").read_text()).get("_class_name")
-    if vae_class_name not in _CODECS:
-        raise MemtrainError(
-            f"model folder '{path}': vae class '{vae_class_name}' is not supported "
-            f"(registered: {', '.join(_CODECS)}; a testbed codec registers when memtrain.testbed is imported)"
-        )
-    vae = _CODECS[vae_class_name].from_pretrained(path / "vae", torch_dtype=dtype)
+    if vae_class_name not in CODECS:
+        raise MemtrainError(f"model folder '{path}': vae class '{vae_class_name}' is not supported "
+                            f"(registered: {', '.join(CODECS)}; others register with register_codec)")
+    vae = CODECS[vae_class_name].from_pretrained(path / "vae", torch_dtype=dtype)
     scheduler_config = dict(DDIMScheduler.load_config(path / "scheduler"))
     # DDIM/DDPM default to clipping x0 to [-1, 1], a pixel-space setting: latents are not clipped
     # in any SD release, so a config that does not say (a PNDM config) means no clipping

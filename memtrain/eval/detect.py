@@ -1,4 +1,4 @@
-"""Detection benchmark (issue #12): the detectors that come with the mitigation papers, scored on
+"""Detection benchmark: the detectors that come with the mitigation papers, scored on
 memorized against non-memorized prompts. AUC, TPR at 1% FPR, seconds per prompt; ROC plot.
 
 Per prompt, over the seeds (the sampler's settings, the prompt's own initial noise per seed):
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.registry import Registry
 from memtrain.core.sampling import SamplerSettings, eps_from_output, initial_noise, sample
 from memtrain.core.text import encode_prompts
-from memtrain.mitigations import NeMo, guidance_magnitude
+from memtrain.metrics.signals import first_local_minimum, guidance_magnitude, nemo_memorization_score, step_delta
 from memtrain.mitigations.attention import cross_attention_probabilities
-from memtrain.mitigations.guidance import first_local_minimum, step_delta
 
 Detector = Callable[[object, str, list[int], SamplerSettings], float]
 
@@ -88,7 +88,8 @@ def ren_entropy(bundle, prompt: str, seeds: list[int], settings: SamplerSettings
 
 
 def nemo_score(bundle, prompt: str, seeds: list[int], settings: SamplerSettings) -> float:
-    return NeMo(num_seeds=max(2, len(seeds))).memorization_score(bundle, prompt, seeds)
+    """NeMo's detection score with its default settings (memtrain.metrics.signals)."""
+    return nemo_memorization_score(bundle, prompt, seeds)
 
 
 def _trajectories(bundle, prompt: str, seeds: list[int], settings: SamplerSettings, hook) -> list[list]:
@@ -137,9 +138,12 @@ def overestimation_delta(bundle, prompt: str, seeds: list[int], settings: Sample
     return float(torch.cat(per_seed).mean())
 
 
-DETECTORS: dict[str, Detector] = {"wen": wen_magnitude, "nemo": nemo_score,
-                                  "transition_point": transition_fraction, "overestimation": overestimation_delta,
-                                  "wen_all_steps": wen_all_steps, "ren_entropy": ren_entropy}
+# every detector by name, in the reports' order; a name is taken as written
+DETECTORS = Registry("detector", canonical=str)
+for _name, _detector in (("wen", wen_magnitude), ("nemo", nemo_score), ("transition_point", transition_fraction),
+                         ("overestimation", overestimation_delta), ("wen_all_steps", wen_all_steps),
+                         ("ren_entropy", ren_entropy)):
+    DETECTORS.add(_name, _detector)
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:

@@ -1,5 +1,9 @@
 """Metrics: the measuring stick. Takes images (uint8 HWC arrays, PIL, or torch [0,1] BCHW),
-never model code. Heavy backends (onnxruntime, torch, transformers) load lazily."""
+never model code. Heavy backends (onnxruntime, torch, transformers) load lazily.
+
+The detection signals that mitigations and detectors share (memtrain.metrics.signals: guidance
+magnitude, overestimation delta, NeMo's noise differences; memtrain.metrics.ms_ssim) read noise
+predictions through a bundle; import them from their modules."""
 
 from memtrain.metrics.clip_score import (
     AlignmentScorer,

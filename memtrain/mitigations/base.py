@@ -23,41 +23,30 @@ from safetensors.torch import load_file, save_file
 
 from memtrain.core.config import build
 from memtrain.core.errors import MemtrainError
+from memtrain.core.registry import Registry
 from memtrain.core.text import TextEmbedding, TokenLayout, encode_prompts
 
-_REGISTRY: dict[str, type["Mitigation"]] = {}
+# every mitigation by its `name` (get_mitigation, the audit's --mitigations)
+MITIGATIONS = Registry("mitigation", key=lambda cls: cls.name, sort_names=True)
 
 # What the attacker can touch: `weights` (has the released weights and runs their own
 # sampler), `embedding` (feeds text embeddings through the deployed pipeline), `prompt` (types text).
 THREAT_MODELS = ("weights", "embedding", "prompt")
 
 
-def _canonical(name: str) -> str:
-    return str(name).strip().lower().replace("-", "_")
-
-
 def register_mitigation(cls: type["Mitigation"]) -> type["Mitigation"]:
     """Class decorator: make `cls` reachable by `get_mitigation(cls.name)`."""
-    key = _canonical(cls.name)
-    if not key:
-        raise ValueError(f"{cls.__name__} has no `name`")
-    if key in _REGISTRY and _REGISTRY[key] is not cls:
-        raise ValueError(f"mitigation name '{key}' is already registered by {_REGISTRY[key]}")
-    _REGISTRY[key] = cls
-    return cls
+    return MITIGATIONS.register(cls)
 
 
 def available_mitigations() -> list[str]:
     """The registered mitigation names, sorted."""
-    return sorted(_REGISTRY)
+    return MITIGATIONS.names()
 
 
 def mitigation_class(name: str) -> type["Mitigation"]:
     """The registered class for a name (case and '-' ignored); unknown -> lists the known ones."""
-    key = _canonical(name)
-    if key not in _REGISTRY:
-        raise MemtrainError(f"unknown mitigation '{name}': choose one of {', '.join(available_mitigations())}")
-    return _REGISTRY[key]
+    return MITIGATIONS[name]
 
 
 def get_mitigation(name: str, **settings) -> "Mitigation":

@@ -17,6 +17,8 @@ the sampling loop itself is never copied. Scale 0 means the unconditional predic
   x_t = w0 x0_hat + wT x_T; where delta_t = (w0 - sqrt(abar_t)) - (wT - sqrt(1 - abar_t)) > -gamma,
   that step uses the unconditional prediction. x0_hat is the clean latent predicted at that step
   from the guided noise prediction (the sampler's own estimate; the final x0 is not known yet).
+
+The signals (d_t, delta_t) are memtrain.metrics.signals, shared with the detectors.
 """
 
 from __future__ import annotations
@@ -26,40 +28,8 @@ import dataclasses
 import torch
 
 from memtrain.core.errors import MemtrainError
+from memtrain.metrics.signals import guidance_magnitude, step_delta
 from memtrain.mitigations.base import Mitigation, register_mitigation
-
-
-def guidance_magnitude(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """(B,) d_t = ||eps_cond - eps_uncond||^2 per image (paper 003 Alg. 1, line 4)."""
-    return (eps_cond.float() - eps_uncond.float()).flatten(1).pow(2).sum(dim=1)
-
-
-def first_local_minimum(values) -> int | None:
-    """Index of the first strict local minimum of a sequence (paper 003's transition point), or None."""
-    v = [float(x) for x in values]
-    return next((k for k in range(1, len(v) - 1) if v[k - 1] > v[k] < v[k + 1]), None)
-
-
-def decomposition_weights(x_t: torch.Tensor, x0: torch.Tensor, x_T: torch.Tensor) -> torch.Tensor:
-    """(B, 2) least-squares (w0, wT) of x_t = w0 x0 + wT x_T per image (paper 002 Sec. 3.4)."""
-    design = torch.stack([x0.double().flatten(1), x_T.double().flatten(1)], dim=2)  # (B, n, 2)
-    return torch.linalg.lstsq(design, x_t.double().flatten(1).unsqueeze(2)).solution[:, :, 0]
-
-
-def decomposition_delta(x_t: torch.Tensor, x0_hat: torch.Tensor, x_T: torch.Tensor, abar: float) -> torch.Tensor:
-    """(B,) paper 002's delta_t: fit x_t = w0 x0_hat + wT x_T per image by least squares and
-    return (w0 - sqrt(abar)) - (wT - sqrt(1 - abar))."""
-    weights = decomposition_weights(x_t, x0_hat, x_T)
-    abar = float(abar)
-    return ((weights[:, 0] - abar ** 0.5) - (weights[:, 1] - (1 - abar) ** 0.5)).float()
-
-
-def step_delta(x_t: torch.Tensor, x_T: torch.Tensor, eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
-               scale: float, abar: float) -> torch.Tensor:
-    """(B,) delta_t at one sampling step, x0_hat predicted from the guided noise at `scale`."""
-    eps = eps_uncond.float() + scale * (eps_cond.float() - eps_uncond.float())
-    x0_hat = (x_t.float() - (1 - abar) ** 0.5 * eps) / max(abar, 1e-8) ** 0.5
-    return decomposition_delta(x_t, x0_hat, x_T, abar)
 
 
 class _Sampler(Mitigation):

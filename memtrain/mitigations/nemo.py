@@ -1,7 +1,7 @@
 """NeMo (Hintersdorf et al. 2024, "Finding NeMo"): localize and prune memorization neurons.
 
-Longer than 400 lines on purpose: detection, initial selection and refinement are one
-algorithm, read best in one file (MS-SSIM: ms_ssim.py; statistics files: nemo_stats.py).
+The memorization signal (noise differences, MS-SSIM) is memtrain.metrics.signals and
+memtrain.metrics.ms_ssim, shared with the detectors; statistics files: nemo_stats.py.
 
 Neurons are the output channels of the cross-attention value projections (`attn2.to_v`), by
 default in the down and mid blocks (the 7 layers NeMo uses on SD1.x; `layers="all"` adds the
@@ -45,7 +45,6 @@ prompt in refinement (None: unlimited, as NeMo; neurons left untested stay prune
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 from pathlib import Path
@@ -57,195 +56,19 @@ from memtrain.core.run import gather_in_order, shard, shard_chunks
 from memtrain.mitigations.base import (
     PruningMitigation, json_tensor, register_mitigation, tensor_json,
 )
-from memtrain.core.sampling import initial_noise
 from memtrain.core.text import encode_prompts
-from memtrain.mitigations.ms_ssim import (  # noqa: F401  (ms_ssim_settings: re-exported)
-    max_pairwise_ssim, ms_ssim, ms_ssim_settings, pairwise_ms_ssim,
+from memtrain.metrics.ms_ssim import max_pairwise_ssim, pairwise_ms_ssim
+from memtrain.metrics.signals import (
+    NOISE_MODES, SSIM_RANGES, detection_latents, nemo_memorization_score, prompt_noise_diffs,
+)
+from memtrain.mitigations.nemo_neurons import (
+    Probe, activation_profile, candidate_neurons, make_probe, value_layers, without,
 )
 from memtrain.mitigations.nemo_stats import load_statistics, save_statistics
 
 TAU_MEM = 0.428
 TAU_MEM_STRONG = 0.288
 LAYER_SCOPES = ("down_mid", "all")
-
-
-# --- layers -------------------------------------------------------------------------------------
-
-def _block_rank(name: str) -> tuple[int, str]:
-    # U-Net data flow order: down blocks, mid block, up blocks
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    return order.get(name.split(".")[0], 3), name
-
-
-def value_layers(unet, scope: str = "down_mid", model_name: str = "") -> dict[str, torch.nn.Linear]:
-    """The cross-attention value projections NeMo works on, in data-flow order."""
-    found = {
-        name: module for name, module in unet.named_modules()
-        if name.endswith("attn2.to_v") and isinstance(module, torch.nn.Linear)
-    }
-    if scope == "down_mid":
-        found = {n: m for n, m in found.items() if not n.startswith("up_blocks")}
-    if not found:
-        where = "down/mid blocks" if scope == "down_mid" else "any block"
-        raise MemtrainError(
-            f"NeMo needs cross-attention value layers (attn2.to_v) in the U-Net's {where}, but "
-            f"model '{model_name or type(unet).__name__}' has none: it cannot be pruned by NeMo"
-        )
-    return dict(sorted(found.items(), key=lambda item: _block_rank(item[0])))
-
-
-def activation_profile(layers: dict[str, torch.nn.Linear], embeddings: torch.Tensor) -> dict:
-    """Per layer (B, C): mean over token positions of |to_v(embedding)|."""
-    return {name: layer(embeddings).abs().mean(dim=1).float().cpu()
-            for name, layer in layers.items()}
-
-
-@contextlib.contextmanager
-def blocked_neurons(layers: dict[str, torch.nn.Linear], blocked: dict[str, list[int]] | None):
-    """Zero the listed output channels of the value projections during the block (hooks, so the
-    weights are never touched while searching)."""
-    handles = []
-
-    def make_hook(index: torch.Tensor):
-        def hook(module, args, output):
-            output = output.clone()
-            output[..., index.to(output.device)] = 0
-            return output
-        return hook
-
-    for name, rows in (blocked or {}).items():
-        if rows:
-            index = torch.tensor(sorted(rows), dtype=torch.long)
-            handles.append(layers[name].register_forward_hook(make_hook(index)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# --- the memorization signal --------------------------------------------------------------------
-
-def _signal(kind: str, output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """NeMo's noise_diff = eps_pred - x_T, up to a positive per-timestep factor (which the
-    min-max scaling removes). For epsilon models exactly the difference; for v/sample models
-    c(a) x - x0_hat, which equals (eps_pred - x_T) * sqrt((1-a)/a) and stays defined at zero
-    terminal SNR (a = 0, where eps_pred == x_T carries no information but x0_hat does)."""
-    if kind == "epsilon":
-        return output - x
-    a = abar.to(x.dtype)
-    if kind == "v_prediction":
-        x0 = a.sqrt() * x - (1 - a).sqrt() * output
-    elif kind == "sample":
-        x0 = output
-    else:
-        raise MemtrainError(f"NeMo: unsupported prediction_type '{kind}'")
-    c = (1 - (1 - a).sqrt()) / a.sqrt() if float(a) > 0 else torch.zeros_like(a)
-    return c * x - x0
-
-
-def _minmax(diff: torch.Tensor) -> torch.Tensor:
-    low = diff.amin(dim=(2, 3), keepdim=True)
-    high = diff.amax(dim=(2, 3), keepdim=True)
-    return (diff - low) / (high - low).clamp_min(1e-12)
-
-
-OFFICIAL_NOISE_SEED = 1  # NeMo's scripts' default --seed: one generator for the whole batch
-NOISE_MODES = ("official", "per_seed")
-SSIM_RANGES = {"batch": None, "fixed": 1.0}  # -> ms_ssim's data_range
-
-
-def detection_latents(mode: str, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """The (S, C, H, W) initial noise NeMo probes: "official" draws all S samples in one
-    randn call from a generator seeded 1 (the seeds only give the count); "per_seed" draws each
-    from its own seed (memtrain's sampler noise, so it matches the audit's images)."""
-    if mode == "official":
-        generator = torch.Generator().manual_seed(OFFICIAL_NOISE_SEED)
-        return torch.randn((len(seeds), *shape), generator=generator)
-    return torch.stack([initial_noise(s, shape) for s in seeds])
-
-
-@dataclasses.dataclass
-class _Probe:
-    """Everything needed to evaluate one prompt's noise_diff under different blockings.
-    Samples are indices into `latents`."""
-
-    bundle: object
-    layers: dict
-    embedding: torch.Tensor  # (1, L, D)
-    latents: torch.Tensor  # (S, C, H, W), CPU float32
-    timestep: torch.Tensor
-    abar: torch.Tensor
-    batch_size: int
-    data_range: float | None
-    evaluations: int = 0
-    _scores: dict = dataclasses.field(default_factory=dict)
-
-    @torch.no_grad()
-    def noise_diff(self, blocked: dict[str, list[int]] | None = None,
-                   samples: list[int] | None = None) -> torch.Tensor:
-        bundle = self.bundle
-        samples = list(range(len(self.latents))) if samples is None else samples
-        scheduler = bundle.make_scheduler("ddim")
-        out = []
-        self.evaluations += 1
-        with blocked_neurons(self.layers, blocked):
-            for start in range(0, len(samples), self.batch_size):
-                x = self.latents[samples[start:start + self.batch_size]]
-                x = (x * scheduler.init_noise_sigma).to(bundle.device, bundle.dtype)
-                x_in = scheduler.scale_model_input(x, self.timestep)
-                y = self.embedding.expand(len(x), -1, -1).to(bundle.device, bundle.dtype)
-                pred = bundle.unet(x_in, self.timestep, encoder_hidden_states=y).sample
-                kind = bundle.prediction_type
-                out.append(_minmax(_signal(kind, pred.float(), x.float(), self.abar).cpu()))
-        return torch.cat(out)
-
-    def score(self, reference: torch.Tensor, blocked: dict[str, list[int]],
-              samples: list[int]) -> float:
-        """The thresholded score: max over samples of MS-SSIM(unblocked, blocked), one call.
-        Memoized by the blocked set (dropping one listing of a duplicated neuron blocks the same
-        neurons: NeMo evaluates it again, with the same result)."""
-        key = (tuple(samples), tuple((n, tuple(sorted(set(r)))) for n, r in blocked.items() if r))
-        if key not in self._scores:
-            self._scores[key] = float(ms_ssim(reference, self.noise_diff(blocked, samples),
-                                              data_range=self.data_range).max())
-        return self._scores[key]
-
-
-def _make_probe(bundle, layers, embedding, latents, num_inference_steps, timestep_index,
-                batch_size, data_range) -> _Probe:
-    scheduler = bundle.make_scheduler("ddim")
-    scheduler.set_timesteps(num_inference_steps)
-    index = min(timestep_index, len(scheduler.timesteps) - 1)
-    t = scheduler.timesteps[index]
-    abar = scheduler.alphas_cumprod[int(t)].float()
-    return _Probe(bundle, layers, embedding, latents, t, abar, batch_size, data_range)
-
-
-# --- selection ----------------------------------------------------------------------------------
-
-def candidate_neurons(activation: dict, mean: dict, std: dict, theta: float, k: int) -> dict:
-    """NeMo's initial selection per layer, as the official code lists it: the neurons with
-    z = |a - mean| / std > theta in ascending order, then the top-k activations in descending
-    order (duplicates kept: the refinement's greedy order follows this list)."""
-    selected = {}
-    for name, act in activation.items():
-        z = (act - mean[name]).abs() / std[name].clamp_min(1e-12)
-        rows = (z > theta).nonzero().flatten().tolist()
-        if k > 0:
-            rows += act.abs().topk(min(k, act.numel())).indices.tolist()
-        selected[name] = rows
-    return selected
-
-
-def _without(blocked: dict, layer: str, neuron: int | None = None) -> dict:
-    """`blocked` with a layer emptied, or with the first listing of one neuron dropped."""
-    trial = {name: list(rows) for name, rows in blocked.items()}
-    if neuron is None:
-        trial[layer] = []
-    else:
-        trial[layer].remove(neuron)
-    return trial
 
 
 @register_mitigation
@@ -353,26 +176,28 @@ class NeMo(PruningMitigation):
         sign = 1.0 if self.tau_mem == "auto" else -1.0
         return float(scores.mean() + sign * scores.std())
 
-    def _probe(self, bundle, layers, prompt: str | torch.Tensor, seeds) -> _Probe:
+    def _probe(self, bundle, layers, prompt: str | torch.Tensor, seeds) -> Probe:
         embedding = encode_prompts(bundle, [prompt]).embeddings if isinstance(prompt, str) else prompt
         shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
         latents = detection_latents(self.noise, list(seeds), shape)
-        return _make_probe(bundle, layers, embedding, latents, self.num_inference_steps,
+        return make_probe(bundle, layers, embedding, latents, self.num_inference_steps,
                            self.timestep_index, self.batch_size, SSIM_RANGES[self.ssim_range])
 
-    @torch.no_grad()
-    def noise_diffs(self, bundle, prompt: str, seeds: list[int]) -> torch.Tensor:
-        """(S, C, H, W) NeMo's min-max scaled noise differences of one prompt, unblocked (S =
-        len(seeds); with noise="official" the seeds only give the count)."""
-        layers = value_layers(bundle.unet, self.layers, bundle.source)
-        return self._probe(bundle, layers, prompt, list(seeds)).noise_diff()
+    def _signal_settings(self, bundle) -> dict:
+        value_layers(bundle.unet, self.layers, bundle.source)  # a U-Net NeMo cannot read fails here
+        return dict(noise=self.noise, num_inference_steps=self.num_inference_steps,
+                    timestep_index=self.timestep_index, batch_size=self.batch_size)
 
-    @torch.no_grad()
+    def noise_diffs(self, bundle, prompt: str, seeds: list[int]) -> torch.Tensor:
+        """(S, C, H, W) NeMo's min-max scaled noise differences of one prompt, unblocked
+        (memtrain.metrics.signals.prompt_noise_diffs with this instance's settings)."""
+        return prompt_noise_diffs(bundle, prompt, list(seeds), **self._signal_settings(bundle))
+
     def memorization_score(self, bundle, prompt: str, seeds: list[int]) -> float:
-        """NeMo's detection score of one prompt: the max over samples of the MS-SSIM between its
-        first-step noise difference and the other samples' (high: every sample goes the same way)."""
-        diffs = self.noise_diffs(bundle, prompt, seeds)
-        return float(max_pairwise_ssim(diffs, SSIM_RANGES[self.ssim_range]).max())
+        """NeMo's detection score of one prompt (memtrain.metrics.signals.nemo_memorization_score
+        with this instance's settings)."""
+        return nemo_memorization_score(bundle, prompt, list(seeds), ssim_range=self.ssim_range,
+                                       **self._signal_settings(bundle))
 
     def localize_embedding(self, bundle, embedding: torch.Tensor, seeds: list[int]) -> dict[str, list[int]]:
         """The neurons NeMo selects for one text embedding (1, L, D), e.g. an adversarial one,
@@ -442,14 +267,14 @@ class NeMo(PruningMitigation):
             if blocked[layer]:
                 if spent():
                     return blocked, True
-                trial = _without(blocked, layer)
+                trial = without(blocked, layer)
                 if probe.score(reference, trial, seeds) < threshold:
                     blocked = trial
         for layer in reversed(list(blocked)):  # 2) single neurons
             for neuron in list(blocked[layer]):
                 if spent():
                     return blocked, True
-                trial = _without(blocked, layer, neuron)
+                trial = without(blocked, layer, neuron)
                 if probe.score(reference, trial, seeds) < threshold:
                     blocked = trial
         return blocked, False

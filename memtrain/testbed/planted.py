@@ -42,7 +42,7 @@ from memtrain.core.manifest import load_image, read_manifest, write_manifest
 from memtrain.core.sampling import SAMPLER_FILE, sample
 from memtrain.core.text import encode_prompts
 from memtrain.metrics import get_descriptor
-from memtrain.mitigations.nemo import blocked_neurons, value_layers
+from memtrain.mitigations.nemo_neurons import blocked_neurons, value_layers
 from memtrain.testbed.build import TestbedConfig, build_or_reuse, default_testbed_dir, testbed_card
 from memtrain.testbed.reference import ensure_reference_model
 

@@ -5,14 +5,20 @@ before and after, and the closing audit of the fine-tuned model with memtrain.ev
 Every check is collective: each process takes its share of the targets, loss rows and KID
 prompts in batches cut before sharding (memtrain.core.run.shard_chunks), the results are
 gathered in order, and only the main process writes. The figures therefore do not depend on
-the number of processes, and no process idles in a collective while another works alone."""
+the number of processes, and no process idles in a collective while another works alone.
+
+The checks see the trainer's state only through a CheckContext (AdvFinetuner.check_context builds
+it once per run): what they read, the two crafting hooks, and what they write (the work counter,
+the stage it counts under, the KID reference features)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,6 +35,7 @@ from memtrain.core.text import encode_prompts
 from memtrain.eval.audit import AuditConfig, audit
 from memtrain.eval.measure import Measurement, measure
 from memtrain.metrics import MetricBackendError, inception_features, inception_placement, kid, not_computed
+from memtrain.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 GRID_CELL = 64  # pixels per image in the audit grids
@@ -36,8 +43,32 @@ KID_CHUNK = 8
 HELDOUT_CHUNK = 16  # held-out loss rows (item x noise sample) per U-Net call, at most  # utility prompts per sampling call and Inception batch
 
 
-def _sampler(trainer) -> SamplerSettings:
-    return trainer.bundle.sampler_settings.with_overrides(trainer.recipe.audit.sampler)
+@dataclasses.dataclass(eq=False)
+class CheckContext:
+    """Exactly the state the checks need (the trainer builds it once per run, after setup)."""
+
+    acc: Any  # the accelerator: processes, collectives, trackers
+    recipe: Recipe  # audit, seed, manifests, utility, surrogates, train.epochs/finetune
+    out: Path  # the run's output_dir
+    defaults: Any  # the base model's ModelDefaults (the full audit's)
+    bundle: Any  # the model, its U-Net the one being trained
+    scheduler: Any  # the training noise scheduler (held-out loss timesteps)
+    runtime: Any  # device, memory budget; records batch sizes
+    descriptor: Any  # the copy descriptor (SSCD or stand-in)
+    items: list  # the memorized manifest items that have surrogates, in training order
+    utility: list  # the utility pairs (KID prompts and images)
+    craft: Callable  # (epoch, image) -> (y_adv, loss): the trainer's per-image attack
+    craft_targets: Callable  # (epoch, images, seed) -> (y_adv, losses): one batched attack
+    planned_batch: Callable  # (stage, wanted) -> batch within the memory budget, planned now
+    precision: Callable  # () -> what ran in which precision (the closing report's)
+    work: Counter  # this process's items per stage (run_summary.json): the checks add theirs
+    speedups: bool = True  # False: the epoch audit attacks one target at a time (bench baseline)
+    stage: str = "setup"  # the stage `work` counts under
+    kid_reference: Any = None  # Inception features of the KID images, once per run
+
+
+def _sampler(ctx: CheckContext) -> SamplerSettings:
+    return ctx.bundle.sampler_settings.with_overrides(ctx.recipe.audit.sampler)
 
 
 def thumbnails(images: torch.Tensor) -> torch.Tensor:
@@ -47,32 +78,32 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
     return small.reshape(*images.shape[:2], 3, GRID_CELL, GRID_CELL)
 
 
-def memorization_figures(trainer, epoch: int) -> tuple[dict, dict]:
+def memorization_figures(ctx: CheckContext, epoch: int) -> tuple[dict, dict]:
     """MR from the memorized prompts and from fresh Dori embeddings, plus their image grids.
     Targets go in batches of audit.targets_per_attack (one batched attack and one measurement
-    per batch; one target at a time with trainer.speedups off), spread over the processes."""
-    a = trainer.recipe.audit
-    n = min(len(trainer.items), a.max_items or len(trainer.items))
+    per batch; one target at a time with ctx.speedups off), spread over the processes."""
+    a = ctx.recipe.audit
+    n = min(len(ctx.items), a.max_items or len(ctx.items))
     seeds = list(range(a.seeds))
-    descriptor = trainer.descriptor
-    settings = _sampler(trainer)
-    per_batch = a.targets_per_attack if trainer.speedups else 1
+    descriptor = ctx.descriptor
+    settings = _sampler(ctx)
+    per_batch = a.targets_per_attack if ctx.speedups else 1
     local = []
-    with frozen(trainer.bundle.unet):
-        for chunk in shard_chunks(range(n), per_batch, trainer.acc):
+    with frozen(ctx.bundle.unet):
+        for chunk in shard_chunks(range(n), per_batch, ctx.acc):
             images = [i for _, i in chunk]
-            if trainer.speedups:
-                adv, _ = trainer.craft_targets(epoch, images, derived_seed(trainer.recipe.seed, epoch, images[0], 1))
-            else:  # the trainer's own per-image crafting
-                adv = torch.cat([trainer.craft(epoch, i)[0] for i in images])
-            train_images = [load_image(trainer.items[i]) for i in images]
+            if ctx.speedups:
+                adv, _ = ctx.craft_targets(epoch, images, derived_seed(ctx.recipe.seed, epoch, images[0], 1))
+            else:  # the ctx's own per-image crafting
+                adv = torch.cat([ctx.craft(epoch, i)[0] for i in images])
+            train_images = [load_image(ctx.items[i]) for i in images]
             rows = {}
-            for name, cond in (("prompt", [trainer.items[i].prompt for i in images]), ("attack", adv)):
-                m = measure(trainer.bundle, cond, seeds, descriptor, settings, train_images=train_images)
+            for name, cond in (("prompt", [ctx.items[i].prompt for i in images]), ("attack", adv)):
+                m = measure(ctx.bundle, cond, seeds, descriptor, settings, train_images=train_images)
                 rows[name] = (m.sscd_orig, m.gen_embeddings, thumbnails(m.images))
             local.append((images[0], (train_images, rows)))
-            trainer.work[f"{trainer.stage}/targets"] += len(images)
-    parts = gather_in_order(local, trainer.acc)
+            ctx.work[f"{ctx.stage}/targets"] += len(images)
+    parts = gather_in_order(local, ctx.acc)
     train_images = [im for part, _ in parts for im in part]
     figures, grids = {}, {}
     for name in ("prompt", "attack"):
@@ -85,13 +116,13 @@ def memorization_figures(trainer, epoch: int) -> tuple[dict, dict]:
     return figures, grids
 
 
-def epoch_audit(trainer, epoch: int, step: int) -> None:
+def epoch_audit(ctx: CheckContext, epoch: int, step: int) -> None:
     """MR on the prompts and under a fresh attack after an epoch: JSON, grids, trackers."""
-    acc = trainer.acc
-    trainer.stage = "epoch_audit"
-    figures, grids = memorization_figures(trainer, epoch)
+    acc = ctx.acc
+    ctx.stage = "epoch_audit"
+    figures, grids = memorization_figures(ctx, epoch)
     if acc.is_main_process:
-        folder = trainer.out / "audit" / "epochs"
+        folder = ctx.out / "audit" / "epochs"
         folder.mkdir(parents=True, exist_ok=True)
         for name, grid in grids.items():
             grid.save(folder / f"epoch{epoch + 1}_{name}.png")
@@ -102,22 +133,22 @@ def epoch_audit(trainer, epoch: int, step: int) -> None:
     acc.wait_for_everyone()
 
 
-def heldout_loss(trainer) -> float | dict:
+def heldout_loss(ctx: CheckContext) -> float | dict:
     """Mean denoising loss on held-out pairs under fixed noise and timesteps."""
-    a = trainer.recipe.audit
-    path = Path(a.heldout_manifest) if a.heldout_manifest else Path(trainer.recipe.memorized_manifest).with_name("held_out.jsonl")
+    a = ctx.recipe.audit
+    path = Path(a.heldout_manifest) if a.heldout_manifest else Path(ctx.recipe.memorized_manifest).with_name("held_out.jsonl")
     if not path.is_file():
         return not_computed(f"no held-out manifest ({path}); set audit.heldout_manifest")
     items = list(read_manifest(path, require_images=True))
-    bundle = trainer.bundle
+    bundle = ctx.bundle
     # replanned: the optimizer's state now takes part of the budget
-    bundle.batch_limits["vae_encode"] = trainer.planned_batch("vae_encode", len(items))
+    bundle.batch_limits["vae_encode"] = ctx.planned_batch("vae_encode", len(items))
     latents = images_to_latents(bundle, [load_image(m) for m in items])
     emb = encode_prompts(bundle, [m.prompt for m in items]).embeddings.float()
-    g = generator(trainer.recipe.seed, 4242)
+    g = generator(ctx.recipe.seed, 4242)
     k = a.heldout_noise_samples
     noise = torch.randn((len(items), k, *latents.shape[1:]), generator=g)
-    t = torch.randint(0, trainer.scheduler.config.num_train_timesteps, (len(items), k), generator=g)
+    t = torch.randint(0, ctx.scheduler.config.num_train_timesteps, (len(items), k), generator=g)
     # one U-Net row per (item, noise sample): every item has k rows, so the mean over rows is the
     # mean over items of each item's mean over its k samples. Rows go in chunks of the planned
     # batch, spread over the processes; the per-row losses are gathered in order.
@@ -125,72 +156,72 @@ def heldout_loss(trainer) -> float | dict:
     owner = torch.arange(len(items)).repeat_interleave(k)
     noise, t = noise.reshape(rows, 1, *latents.shape[1:]), t.reshape(rows, 1)
     # a fixed chunk (within the plan) keeps the chunks alike on any number of processes
-    batch = trainer.planned_batch("unet_loss", min(rows, HELDOUT_CHUNK))
+    batch = ctx.planned_batch("unet_loss", min(rows, HELDOUT_CHUNK))
     local = []
-    for chunk in shard_chunks(range(rows), batch, trainer.acc):
+    for chunk in shard_chunks(range(rows), batch, ctx.acc):
         start, stop = chunk[0][0], chunk[-1][0] + 1
         own = owner[start:stop]
         losses = diffusion_loss(bundle, latents[own], emb[own], noise[start:stop], t[start:stop])
         local.append((start, losses.float().cpu()))
-        trainer.runtime.record("unet_loss", stop - start)
-        trainer.work[f"{trainer.stage}/heldout_rows"] += stop - start
-    return float(torch.cat(gather_in_order(local, trainer.acc)).mean())
+        ctx.runtime.record("unet_loss", stop - start)
+        ctx.work[f"{ctx.stage}/heldout_rows"] += stop - start
+    return float(torch.cat(gather_in_order(local, ctx.acc)).mean())
 
 
-def kid_reference(trainer) -> np.ndarray:
+def kid_reference(ctx: CheckContext) -> np.ndarray:
     """Inception features of the KID utility images: computed once per run (before and after
     training share them), each process embedding its share."""
-    if trainer.kid_reference is None:
-        pairs = trainer.utility[: trainer.recipe.audit.kid_prompts]
+    if ctx.kid_reference is None:
+        pairs = ctx.utility[: ctx.recipe.audit.kid_prompts]
         local = [(chunk[0][0], inception_features([p.image for _, p in chunk], num_threads=1,
-                                                        device=trainer.runtime.device))
-                 for chunk in shard_chunks(pairs, KID_CHUNK, trainer.acc)]
-        trainer.kid_reference = np.concatenate(gather_in_order(local, trainer.acc))
-    return trainer.kid_reference
+                                                        device=ctx.runtime.device))
+                 for chunk in shard_chunks(pairs, KID_CHUNK, ctx.acc)]
+        ctx.kid_reference = np.concatenate(gather_in_order(local, ctx.acc))
+    return ctx.kid_reference
 
 
-def utility_generations_kid(trainer) -> float | dict:
+def utility_generations_kid(ctx: CheckContext) -> float | dict:
     """KID (inception features) of generations on utility prompts vs the utility images."""
-    a = trainer.recipe.audit
+    a = ctx.recipe.audit
     if not a.kid:
         return not_computed("audit.kid is false")
-    pairs = trainer.utility[: a.kid_prompts]
+    pairs = ctx.utility[: a.kid_prompts]
     if len(pairs) < 2:
         return not_computed("KID needs at least 2 utility prompts")
-    settings = _sampler(trainer)
+    settings = _sampler(ctx)
     try:
-        real = kid_reference(trainer)
+        real = kid_reference(ctx)
         local = []
-        for chunk in shard_chunks(pairs, KID_CHUNK, trainer.acc):
-            images = sample(trainer.bundle, [p.caption for _, p in chunk], [0], settings).images[:, 0]
-            local.append((chunk[0][0], inception_features(images, num_threads=1, device=trainer.runtime.device)))
-            trainer.work[f"{trainer.stage}/kid_prompts"] += len(chunk)
-        gen = np.concatenate(gather_in_order(local, trainer.acc))
+        for chunk in shard_chunks(pairs, KID_CHUNK, ctx.acc):
+            images = sample(ctx.bundle, [p.caption for _, p in chunk], [0], settings).images[:, 0]
+            local.append((chunk[0][0], inception_features(images, num_threads=1, device=ctx.runtime.device)))
+            ctx.work[f"{ctx.stage}/kid_prompts"] += len(chunk)
+        gen = np.concatenate(gather_in_order(local, ctx.acc))
     except MetricBackendError as err:  # no Inception weights installed, ...
         return not_computed(f"inception features unavailable ({err})")
     return float(kid(gen, real, subsets=10, subset_size=len(pairs))[0])
 
 
-def utility_before(trainer) -> None:
+def utility_before(ctx: CheckContext) -> None:
     """Held-out loss and KID of the model before fine-tuning (kept across a resume)."""
-    acc, path = trainer.acc, trainer.out / "audit" / "before.json"
+    acc, path = ctx.acc, ctx.out / "audit" / "before.json"
     if gather_list([path.is_file()], acc)[0]:  # the main process's view decides for all
         return
-    trainer.stage = "utility_before"
-    with frozen(trainer.bundle.unet):
-        figures = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
+    ctx.stage = "utility_before"
+    with frozen(ctx.bundle.unet):
+        figures = {"heldout_loss": heldout_loss(ctx), "kid": utility_generations_kid(ctx)}
     if acc.is_main_process:
         write_json(path, figures)
     acc.wait_for_everyone()
 
 
-def full_audit(trainer, model_dir: Path) -> dict | None:
+def full_audit(ctx: CheckContext, model_dir: Path) -> dict | None:
     """memtrain.eval.audit of the fine-tuned model (mitigation 'none'): MR on the prompts, under the
     audit recipe's full-strength attack and on the held-out control, on every process (the
     targets are split across ranks). Its report goes to output_dir/audit/full/."""
 
 
-    r, a = trainer.recipe, trainer.recipe.audit
+    r, a = ctx.recipe, ctx.recipe.audit
     if not a.full:
         return None
     control = Path(a.heldout_manifest) if a.heldout_manifest else Path(r.memorized_manifest).with_name("held_out.jsonl")
@@ -203,36 +234,36 @@ def full_audit(trainer, model_dir: Path) -> dict | None:
         mitigations=["none"], threat_models=["embedding"],
         model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
         manifest=r.memorized_manifest,
-        control_manifest=str(control), output_dir=str(trainer.out / "audit" / "full"), overwrite=True,
+        control_manifest=str(control), output_dir=str(ctx.out / "audit" / "full"), overwrite=True,
         recipe=a.full_recipe, max_targets=a.full_max_targets, overrides=["robustness_budgets=[]"],
         utility_manifest=r.utility.path if r.utility.format == "manifest" else None,
         metric=None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
         allow_standin=r.surrogates.descriptor == "standin", progress=False,
     )
     # the base model's defaults (its reference prompts, CLIP, audit recipe) hold for the fine-tuned one
-    defaults = dataclasses.replace(trainer.defaults, model_dir=config.model)
-    doc = audit(config, defaults, accelerator=trainer.acc)
+    defaults = dataclasses.replace(ctx.defaults, model_dir=config.model)
+    doc = audit(config, defaults, accelerator=ctx.acc)
     result = doc["results"][0]
     return {"mr_prompt": result["mr_prompt"], "mr_attack": result["mr_attack"], "mr_control": result["mr_control"],
-            "metric_backend": doc["metric_backend"], "report": str(trainer.out / "audit" / "full" / "report.json")}
+            "metric_backend": doc["metric_backend"], "report": str(ctx.out / "audit" / "full" / "report.json")}
 
 
-def closing_audit(trainer, model_dir: Path) -> None:
+def closing_audit(ctx: CheckContext, model_dir: Path) -> None:
     """output_dir/audit/report.json: memorization after training and the utility block."""
-    acc = trainer.acc
-    before = json.loads((trainer.out / "audit" / "before.json").read_text())
-    trainer.stage = "closing_audit"
-    with frozen(trainer.bundle.unet):
-        figures, grids = memorization_figures(trainer, trainer.recipe.train.epochs)
-        after = {"heldout_loss": heldout_loss(trainer), "kid": utility_generations_kid(trainer)}
-    full = full_audit(trainer, model_dir)
+    acc = ctx.acc
+    before = json.loads((ctx.out / "audit" / "before.json").read_text())
+    ctx.stage = "closing_audit"
+    with frozen(ctx.bundle.unet):
+        figures, grids = memorization_figures(ctx, ctx.recipe.train.epochs)
+        after = {"heldout_loss": heldout_loss(ctx), "kid": utility_generations_kid(ctx)}
+    full = full_audit(ctx, model_dir)
     if acc.is_main_process:
-        folder = trainer.out / "audit"
+        folder = ctx.out / "audit"
         for name, grid in grids.items():
             grid.save(folder / f"final_{name}.png")
         report = {
-            "model": str(model_dir), "recipe": trainer.recipe.to_dict(), "memorization": figures,
-            "precision": trainer.precision(),
+            "model": str(model_dir), "recipe": ctx.recipe.to_dict(), "memorization": figures,
+            "precision": ctx.precision(),
             "utility": {"heldout_loss_before": before["heldout_loss"], "heldout_loss_after": after["heldout_loss"],
                         "kid_before": before["kid"], "kid_after": after["kid"]},
         }
@@ -241,9 +272,9 @@ def closing_audit(trainer, model_dir: Path) -> None:
         loss_before, loss_after = report["utility"]["heldout_loss_before"], report["utility"]["heldout_loss_after"]
         if isinstance(loss_before, float) and isinstance(loss_after, float):
             report["utility"]["heldout_loss_ratio"] = loss_after / loss_before
-        report["runtime"] = trainer.runtime.to_dict()  # batch sizes and peak memory of the whole run
-        report["metric_devices"] = {"sscd": trainer.descriptor.placement,
-                                    "inception": (inception_placement(trainer.runtime.device)
+        report["runtime"] = ctx.runtime.to_dict()  # batch sizes and peak memory of the whole run
+        report["metric_devices"] = {"sscd": ctx.descriptor.placement,
+                                    "inception": (inception_placement(ctx.runtime.device)
                                                   if isinstance(after["kid"], float) else "not computed")}
         write_json(folder / "report.json", report)
     acc.wait_for_everyone()

@@ -14,8 +14,8 @@ import numpy as np
 
 from memtrain.core.report import MarkdownReport
 from memtrain.eval.analyses.inputs import COLORS, GROUPS, AnalysisInputs, band, pyplot, record_steps, save_figure
-from memtrain.mitigations import GuidanceStatic, guidance_magnitude
-from memtrain.mitigations.guidance import first_local_minimum
+from memtrain.metrics.signals import first_local_minimum, guidance_magnitude
+from memtrain.mitigations import GuidanceStatic
 
 
 @dataclass

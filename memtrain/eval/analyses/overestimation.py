@@ -24,7 +24,7 @@ import torch
 
 from memtrain.core.report import MarkdownReport
 from memtrain.eval.analyses.inputs import COLORS, GROUPS, AnalysisInputs, band, pyplot, record_steps, save_figure
-from memtrain.mitigations.guidance import decomposition_weights
+from memtrain.metrics.signals import decomposition_weights
 
 SUMS = ("excess_x", "suppressed_x_T", "overall_deviation")
 
