@@ -32,7 +32,7 @@ from memtrain.core.report import image_grid, reference_rows
 from memtrain.core.run import gather_in_order, gather_list, log_to_trackers, shard_chunks
 from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
-from memtrain.eval.audit import AuditConfig, audit
+from memtrain.eval.audit import audit, audit_config
 from memtrain.eval.measure import Measurement, measure
 from memtrain.metrics import MetricBackendError, inception_features, inception_placement, kid, not_computed
 from memtrain.train.recipe import Recipe
@@ -218,9 +218,8 @@ def utility_before(ctx: CheckContext) -> None:
 def full_audit(ctx: CheckContext, model_dir: Path) -> dict | None:
     """memtrain.eval.audit of the fine-tuned model (mitigation 'none'): MR on the prompts, under the
     audit recipe's full-strength attack and on the held-out control, on every process (the
-    targets are split across ranks). Its report goes to output_dir/audit/full/."""
-
-
+    targets are split across ranks). Its report goes to output_dir/audit/full/. Configured and read
+    through the audit's typed API (audit_config, AuditResult.row)."""
     r, a = ctx.recipe, ctx.recipe.audit
     if not a.full:
         return None
@@ -229,23 +228,25 @@ def full_audit(ctx: CheckContext, model_dir: Path) -> dict | None:
         return {"full_audit": not_computed(f"no held-out manifest ({control}) for the attack's control: "
                                            "set audit.heldout_manifest")}
     lora = r.train.finetune == "lora"  # model_dir then holds only the LoRA weights: fuse them into the base
-    config = AuditConfig(
-        # the embedding attack: what an attacker holding the fine-tuned weights runs
-        mitigations=["none"], threat_models=["embedding"],
-        model=r.model if lora else str(model_dir), lora=str(model_dir) if lora else None,
-        manifest=r.memorized_manifest,
-        control_manifest=str(control), output_dir=str(ctx.out / "audit" / "full"), overwrite=True,
-        recipe=a.full_recipe, max_targets=a.full_max_targets, overrides=["robustness_budgets=[]"],
-        utility_manifest=r.utility.path if r.utility.format == "manifest" else None,
-        metric=None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
-        allow_standin=r.surrogates.descriptor == "standin", progress=False,
-    )
+    model = r.model if lora else str(model_dir)
     # the base model's defaults (its reference prompts, CLIP, audit recipe) hold for the fine-tuned one
-    defaults = dataclasses.replace(ctx.defaults, model_dir=config.model)
-    doc = audit(config, defaults, accelerator=ctx.acc)
-    result = doc["results"][0]
-    return {"mr_prompt": result["mr_prompt"], "mr_attack": result["mr_attack"], "mr_control": result["mr_control"],
-            "metric_backend": doc["metric_backend"], "report": str(ctx.out / "audit" / "full" / "report.json")}
+    defaults = dataclasses.replace(ctx.defaults, model_dir=model)
+    values = {
+        # the embedding attack: what an attacker holding the fine-tuned weights runs
+        "mitigations": ["none"], "threat_models": ["embedding"], "model": model,
+        "lora": str(model_dir) if lora else None, "manifest": r.memorized_manifest,
+        "control_manifest": str(control), "output_dir": str(ctx.out / "audit" / "full"), "overwrite": True,
+        "robustness_budgets": [], "progress": False,
+        "utility_manifest": r.utility.path if r.utility.format == "manifest" else None,
+        "metric": None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
+        "allow_standin": r.surrogates.descriptor == "standin",
+    }
+    if a.full_max_targets is not None:
+        values["max_targets"] = a.full_max_targets
+    result = audit(audit_config(defaults, values, recipe=a.full_recipe), defaults, accelerator=ctx.acc)
+    row = result.row("none", "embedding")
+    return {"mr_prompt": row.mr_prompt, "mr_attack": row.mr_attack, "mr_control": row.mr_control,
+            "metric_backend": result.report["metric_backend"], "report": str(result.output_dir / "report.json")}
 
 
 def closing_audit(ctx: CheckContext, model_dir: Path) -> None:
