@@ -9,53 +9,49 @@ model code). This package is the top layer: it may import every library layer be
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any, Callable, Sequence
 
+from memtrain.commands.base import Dispatcher
 from memtrain.core.cli import run_main
+from memtrain.core.registry import Registry
 
-# name -> (module holding its COMMAND, one line for `memtrain --help`)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "audit": ("memtrain.commands.audit", "does each mitigation remove memorized images or only hide them?"),
-    "evaluate": ("memtrain.commands.evaluate", "how much does a model replicate its training images (MR, SSCD)?"),
-    "triage": ("memtrain.commands.triage", "which prompts of a release replicate on a model?"),
-    "detect": ("memtrain.commands.detect", "how well do the papers' detectors find memorized prompts?"),
-    "analyze": ("memtrain.commands.analyze", "mechanism analyses with plots (guidance, locality, ...)"),
-    "finetune": ("memtrain.commands.finetune", "adversarial fine-tuning that removes memorized images"),
-    "build-testbed": ("memtrain.commands.build", "build (or reuse) the small memorizing testbed"),
-    "build-fixture": ("memtrain.commands.build", "a random-weight pipeline with a published SD config"),
-    "fetch": ("memtrain.commands.fetch", "download the training images behind a manifest or release"),
-    "bench": ("memtrain.commands.bench", "speed and memory benchmarks (attack, sampling, ...)"),
-}
+# Lazy entries: a command's module (and its model code) loads only when that command runs.
+COMMANDS = Registry("command", canonical=str)
+SUMMARIES: dict[str, str] = {}
+for _name, _where, _summary in (
+    ("audit", "audit:COMMAND", "does each mitigation remove memorized images or only hide them?"),
+    ("evaluate", "evaluate:COMMAND", "how much does a model replicate its training images (MR, SSCD)?"),
+    ("triage", "triage:COMMAND", "which prompts of a release replicate on a model?"),
+    ("detect", "detect:COMMAND", "how well do the papers' detectors find memorized prompts?"),
+    ("analyze", "analyze:COMMAND", "mechanism analyses with plots (guidance, locality, ...)"),
+    ("finetune", "finetune:COMMAND", "adversarial fine-tuning that removes memorized images"),
+    ("build-testbed", "build:BUILD_TESTBED", "build (or reuse) the small memorizing testbed"),
+    ("build-fixture", "build:BUILD_FIXTURE", "a random-weight pipeline with a published SD config"),
+    ("fetch", "fetch:COMMAND", "download the training images behind a manifest or release"),
+    ("bench", "bench:BENCH", "speed and memory benchmarks (attack, sampling, ...)"),
+):
+    COMMANDS.lazy(_name, f"memtrain.commands.{_where}")
+    SUMMARIES[_name] = _summary
+
+MEMTRAIN = Dispatcher("memtrain", "Audit and remove memorized training images in text-to-image diffusion models.",
+                      COMMANDS, SUMMARIES, footer="Under several processes: accelerate launch -m memtrain COMMAND ...")
 
 
 def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: memtrain COMMAND [ARGS ...]   (memtrain COMMAND --help: its flags and defaults)", "",
-             "Audit and remove memorized training images in text-to-image diffusion models.", "", "commands:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", "Under several processes: accelerate launch -m memtrain COMMAND ..."]
-    return "\n".join(lines)
+    """`memtrain --help`."""
+    return MEMTRAIN.usage()
 
 
 def command(name: str):
-    """The Command registered as `name` (its module is imported now)."""
-    module = importlib.import_module(COMMANDS[name][0])
-    return getattr(module, "COMMANDS", {}).get(name) or module.COMMAND
+    """The command registered as `name` (its module is imported now)."""
+    return COMMANDS[name]
 
 
 @run_main
 def main(argv: Sequence[str] | None = None) -> None:
     """`memtrain COMMAND ...`: run one subcommand (a refused input: one line, exit 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return
-    if argv[0] not in COMMANDS:
-        print(f"error: unknown command '{argv[0]}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-        sys.exit(2)
-    command(argv[0]).main(argv[1:])
+    MEMTRAIN.main(argv)
 
 
 def script(*words: str) -> Callable[[Sequence[str] | None], None]:

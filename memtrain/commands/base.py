@@ -5,10 +5,12 @@ check the values, check the files, run, show."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from memtrain.core.command_line import CommandLine, Positional, command_parser, parse_command_line
+from memtrain.core.registry import Registry
 from memtrain.core.run import is_main_process
 
 
@@ -45,3 +47,31 @@ class Command:
         if text and is_main_process():
             print(text)
         return result
+
+
+@dataclass(frozen=True)
+class Dispatcher:
+    """A command made of subcommands (`memtrain COMMAND`, `memtrain bench BENCHMARK`): the next
+    word picks an entry of `registry` (lazy entries import only when picked), the rest is its."""
+
+    name: str
+    description: str
+    registry: Registry
+    summaries: dict[str, str]  # one line per entry, for the listing (no import needed)
+    footer: str = ""
+
+    def usage(self) -> str:
+        width = max(map(len, self.summaries))
+        kind = self.registry.kind.upper()
+        lines = [f"usage: {self.name} {kind} [ARGS ...]   ({self.name} {kind} --help: its flags and defaults)", "",
+                 self.description, "", f"{self.registry.kind}s:"]
+        lines += [f"  {name:<{width}}  {summary}" for name, summary in self.summaries.items()]
+        return "\n".join(lines + ([f"\n{self.footer}"] if self.footer else []))
+
+    def main(self, argv: Sequence[str] | None = None) -> Any:
+        """Run the entry the first word names with the rest; no word or --help: the listing."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(self.usage())
+            return None
+        return self.registry[argv[0]].main(argv[1:])

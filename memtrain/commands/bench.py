@@ -12,10 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
 
 import torch
 
@@ -26,13 +24,14 @@ from memtrain.bench.finetune import bench_finetune, bench_speedups
 from memtrain.bench.gpu_check import GpuCheckConfig, format_check, gpu_check
 from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
                                       format_full_size, precision_overrides)
-from memtrain.commands.base import Command
+from memtrain.commands.base import Command, Dispatcher
 from memtrain.core.bundle import load_for_runtime
 from memtrain.core.cli import option, section
 from memtrain.core.command_line import CommandLine
 from memtrain.core.config import packaged_recipe
 from memtrain.core.errors import MemtrainError
 from memtrain.core.options import ModelOptions
+from memtrain.core.registry import Registry
 from memtrain.core.report import CommandResult
 from memtrain.core.runtime import resolve_runtime
 from memtrain.core.sampling import SamplerOverrides
@@ -256,16 +255,17 @@ def run_full_size(config: FullSizeBenchConfig, line: CommandLine | None = None) 
 
 # ----------------------------------------------------------------------------- the dispatcher
 
-BENCHES: dict[str, Command] = {
-    "attack": Command("bench attack", ATTACK, AttackBenchConfig, run_attack, show_message, skip=NOT_FLAGS),
-    "sampling": Command("bench sampling", SAMPLING, SamplingBenchConfig, run_sampling, show_message, skip=NOT_FLAGS),
-    "mitigations": Command("bench mitigations", MITIGATIONS, MitigationsBenchConfig, run_mitigations,
-                           show_mitigations, skip=NOT_FLAGS),
-    "finetune": Command("bench finetune", FINETUNE, FinetuneBenchConfig, run_finetune, show_message,
-                        recipe="required"),
-    "full-size": Command("bench full-size", FULL_SIZE, FullSizeBenchConfig, run_full_size, show_message,
-                         recipe="none", skip=(*NOT_FLAGS, "finetune_overrides"), overrides_to="finetune_overrides"),
-}
+BENCHES = Registry("benchmark", canonical=str)
+BENCHES.add("attack", Command("bench attack", ATTACK, AttackBenchConfig, run_attack, show_message, skip=NOT_FLAGS))
+BENCHES.add("sampling", Command("bench sampling", SAMPLING, SamplingBenchConfig, run_sampling, show_message,
+                                skip=NOT_FLAGS))
+BENCHES.add("mitigations", Command("bench mitigations", MITIGATIONS, MitigationsBenchConfig, run_mitigations,
+                                   show_mitigations, skip=NOT_FLAGS))
+BENCHES.add("finetune", Command("bench finetune", FINETUNE, FinetuneBenchConfig, run_finetune, show_message,
+                                recipe="required"))
+BENCHES.add("full-size", Command("bench full-size", FULL_SIZE, FullSizeBenchConfig, run_full_size, show_message,
+                                 recipe="none", skip=(*NOT_FLAGS, "finetune_overrides"),
+                                 overrides_to="finetune_overrides"))
 
 SUMMARIES = {  # one line each for `memtrain bench --help`
     "attack": "Dori attack targets/s, batched vs one target at a time, and its FLOP/s (`speedup:`)",
@@ -275,31 +275,8 @@ SUMMARIES = {  # one line each for `memtrain bench --help`
     "full-size": "generation vs diffusers' pipeline (`ratio:`), attack TFLOP/s, fine-tuning s/image and memory",
 }
 
-
-class BenchDispatcher:
-    """`memtrain bench NAME ...`: the benchmark NAME with the rest of the command line."""
-
-    name = "bench"
-
-    def usage(self) -> str:
-        width = max(map(len, BENCHES))
-        lines = ["usage: memtrain bench BENCHMARK [ARGS ...]   (memtrain bench BENCHMARK --help: its flags and "
-                 "defaults)", "", "Speed and memory benchmarks, each comparison measured in one run.", "",
-                 "benchmarks:"]
-        lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in BENCHES]
-        return "\n".join(lines)
-
-    def main(self, argv: Sequence[str] | None = None) -> Any:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        if not argv or argv[0] in ("-h", "--help", "help"):
-            print(self.usage())
-            return None
-        if argv[0] not in BENCHES:
-            raise MemtrainError(f"unknown benchmark '{argv[0]}': choose one of {', '.join(BENCHES)}")
-        return BENCHES[argv[0]].main(argv[1:])
-
-
-COMMANDS = {"bench": BenchDispatcher()}
+BENCH = Dispatcher("memtrain bench", "Speed and memory benchmarks, each comparison measured in one run.",
+                   BENCHES, SUMMARIES)
 
 
 def run_gpu_check(config: GpuCheckConfig, line: CommandLine | None = None) -> CommandResult:

@@ -94,10 +94,8 @@ def show_fixture(result: CommandResult) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {
-    "build-testbed": Command("build-testbed", __doc__, BuildTestbedConfig, build_testbed, show_card),
-    "build-fixture": Command("build-fixture", __doc__, BuildFixtureConfig, build_fixture, show_fixture,
-                             positionals=(Positional("variant", "VARIANT", ", ".join(sorted(VARIANTS))),
-                                          Positional("output_dir", "OUTPUT_DIR", "the model folder to write")),
-                             skip=("variant",)),
-}
+BUILD_TESTBED = Command("build-testbed", __doc__, BuildTestbedConfig, build_testbed, show_card)
+BUILD_FIXTURE = Command("build-fixture", __doc__, BuildFixtureConfig, build_fixture, show_fixture,
+                        positionals=(Positional("variant", "VARIANT", ", ".join(sorted(VARIANTS))),
+                                     Positional("output_dir", "OUTPUT_DIR", "the model folder to write")),
+                        skip=("variant",))

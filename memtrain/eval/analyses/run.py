@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
 
 from PIL import Image
 
@@ -20,6 +20,7 @@ from memtrain.core.cli import option, section
 from memtrain.core.command_line import merge
 from memtrain.core.config import apply_overrides, build, packaged_recipe, read_yaml
 from memtrain.core.errors import MemtrainError
+from memtrain.core.registry import Registry
 from memtrain.core.files import check_output_dir, write_json
 from memtrain.core.memory import folder_plan, plan_for_run
 from memtrain.core.options import MetricOptions, ModelOptions, OutputOptions
@@ -34,10 +35,10 @@ from memtrain.metrics import get_descriptor
 
 MODEL_RECIPE = "analyze_sd14.yaml"
 
-ANALYSES: dict[str, Callable] = {
-    "interventions": interventions.run, "guidance": guidance.run,
-    "overestimation": overestimation.run, "locality": locality.run, "localization": localization.run,
-}
+# name -> run(inputs, settings, folder) -> (JSON, Markdown); `all` is every one but localization
+ANALYSES = Registry("analysis")
+for _module in (interventions, guidance, overestimation, locality, localization):
+    ANALYSES.add(_module.__name__.rsplit(".", 1)[1], _module.run)
 
 
 @dataclass
@@ -54,8 +55,8 @@ class AnalysisRecipe:
     localization: localization.LocalizationSettings = field(default_factory=localization.LocalizationSettings)
 
     def __post_init__(self) -> None:
-        if self.seeds < 2:
-            raise MemtrainError(f"recipe key 'seeds' must be >= 2 (diversity and covariance compare seeds), got {self.seeds}")
+        if self.seeds < 1:  # one seed runs, but the across-seed spreads (diversity, covariance) are then None
+            raise MemtrainError(f"recipe key 'seeds' must be >= 1, got {self.seeds}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise MemtrainError(f"recipe key 'max_prompts' must be >= 1, got {self.max_prompts}")
 
@@ -81,7 +82,7 @@ class AnalyzeConfig(ModelOptions, OutputOptions, MetricOptions, AnalysisRecipe):
             self.analyses = [a for a in ANALYSES if a != "localization"]
         for name in self.analyses:
             if name not in ANALYSES:
-                raise MemtrainError(f"unknown analysis '{name}': choose from {', '.join(ANALYSES)} or all")
+                raise ANALYSES.unknown(name)
         if self.resume:
             raise MemtrainError("analyze has no --resume: it writes its folder once, at the end (rerun it)")
 
