@@ -114,6 +114,19 @@ def test_the_scripts_are_the_commands(tmp_path):
     assert "unknown mitigation 'nonsuch'" in direct.stderr
 
 
+def test_accelerate_launch_runs_the_module_and_adds_its_own_report(tmp_path):
+    """`accelerate launch -m memtrain ...` (the multi-process form): the command's one-line error
+    comes first; the launcher then reports the child's exit status 2 in a traceback of its own
+    (what the docs tell users to expect)."""
+    proc = subprocess.run(["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+                           "no", "--dynamo_backend", "no", "-m", "memtrain", "audit", "--mitigation", "nonsuch"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "unknown mitigation 'nonsuch'" in errors[0]
+    assert "returned non-zero exit status 2" in proc.stderr
+
+
 def test_commands_doc_is_current():
     """docs/commands.md is what tools/commands_doc.py writes from the parsers now."""
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "commands_doc.py"), "--check"], capture_output=True,

@@ -47,7 +47,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def test_detect_scores_every_prompt_and_writes_its_outputs(tiny_model, tmp_path):
     out = tmp_path / "det"
     doc = detect(DetectConfig(model=str(tiny_model / "model"), memorized=str(tiny_model / "mem.jsonl"),
-                              non_memorized=str(tiny_model / "non.jsonl"), seeds=2, output_dir=str(out), progress=False))
+                              non_memorized=str(tiny_model / "non.jsonl"), seeds=2, output_dir=str(out),
+                              progress=False)).report
     assert set(doc["detectors"]) == set(DETECTORS)
     for name, r in doc["detectors"].items():
         assert len(r["scores"]["memorized"]) == 3 == len(r["scores"]["non_memorized"])

@@ -17,10 +17,7 @@ from memtrain.testbed.resolver import resolve_model
 
 
 def run(config: DetectConfig, line=None) -> CommandResult:
-    doc = detect(config, resolve_model(config.model, progress=config.progress))
-    if config.plan:
-        return CommandResult({}, plan=doc)
-    return CommandResult(doc, doc["output_dir"])
+    return detect(config, resolve_model(config.model, progress=config.progress))
 
 
 def show(result: CommandResult) -> str:

@@ -18,6 +18,7 @@ from memtrain.core.options import ModelOptions, OutputOptions
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir, write_json
 from memtrain.core.manifest import read_manifest
+from memtrain.core.report import CommandResult
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds
 from memtrain.eval.detect import DETECTORS, auc, roc_points, score_prompts, tpr_at_fpr
 from memtrain.eval.utility import versions
@@ -62,12 +63,13 @@ def _prompts(path: str | None, flag: str, defaults: ModelDefaults, role: str, li
     return str(Path(path).absolute()), [it.prompt for it in read_manifest(path)][:limit]
 
 
-def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
-    """Score every detector; returns detect.json's content and writes the outputs."""
+def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> CommandResult:
+    """Score every detector; returns the typed result (detect.json's content, or the --plan) and
+    writes it with `write` into the staged output folder."""
     defaults = defaults or ModelDefaults.plain(cfg.model)
     if cfg.runtime.plan:
         batch = SamplerSettings.for_model(defaults.model_dir).with_overrides(cfg.sampler).batch_size
-        return folder_plan(defaults.model_dir, cfg.runtime, {"generation": batch, "vae_decode": batch})
+        return CommandResult({}, plan=folder_plan(defaults.model_dir, cfg.runtime, {"generation": batch, "vae_decode": batch}))
     names = list(cfg.detectors or DETECTORS)
     pos_path, positives = _prompts(cfg.memorized, "--memorized", defaults, "memorized", cfg.max_prompts)
     neg_path, negatives = _prompts(cfg.non_memorized, "--non_memorized", defaults, "unique", cfg.max_prompts)
@@ -96,15 +98,20 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> dict:
            "tpr_note": (f"TPR at 1% FPR with {len(negatives)} non-memorized prompts: 1% allows "
                         f"{int(0.01 * len(negatives))} of them past the threshold"),
            "detectors": results, "runtime": runtime.to_dict()}
+    result = CommandResult(doc, out.absolute())
     with dist.OutputRun(accelerator, out, cfg.overwrite, cfg.project, dataclasses.asdict(cfg),
                         trackers=cfg.tracker is not None) as run:
         if run.folder is not None:
-            write_json(run.folder / "detect.json", doc)
-            plot_roc(results, run.folder / "roc.png")
-            markdown(doc).write(run.folder / "detect.md")
+            write(result, run.folder)
             dist.log_to_trackers(accelerator, {f"{n}/auc": r["auc"] for n, r in results.items()})
-    doc["output_dir"] = str(out.absolute())
-    return doc
+    return result
+
+
+def write(result: CommandResult, folder: Path) -> None:
+    """detect's writer: detect.json, roc.png and detect.md into `folder`."""
+    write_json(folder / "detect.json", result.report)
+    plot_roc(result.report["detectors"], folder / "roc.png")
+    markdown(result.report).write(folder / "detect.md")
 
 
 def plot_roc(results: dict, path: Path) -> None:

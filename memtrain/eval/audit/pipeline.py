@@ -354,9 +354,10 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
             "runtime": runtime.to_dict(),
             "results": [r.result for r in runs],
         }
+        result = AuditResult(doc, inputs.output_dir.absolute(), material=(inputs, baseline.items, runs, recipe))
         if out.folder is not None:
-            audit_report.write_outputs(out.folder, doc, inputs, baseline.items, runs, recipe, accelerator)
+            audit_report.write(result, out.folder, accelerator)
     ctx.journal.close()
     if owns:
         accelerator.end_training()
-    return AuditResult(doc, inputs.output_dir.absolute())
+    return result

@@ -276,6 +276,12 @@ def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, run
                                      for r in clean]), table_name="verdicts")
 
 
+def write(result, folder: Path, accelerator=None) -> None:
+    """The audit's writer: an AuditResult into `folder` (report.json, report.md, grids/, attacks/)."""
+    inputs, baseline_items, runs, recipe = result.material
+    write_outputs(folder, result.report, inputs, baseline_items, runs, recipe, accelerator)
+
+
 def summary(doc: dict) -> str:
     """A few lines for the terminal."""
     fmt = report.format_value

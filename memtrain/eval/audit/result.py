@@ -3,7 +3,7 @@ closing audit, scripts) read figures by name instead of indexing dicts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from memtrain.core.errors import MemtrainError
 from memtrain.core.report import CommandResult
 
@@ -29,7 +29,10 @@ class AuditRow:
 
 @dataclass
 class AuditResult(CommandResult):
-    """What `memtrain audit` returns: report.json's document, its rows, where it was written."""
+    """What `memtrain audit` returns: report.json's document, its rows, where it was written; and
+    the material its writer turns into grids and attack files (memtrain.eval.audit.report.write)."""
+
+    material: tuple | None = field(default=None, repr=False, compare=False)  # (inputs, baseline items, runs, recipe)
 
     @property
     def rows(self) -> list[AuditRow]:
