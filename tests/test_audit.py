@@ -183,7 +183,7 @@ def test_removes_must_hold_at_every_budget_of_the_curve():
 def test_recipes_load_and_reject_bad_keys(tmp_path):
     sd = load_audit_recipe(REPO / "recipes" / "audit_sd14.yaml")
     assert (sd.attack.steps, sd.attack.lr, sd.attack.noise_samples, sd.attack.init) == (50, 0.1, 8, "prompt")
-    assert sd.mitigations["wanda"]["scheduler"] == "pndm"  # ConceptPrune's timesteps
+    assert sd.mitigation_settings["wanda"]["scheduler"] == "pndm"  # ConceptPrune's timesteps
     tb = load_audit_recipe(REPO / "recipes" / "audit_testbed.yaml")
     assert (tb.attack.steps, tb.attack.lr, tb.attack.init, tb.seeds) == (50, 0.01, "random", 10)
     bad = tmp_path / "bad.yaml"
@@ -431,7 +431,7 @@ def test_audit_in_half_precision_runs_and_reports_it(tiny_testbed, tmp_path, dty
     exact and report.json says what ran (device, dtype, batch size per stage, peak memory)."""
     out = tmp_path / dtype
     _audit(_config(tiny_testbed, out, ["none", "pad_mask", "nemo"], max_targets=2,
-                   runtime={"dtype": dtype, "max_memory": "8GB"}))
+                   dtype=dtype, max_memory="8GB"))
     saved = json.loads((out / "report.json").read_text())
     runtime = saved["runtime"]
     assert runtime["device"] == "cpu" and runtime["dtype"] == dtype and runtime["max_memory"] == "8GB"

@@ -83,7 +83,7 @@ def test_evaluate_in_bf16_says_so_and_stays_close_to_fp32(dev_testbed, small_man
     """--dtype bf16 on CPU: generation and scoring run in half precision, metrics.json's runtime
     says bf16, and the figures stay near the fp32 ones (same seeds; bf16 rounds, so not equal)."""
     fp32 = evaluate(_cfg(dev_testbed, small_manifest, tmp_path / "fp32"))
-    bf16 = evaluate(_cfg(dev_testbed, small_manifest, tmp_path / "bf16", runtime={"dtype": "bf16"}))
+    bf16 = evaluate(_cfg(dev_testbed, small_manifest, tmp_path / "bf16", dtype="bf16"))
     saved = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert saved["runtime"]["dtype"] == "bf16" and saved["dtype"] == "bfloat16"
     assert saved["runtime"]["batch_sizes"]["generation"] >= 1 and saved["runtime"]["peak_memory_gb"] > 0
