@@ -227,7 +227,7 @@ def test_nemo_auto_threshold_and_zero_snr_v_prediction(tokenizer):
 
 
 def test_nemo_needs_statistics(bundle, tmp_path):
-    with pytest.raises(MemtrainError, match="reference prompts.*mitigations.nemo.statistics") as err:
+    with pytest.raises(MemtrainError, match="reference prompts.*mitigation_settings.nemo.statistics") as err:
         get_mitigation("nemo").prepare(bundle, PROMPTS, [], SEEDS)
     assert "\n" not in str(err.value)
     with pytest.raises(MemtrainError, match="does not exist"):

@@ -324,9 +324,9 @@ def evaluate_plan(cfg: EvaluateConfig, defaults: ModelDefaults) -> dict:
 def fingerprint(cfg: EvaluateConfig, inputs: Inputs, bundle, fid_manifest: str | None) -> dict:
     """What a resumed evaluation must share with the interrupted one: the command line (but how
     it is run and shown), the model's weights and the bytes of the manifests and images."""
-    run_only = ("resume", "overwrite", "progress", "report_to", "project")
+    # the budget only sizes batches (round-off, not figures): a resume may run on another card
+    run_only = ("resume", "overwrite", "progress", "report_to", "project", "max_memory", "plan", "timeout_minutes")
     command = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in run_only}
-    command["runtime"] = {k: v for k, v in command["runtime"].items() if k in ("device", "dtype")}
     return {"command": command,
             "weights": weights_checksum(bundle), "manifests": file_digests([inputs.manifest_path, fid_manifest]),
             "images": file_digests([it.image for it in inputs.items if inputs.has_images])}
