@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import atomic_write_bytes, atomic_write_text
+from memtrain.core.report import versioned
 from memtrain.core.manifest import ManifestError, ManifestItem, write_manifest
 from memtrain.data.releases import load_release
 
@@ -347,5 +348,5 @@ def _write_outputs(out: Path, items: list[ManifestItem], done: dict[str, Path],
     report = {"fetched": len(fetched), "dead": dead, "skipped_existing": len(done),
               "downloaded": len(fetched) - len(done), "total": len(items),
               "manifest": str(manifest_path)}
-    atomic_write_text(out / "fetch_report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "fetch_report.json", json.dumps(versioned(report), indent=2, ensure_ascii=False))
     return report
