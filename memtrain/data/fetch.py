@@ -345,8 +345,8 @@ def _write_outputs(out: Path, items: list[ManifestItem], done: dict[str, Path],
             extra["fetched_url"] = used_url
         fetched.append(dataclasses.replace(item, image=str(path), extra=extra))
     manifest_path = write_manifest(out / "manifest.jsonl", fetched)
-    report = {"fetched": len(fetched), "dead": dead, "skipped_existing": len(done),
+    report = versioned({"fetched": len(fetched), "dead": dead, "skipped_existing": len(done),
               "downloaded": len(fetched) - len(done), "total": len(items),
-              "manifest": str(manifest_path)}
-    atomic_write_text(out / "fetch_report.json", json.dumps(versioned(report), indent=2, ensure_ascii=False))
+              "manifest": str(manifest_path)})
+    atomic_write_text(out / "fetch_report.json", json.dumps(report, indent=2, ensure_ascii=False))
     return report
