@@ -154,10 +154,6 @@ def compare(section: str, docs: Iterable[Mapping]) -> tuple[list[str], list[str]
 def assert_documented(section: str, *docs: Mapping, version: int = 1) -> None:
     """Every written key is in docs/reports.md's section, every documented non-optional key was
     written, and each document carries schema_version == `version` as its first key."""
-    import os, json as _j  # DEBUG-DUMP
-    if os.environ.get("RS_DUMP"):  # DEBUG-DUMP
-        Path(os.environ["RS_DUMP"], re.sub(r"[^A-Za-z0-9_.-]+", "_", section) + ".json").write_text(_j.dumps(docs[0], indent=1))  # DEBUG-DUMP
-        return  # DEBUG-DUMP
     for doc in docs:
         assert next(iter(doc), None) == "schema_version" and doc["schema_version"] == version, (
             section, list(doc)[:3])

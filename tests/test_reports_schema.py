@@ -1,9 +1,11 @@
 """docs/reports.md is the report format: every key a command writes is listed there, every listed
 key that is not optional is written, and every report document starts with schema_version.
 The reports come from real runs at the smallest budgets (the tiny models and the dev testbed
-the other tests use); the analyses' JSON and the planted card are checked in test_analyses.py,
-the fine-tuner's run_summary.json and closing audit in test_finetune_testbed.py, gpu_check.json
-in test_gpu_check.py (slow tier)."""
+the other tests use). The reports other fast tests write anyway are checked there, through
+tests/report_schema.py: the audit's report.json in test_audit.py, the analyses' JSON and the
+planted card in test_analyses.py, the fine-tuner's run_summary.json and audit/report.json in
+test_trainer.py (and on the real testbed in test_finetune_testbed.py, slow); gpu_check.json in
+test_gpu_check.py (slow)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from memtrain.core.report import SCHEMA_VERSION, versioned
 from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.data import ManifestItem, write_manifest
 
-from test_audit import _audit, _config, tiny_testbed  # noqa: F401  (the audit's tiny testbed fixture)
 from test_fetch import Server, _image_bytes, _manifest
 
 
@@ -94,12 +95,6 @@ def test_fetch_report_json(tmp_path):
     finally:
         server.close()
     assert_documented("fetch_report.json (scripts/fetch_images.py)", _load(tmp_path / "out" / "fetch_report.json"))
-
-
-def test_audit_report_json(tiny_testbed, tmp_path):  # noqa: F811
-    out = tmp_path / "audit"
-    _audit(_config(tiny_testbed, out, ["none", "wanda"], max_targets=2))
-    assert_documented("report.json (scripts/audit.py)", _load(out / "report.json"))
 
 
 def test_evaluate_and_triage_json(dev_testbed, tmp_path):
