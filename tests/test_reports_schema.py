@@ -98,8 +98,7 @@ def test_fetch_report_json(tmp_path):
 
 
 def test_evaluate_and_triage_json(dev_testbed, tmp_path):
-    from memtrain.eval.evaluate import EvaluateConfig
-    from memtrain.eval.triage import triage
+    from memtrain.eval.triage import TriageConfig, triage
     from memtrain.core.manifest import read_manifest
     from memtrain.testbed.resolver import resolve_model
 
@@ -107,8 +106,9 @@ def test_evaluate_and_triage_json(dev_testbed, tmp_path):
     twin = dataclasses.replace(items[0], id="twin", prompt="another caption for the same photo")
     release = write_manifest(tmp_path / "release.jsonl", [*items, twin])
     out = tmp_path / "triage"
-    cfg = EvaluateConfig(model=str(dev_testbed / "model"), seeds=2, output_dir=str(out), progress=False)
-    triage(cfg, str(release), resolve_model(cfg.model), duplicate_threshold=0.95)
+    cfg = TriageConfig(model=str(dev_testbed / "model"), seeds=2, output_dir=str(out), progress=False,
+                       release=str(release), duplicate_threshold=0.95)
+    triage(cfg, resolve_model(cfg.model))
     assert_documented("metrics.json (scripts/evaluate.py)", _load(out / "metrics.json"))
     assert_documented("triage.json (scripts/triage.py)", _load(out / "triage.json"))
     assert_documented("duplicates.json (scripts/triage.py)", _load(out / "duplicates.json"))
