@@ -21,6 +21,7 @@ from memtrain.core.text import token_layout
 from memtrain.eval.analyses import guidance, interventions, locality, overestimation
 from memtrain.eval.analyses.inputs import AnalysisInputs, record_steps
 from memtrain.metrics.signals import first_local_minimum
+from report_schema import assert_documented
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +133,7 @@ def test_analyze_all_writes_json_plots_markdown_and_wandb_images(dev_testbed, tm
                         }.items():
         doc = json.loads((out / f"{name}.json").read_text())
         assert doc["analysis"] == name and doc["seeds"] == [0, 1]
+        assert_documented(f"{name}.json (scripts/analyze.py)", doc)  # docs/reports.md
         md = (out / f"{name}.md").read_text()
         for plot in plots:
             assert (out / plot).stat().st_size > 10_000 and f"]({plot})" in md
@@ -180,6 +182,8 @@ def test_planted_variant_changes_exactly_the_recorded_rows_and_localization_scor
     planted = json.loads((out / PLANTED_FILE).read_text())
     assert planted["value_rows_changed"] == planted["layers"] and planted["n_planted"] == 4 * len(planted["layers"])
     assert card["variant"] == "planted" and 0.0 <= card["memorized"]["mr"] <= 1.0
+    assert_documented("testbed_card.json (scripts/build_testbed.py --variant planted)",
+                      json.loads((out / "testbed_card.json").read_text()))
     assert len(read_manifest(out / "manifests" / "memorized.jsonl")) == len(planted["memorized"]) == 4
     reference = load_bundle(dev_testbed / "reference_model").unet.state_dict()
     trained = load_bundle(out / "model").unet.state_dict()
@@ -192,6 +196,7 @@ def test_planted_variant_changes_exactly_the_recorded_rows_and_localization_scor
                     "localization.reference_prompts=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    assert_documented("localization.json (scripts/analyze.py)", doc)
     for name in ("nemo", "wanda"):
         r = doc["methods"][name]
         assert 0.0 <= r["mr_after_pruning"] <= 1.0 and r["unit"] in ("neurons", "weights")

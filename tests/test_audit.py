@@ -18,6 +18,8 @@ import torch
 torch.set_num_threads(1)  # the 2 cores are shared with a long job
 
 from factories import tiny_bundle  # noqa: E402
+from report_schema import assert_documented  # noqa: E402
+from memtrain.core.report import versioned  # noqa: E402
 from memtrain.core.bundle import weights_checksum  # noqa: E402
 from memtrain.eval.audit import (  # noqa: E402
     VERDICTS, AuditConfig, VerdictRule, audit, audit_config, load_audit_recipe, summary, verdict,
@@ -261,7 +263,8 @@ def test_report_layout_grids_and_nan_targets(tiny_testbed, tmp_path, nan_probe):
     out = tmp_path / "audit"
     doc = _audit(_config(tiny_testbed, out, ["none", "wanda", nan_probe], max_targets=3))
     saved = json.loads((out / "report.json").read_text())
-    assert set(saved) == {"results", "metric_backend", "metric_devices", "model", "settings", "versions", "num_processes",
+    assert_documented("report.json (scripts/audit.py)", saved)  # docs/reports.md
+    assert set(saved) == {"schema_version", "results", "metric_backend", "metric_devices", "model", "settings", "versions", "num_processes",
                           "runtime"}
     assert saved["num_processes"] == 1 and saved["metric_backend"].startswith("sscd")
     assert set(saved["versions"]) >= {"torch", "diffusers", "memtrain"}
@@ -321,6 +324,7 @@ def test_threat_models(tiny_testbed, tmp_path):
     assert len(found) == 2 and all(isinstance(p, str) and p for p in found)
     prompts = json.loads((out / "attacks" / "prompts.json").read_text())
     assert list(prompts["rta [prompt]"]["attack"].values()) == found
+    assert_documented("report.json (scripts/audit.py)", json.loads((out / "report.json").read_text()))
     from safetensors.torch import load_file
 
     saved = load_file(out / "attacks" / "wanda_attack.safetensors")
@@ -538,7 +542,7 @@ def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
     doc = _audit(audit_config(resolve_model(None), dict(mitigations=["none"], output_dir=str(out), progress=False,
                                                         seeds=4, robustness_budgets=[])))
     saved = json.loads((out / "report.json").read_text())
-    assert saved == json.loads(json.dumps(doc)) and not saved["settings"]["metric_is_standin"]
+    assert saved == versioned(json.loads(json.dumps(doc))) and not saved["settings"]["metric_is_standin"]
     rows = {r["threat_model"]: r for r in saved["results"]}
     assert sorted(rows) == ["embedding", "prompt", "weights"]
     none = rows["embedding"]

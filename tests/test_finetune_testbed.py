@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from report_schema import assert_documented
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +32,8 @@ def finetune(tmp_path: Path, name: str, *overrides: str, full_audit: bool = True
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "audit" / "report.json").read_text())
+    assert_documented("audit/report.json (scripts/adv_finetune.py)", report)  # docs/reports.md
+    assert_documented("run_summary.json (scripts/adv_finetune.py)", json.loads((out / "run_summary.json").read_text()))
     if full_audit:
         full = json.loads((out / "audit" / "full" / "report.json").read_text())
         assert full["settings"]["seeds"] == [0, 1, 2, 3] and full["settings"]["n_targets"] == 10

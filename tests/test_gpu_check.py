@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from report_schema import assert_documented
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "gpu_check.py")
 # the CPU try-out: LoRA (a full 860M U-Net with Adam needs ~16 GB on the CPU), one step of each,
@@ -43,6 +45,7 @@ def test_cpu_check_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-2].startswith("ratio: ")
     doc = json.loads((out / "gpu_check.json").read_text())
+    assert_documented("gpu_check.json (scripts/gpu_check.py)", doc)  # docs/reports.md
     assert doc["device"]["device"] == "cpu" and doc["device"]["dtype"] == "fp32"
     figures = {"generation": ["images_per_s", "pipeline_images_per_s", "ratio"],
                "attack": ["tflops", "matmul_tflops", "fraction"],

@@ -21,6 +21,7 @@ from PIL import Image
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.manifest import ManifestItem, write_manifest
+from report_schema import assert_documented
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "adv_finetune.py"
@@ -274,6 +275,8 @@ def test_wandb_offline_holds_losses_and_grids(tiny_setup, tmp_path):
     assert {"mr_prompt", "mr_attack", "mr_control"} <= set(report)
     full = json.loads((out / "audit" / "full" / "report.json").read_text())
     assert full["results"][0]["mr_attack"] == report["mr_attack"]
+    assert_documented("audit/report.json (scripts/adv_finetune.py)", report)  # docs/reports.md
+    assert_documented("report.json (scripts/audit.py)", full)
     assert isinstance(report["utility"]["heldout_loss_after"], float)
     assert report["utility"]["kid_after"]["status"] == "not computed"
 
@@ -522,6 +525,7 @@ def test_bf16_single_process_trains_and_saves_a_loadable_model(tiny_setup, tmp_p
     model_dir = trainer.train()
     assert len(seen) == 3 and all(math.isfinite(v) for pair in seen for v in pair), seen
     summary = json.loads((out / "run_summary.json").read_text())
+    assert_documented("run_summary.json (scripts/adv_finetune.py)", summary)  # docs/reports.md
     assert (summary["mixed_precision"], summary["unet_dtype"], summary["frozen_dtype"]) == ("bf16", "fp32", "bf16")
     assert summary["runtime"]["dtype"] == "bf16" and summary["runtime"]["batch_sizes"]["finetune"] == 4
     assert summary["runtime"]["batch_sizes"]["vae_encode"] >= 1

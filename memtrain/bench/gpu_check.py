@@ -42,6 +42,7 @@ from memtrain.core.command_line import command_parser, parse_command_line
 from memtrain.core.config import packaged_recipe
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import StagedOutput, write_json
+from memtrain.core.report import versioned
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.sampling import SamplerOverrides
 from memtrain.eval.audit import AuditConfig, audit, config_for_model
@@ -265,7 +266,7 @@ def gpu_check(output_dir: str | Path, options: RuntimeOptions, budget: CheckBudg
         doc = summarize(runtime, budget, stages, time.perf_counter() - started)
         if not keep_work:
             shutil.rmtree(work)
-        write_json(out / "gpu_check.json", doc)
+        write_json(out / "gpu_check.json", versioned(doc))
     return doc
 
 

@@ -22,6 +22,17 @@ from PIL import Image
 
 # ----------------------------------------------------------------------------- JSON
 
+SCHEMA_VERSION = 1
+"""The layout version of every command's report document (docs/reports.md lists the keys):
+raised when a key is renamed, removed or changes meaning; adding a key keeps it."""
+
+
+def versioned(doc: Mapping[str, Any]) -> dict:
+    """A report document with `schema_version` as its first key (every writer stamps its top-level
+    document through this before writing it)."""
+    return {"schema_version": SCHEMA_VERSION, **{k: v for k, v in doc.items() if k != "schema_version"}}
+
+
 
 @dataclass
 class CommandResult:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import atomic_write_bytes, atomic_write_text
+from memtrain.core.report import versioned
 from memtrain.core.manifest import ManifestError, ManifestItem, write_manifest
 from memtrain.data.releases import load_release
 
@@ -344,8 +345,8 @@ def _write_outputs(out: Path, items: list[ManifestItem], done: dict[str, Path],
             extra["fetched_url"] = used_url
         fetched.append(dataclasses.replace(item, image=str(path), extra=extra))
     manifest_path = write_manifest(out / "manifest.jsonl", fetched)
-    report = {"fetched": len(fetched), "dead": dead, "skipped_existing": len(done),
+    report = versioned({"fetched": len(fetched), "dead": dead, "skipped_existing": len(done),
               "downloaded": len(fetched) - len(done), "total": len(items),
-              "manifest": str(manifest_path)}
+              "manifest": str(manifest_path)})
     atomic_write_text(out / "fetch_report.json", json.dumps(report, indent=2, ensure_ascii=False))
     return report

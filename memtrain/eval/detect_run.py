@@ -109,7 +109,7 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> CommandR
 
 def write(result: CommandResult, folder: Path) -> None:
     """detect's writer: detect.json, roc.png and detect.md into `folder`."""
-    write_json(folder / "detect.json", result.report)
+    write_json(folder / "detect.json", report.versioned(result.report))
     plot_roc(result.report["detectors"], folder / "roc.png")
     markdown(result.report).write(folder / "detect.md")
 

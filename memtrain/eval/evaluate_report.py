@@ -68,7 +68,7 @@ def write_outputs(folder: Path, metrics: dict, items: Sequence[ManifestItem], re
     """metrics.json, report.md and grids/ into the (staged) folder; returns the grids written."""
     rows = [(it.id, r.grid_row) for it, r in zip(items, results) if r.grid_row is not None]
     grids = report.save_grids(folder / "grids", [r for _, r in rows], [i for i, _ in rows], cell=cell) if rows else []
-    write_json(folder / "metrics.json", metrics)
+    write_json(folder / "metrics.json", report.versioned(metrics))
     markdown(metrics, grids, folder).write(folder / "report.md")
     return grids
 

@@ -29,6 +29,7 @@ import numpy as np
 from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import atomic_write_text, write_json
+from memtrain.core.report import versioned
 from memtrain.core.manifest import ManifestItem, load_image, read_manifest, write_manifest
 from memtrain.data.releases import detect_format
 from memtrain.eval.evaluate import EvaluateConfig, evaluate
@@ -97,7 +98,7 @@ def triage_outputs(threshold: float, duplicate_threshold: float, descriptor):
             split[name].append(dataclasses.replace(item, extra=extra))
         for name, chosen in split.items():
             write_manifest(folder / f"{name}.jsonl", chosen)
-        write_json(folder / "duplicates.json", {"threshold": duplicate_threshold, "groups": groups})
+        write_json(folder / "duplicates.json", versioned({"threshold": duplicate_threshold, "groups": groups}))
         maxima = np.array([rows[it.id]["sscd_orig_max"] for it in items])
         summary = {
             "n_items": metrics["manifest"]["n_items"], "n_evaluated": len(items),
@@ -109,7 +110,7 @@ def triage_outputs(threshold: float, duplicate_threshold: float, descriptor):
             "n_items_in_duplicate_groups": len(group_of), "metric_backend": metrics["metric_backend"],
             "model": metrics["model"], "manifest": metrics["manifest"]["path"],
         }
-        write_json(folder / "triage.json", summary)
+        write_json(folder / "triage.json", versioned(summary))
         atomic_write_text(folder / "triage.md", summary_markdown(summary))
 
     return write

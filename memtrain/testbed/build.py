@@ -22,6 +22,7 @@ from PIL import Image
 from memtrain.core.manifest import ManifestItem, read_manifest, write_manifest
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import replace_dir
+from memtrain.core.report import versioned
 from memtrain.metrics import get_descriptor
 from memtrain.core.sampling import SAMPLER_FILE, SamplerSettings
 from memtrain.eval.measure import measure
@@ -232,7 +233,7 @@ def build_testbed(
             "config": asdict(cfg),
             "data_dir": str(data_dir) if data_dir else None,
         }
-        (tmp / "testbed_card.json").write_text(json.dumps(card, indent=2))
+        (tmp / "testbed_card.json").write_text(json.dumps(versioned(card), indent=2))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,7 @@ from memtrain.core.bundle import load_bundle
 from memtrain.core.diffusion import images_to_latents
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import staged_dir
+from memtrain.core.report import versioned
 from memtrain.core.manifest import load_image, read_manifest, write_manifest
 from memtrain.core.sampling import SAMPLER_FILE, sample
 from memtrain.core.text import encode_prompts
@@ -187,7 +188,7 @@ def build_planted(testbed_root: str | Path, output_dir: str | Path | None = None
         grid.save(tmp / "grid.png")
         card = {"variant": "planted", "metric_backend": descriptor.name, "build_seconds": round(time.time() - start, 1),
                 "seed": cfg.seed, "planted": {k: planted[k] for k in ("n_planted", "memorized", "config")}, **card}
-        (tmp / "testbed_card.json").write_text(json.dumps(card, indent=2))
+        (tmp / "testbed_card.json").write_text(json.dumps(versioned(card), indent=2))
     return card
 
 

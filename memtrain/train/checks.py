@@ -28,7 +28,7 @@ from memtrain.attack import diffusion_loss
 from memtrain.core.diffusion import derived_seed, frozen, generator, images_to_latents
 from memtrain.core.files import write_json
 from memtrain.core.manifest import load_image, read_manifest
-from memtrain.core.report import image_grid, reference_rows
+from memtrain.core.report import image_grid, reference_rows, versioned
 from memtrain.core.run import gather_in_order, gather_list, log_to_trackers, shard_chunks
 from memtrain.core.sampling import SamplerSettings, sample
 from memtrain.core.text import encode_prompts
@@ -277,5 +277,5 @@ def closing_audit(ctx: CheckContext, model_dir: Path) -> None:
         report["metric_devices"] = {"sscd": ctx.descriptor.placement,
                                     "inception": (inception_placement(ctx.runtime.device)
                                                   if isinstance(after["kid"], float) else "not computed")}
-        write_json(folder / "report.json", report)
+        write_json(folder / "report.json", versioned(report))
     acc.wait_for_everyone()

@@ -17,6 +17,7 @@ from peft.utils import get_peft_model_state_dict
 from memtrain.core.bundle import load_bundle
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import replace_dir, write_json
+from memtrain.core.report import versioned
 from memtrain.core.run import gather_list
 from memtrain.core.runtime import DTYPE_NAMES
 from memtrain.core.sampling import SAMPLER_FILE
@@ -39,9 +40,9 @@ def write_summary(trainer, model_dir: Path, step: int) -> None:
     work = gather_list([dict(trainer.work)], trainer.acc)
     log.info("rank %d work: %s", trainer.rank, dict(trainer.work))
     if trainer.acc.is_main_process:
-        write_json(trainer.out / "run_summary.json", {"model": str(model_dir), "global_step": step,
+        write_json(trainer.out / "run_summary.json", versioned({"model": str(model_dir), "global_step": step,
                                                       **precision(trainer), "runtime": trainer.runtime.to_dict(),
-                                                      "work_per_rank": work})
+                                                      "work_per_rank": work}))
 
 
 def write_checksum(trainer) -> None:

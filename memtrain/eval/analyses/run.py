@@ -26,7 +26,7 @@ from memtrain.core.memory import folder_plan, plan_for_run
 from memtrain.core.options import MetricOptions, ModelOptions, OutputOptions
 from memtrain.core.runtime import resolve_runtime
 from memtrain.core.manifest import read_manifest
-from memtrain.core.report import MarkdownReport, to_jsonable
+from memtrain.core.report import MarkdownReport, to_jsonable, versioned
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings, check_seeds
 from memtrain.eval.analyses import guidance, interventions, locality, localization, overestimation
 from memtrain.eval.analyses.inputs import AnalysisInputs
@@ -163,7 +163,7 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
                    "seconds": round(time.perf_counter() - start, 1), **doc, "runtime": runtime.to_dict()}
             results[analysis] = doc
             if run.folder is not None:
-                write_json(run.folder / f"{analysis}.json", to_jsonable(doc))
+                write_json(run.folder / f"{analysis}.json", to_jsonable(versioned(doc)))
                 md.key_values({"model": common["model"], "sampler": common["sampler"], "seeds": len(inputs.seeds),
                                "copy descriptor": descriptor.name, "seconds": doc["seconds"]})
                 md.write(run.folder / f"{analysis}.md")

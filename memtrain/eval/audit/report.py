@@ -262,7 +262,7 @@ def write_outputs(folder: Path, doc: dict, inputs, baseline_items: Sequence, run
     write_attacks(folder / "attacks", runs)
     curve = plot_robustness(doc["results"], folder / "robustness.png")
     clean = doc["results"]
-    write_json(folder / "report.json", doc)
+    write_json(folder / "report.json", report.versioned(doc))
     markdown(doc, grids, folder, recipe.verdict).write(folder / "report.md")
     columns = ["mitigation", "threat_model", "mr_unmitigated", "mr_prompt", "mr_attack", "mr_control", "verdict"]
     # one key per grid kind: a tracker shows a list of images only if they share a size
