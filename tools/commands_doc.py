@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from memtrain.commands import COMMANDS, command, usage
+from memtrain.commands.base import Dispatcher
+from memtrain.commands.bench import GPU_CHECK
 
 HEADER = """# Commands
 
@@ -42,9 +44,14 @@ def render() -> str:
     parts = [HEADER, "## memtrain --help\n", "```text", usage(), "```\n"]
     for name in COMMANDS:
         cmd = command(name)
-        help_text = getattr(cmd, "help_text", None)
-        text = help_text() if help_text else cmd.parser().format_help()
-        parts += [f"## memtrain {name}\n", "```text", text.rstrip(), "```\n"]
+        if isinstance(cmd, Dispatcher):  # memtrain bench: its listing, then each benchmark
+            parts += [f"## memtrain {name}\n", "```text", cmd.usage(), "```\n"]
+            for sub in cmd.registry:
+                parts += [f"### memtrain {name} {sub}\n", "```text",
+                          cmd.registry[sub].parser().format_help().rstrip(), "```\n"]
+            continue
+        parts += [f"## memtrain {name}\n", "```text", cmd.parser().format_help().rstrip(), "```\n"]
+    parts += ["## scripts/gpu_check.py\n", "```text", GPU_CHECK.parser().format_help().rstrip(), "```\n"]
     return "\n".join(parts)
 
 

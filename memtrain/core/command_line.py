@@ -145,8 +145,9 @@ def _declaring_class(cls: type, name: str) -> type:
 
 
 def _group_title(group: type) -> str:
-    doc = (group.__doc__ or group.__name__).strip().splitlines()[0]
-    return f"{group.__name__}: {doc}"
+    """A help section's title: the group's name and its docstring's first sentence."""
+    doc = " ".join((group.__doc__ or "").split("\n\n")[0].split()).split(". ")[0].rstrip(".:")
+    return f"{group.__name__} ({doc})" if doc else group.__name__
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: Sequence[str] = (),

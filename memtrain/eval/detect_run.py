@@ -26,7 +26,7 @@ from memtrain.eval.utility import versions
 
 @dataclass(kw_only=True)
 class DetectConfig(ModelOptions, OutputOptions):
-    """`memtrain detect`'s config: the shared model/output options and its own."""
+    """What to score. `memtrain detect`'s config: the shared model/output options and these."""
 
     memorized: str | None = option(None, "manifest of memorized prompts; default: the model's memorized set")
     non_memorized: str | None = option(None, "manifest of non-memorized prompts; default: the model's unique set")

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class EvaluateConfig(ModelOptions, OutputOptions, MetricOptions):
-    """`memtrain evaluate`'s config: the shared model/output/metric options and its own."""
+    """What to evaluate. `memtrain evaluate`'s config: the shared model/output/metric options and these."""
 
     manifest: str | None = option(None, "JSONL manifest (id, prompt, image); default: the model's memorized set")
     seeds: int = option(10, "generations per prompt, seeds 0..N-1")

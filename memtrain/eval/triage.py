@@ -137,7 +137,7 @@ def summary_markdown(s: dict) -> str:
 
 @dataclass(kw_only=True)
 class TriageConfig(EvaluateConfig):
-    """`memtrain triage`'s config: evaluate's, with the release in place of the manifest."""
+    """The release to triage. `memtrain triage`'s config: evaluate's, with the release in place of the manifest."""
 
     release: str = option(dataclasses.MISSING, "a manifest with local images, or a `memtrain fetch` output folder")
     duplicate_threshold: float | None = option(None, "SSCD between two training images that flags them as "

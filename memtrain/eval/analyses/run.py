@@ -67,8 +67,9 @@ def load_analysis_recipe(path: str | Path, overrides=()) -> AnalysisRecipe:
 
 @dataclass(kw_only=True)
 class AnalyzeConfig(ModelOptions, OutputOptions, MetricOptions, AnalysisRecipe):
-    """`memtrain analyze`'s config: the shared options, which analyses, and the per-model settings
-    (AnalysisRecipe) whose defaults come from the model's recipe (`analysis_config`)."""
+    """Which analyses, on which prompts. `memtrain analyze`'s config: the shared options, these
+    fields, and the per-model settings (AnalysisRecipe) whose defaults come from the model's recipe
+    (`analysis_config`)."""
 
     analyses: list[str] = option(dataclasses.MISSING, f"which analyses ({', '.join(ANALYSES)}, or all)", "--analysis")
     manifest: str | None = option(None, "memorized prompts with their images; default: the model's memorized set")

@@ -102,8 +102,9 @@ def load_audit_recipe(path: str | Path, overrides: Sequence[str] = ()) -> AuditR
 
 @dataclass(kw_only=True)
 class AuditConfig(ModelOptions, OutputOptions, MetricOptions, AuditRecipe):
-    """The audit's whole config: the shared model/output/metric options, what to audit, and the
-    per-model settings (AuditRecipe) whose defaults come from the model's recipe (`audit_config`)."""
+    """What to audit. The audit's whole config: the shared model/output/metric options, these
+    fields, and the per-model settings (AuditRecipe) whose defaults come from the model's recipe
+    (`audit_config`)."""
 
     mitigations: list[str] = option(dataclasses.MISSING, "mitigations to audit (none, nemo, wanda, pad_eot, "
                                     "pad_mask, guidance_static, rta, ..., or all)", "--mitigation")
