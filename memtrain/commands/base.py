@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from memtrain.core.command_line import CommandLine, Positional, command_parser, parse_command_line
 from memtrain.core.registry import Registry
+from memtrain.core.report import CommandResult
 from memtrain.core.run import is_main_process
 
 
@@ -47,6 +48,11 @@ class Command:
         if text and is_main_process():
             print(text)
         return result
+
+
+def result_of(doc: dict, plan: bool) -> CommandResult:
+    """A library run's document as a typed result: under --plan the document is the memory plan."""
+    return CommandResult({}, plan=doc) if plan else CommandResult(doc, doc["output_dir"])
 
 
 @dataclass(frozen=True)

@@ -75,12 +75,18 @@ class AttackBenchConfig(ModelOptions):
             raise MemtrainError("--targets must be >= 1")
 
 
+def bench_model(config: ModelOptions):
+    """(the model's defaults, its bundle on the runtime): the device and dtype are checked first,
+    so bad flags fail before a testbed build."""
+    runtime = resolve_runtime(config.runtime)
+    defaults = resolve_model(config.model)
+    return defaults, load_for_runtime(defaults.model_dir, runtime)
+
+
 def run_attack(config: AttackBenchConfig, line: CommandLine | None = None) -> CommandResult:
     if config.threads:
         torch.set_num_threads(config.threads)
-    runtime = resolve_runtime(config.runtime)  # bad flags fail before a testbed build
-    defaults = resolve_model(config.model)
-    bundle = load_for_runtime(defaults.model_dir, runtime)
+    defaults, bundle = bench_model(config)
     latents, prompts, source = bench_targets(bundle, config.targets, config.manifest or defaults.manifest("memorized"))
     print(f"targets: {source}", flush=True)
     r = bench_attack(bundle, latents, prompts, config.attack, config.repeats)
@@ -111,9 +117,7 @@ class SamplingBenchConfig(ModelOptions):
 
 
 def run_sampling(config: SamplingBenchConfig, line: CommandLine | None = None) -> CommandResult:
-    runtime = resolve_runtime(config.runtime)  # bad flags fail before a testbed build
-    defaults = resolve_model(config.model)
-    bundle = load_for_runtime(defaults.model_dir, runtime)
+    defaults, bundle = bench_model(config)
     texts = bench_prompts(config.manifest or defaults.manifest("memorized"), config.prompts, config.seeds, config.batch)
     settings = bundle.sampler_settings.with_overrides(config.sampler)
     r = bench_sampling(bundle, texts, list(range(config.seeds)), settings, batch_size=config.batch)
@@ -144,9 +148,7 @@ class MitigationsBenchConfig(ModelOptions):
 
 
 def run_mitigations(config: MitigationsBenchConfig, line: CommandLine | None = None) -> CommandResult:
-    runtime = resolve_runtime(config.runtime)  # bad flags fail before a testbed build
-    defaults = resolve_model(config.model)
-    bundle = load_for_runtime(defaults.model_dir, runtime)
+    defaults, bundle = bench_model(config)
     prompts = bench_prompts(defaults.manifest("memorized"), config.prompts, 1, config.prompts)
     mitigations = [get_mitigation(n) for n in available_mitigations()]
     mitigations = [m for m in mitigations if m.inference_time]

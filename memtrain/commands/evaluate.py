@@ -12,7 +12,7 @@ W&B without an account: WANDB_MODE=offline ... --report_to wandb (run folder: OU
 
 from __future__ import annotations
 
-from memtrain.commands.base import Command
+from memtrain.commands.base import Command, result_of
 from memtrain.core.report import CommandResult
 from memtrain.eval.evaluate import EvaluateConfig, evaluate
 from memtrain.eval.evaluate_report import summary
@@ -20,10 +20,7 @@ from memtrain.testbed.resolver import resolve_model
 
 
 def run(config: EvaluateConfig, line=None) -> CommandResult:
-    metrics = evaluate(config, resolve_model(config.model, progress=config.progress))
-    if config.plan:
-        return CommandResult({}, plan=metrics)
-    return CommandResult(metrics, metrics["output_dir"])
+    return result_of(evaluate(config, resolve_model(config.model, progress=config.progress)), config.plan)
 
 
 def show(result: CommandResult) -> str:

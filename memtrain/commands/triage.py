@@ -11,7 +11,7 @@ run continues with --resume (same command line).
 
 from __future__ import annotations
 
-from memtrain.commands.base import Command
+from memtrain.commands.base import Command, result_of
 from memtrain.core.command_line import Positional
 from memtrain.core.report import CommandResult
 from memtrain.eval.triage import TriageConfig, triage
@@ -19,10 +19,7 @@ from memtrain.testbed.resolver import resolve_model
 
 
 def run(config: TriageConfig, line=None) -> CommandResult:
-    doc = triage(config, resolve_model(config.model, progress=config.progress))
-    if config.plan:
-        return CommandResult({}, plan=doc)
-    return CommandResult(doc, doc["output_dir"])
+    return result_of(triage(config, resolve_model(config.model, progress=config.progress)), config.plan)
 
 
 def show(result: CommandResult) -> str:

@@ -59,6 +59,14 @@ def run_main(main):
 # ----------------------------------------------------------------------------- config fields that are flags
 
 
+def chain_post_init(instance: Any, cls: type) -> None:
+    """Run the next __post_init__ after `cls`'s in the instance's MRO: option groups combined by
+    inheritance (memtrain.core.options) each check their own fields, cooperatively."""
+    parent = getattr(super(cls, instance), "__post_init__", None)
+    if parent is not None:
+        parent()
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *flags: str) -> Any:
     """A config dataclass field that is also a command-line flag: its help text and any extra
     spellings (`option(None, "targets", "--manifest")`) for add_dataclass_arguments."""

@@ -12,54 +12,29 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from memtrain.core.cli import option
+from memtrain.core.cli import chain_post_init, option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
 from memtrain.core.journal import check_fresh_start
-from memtrain.core.run import DEFAULT_TIMEOUT_MINUTES, check_timeout
-from memtrain.core.runtime import RuntimeOptions, parse_device, parse_dtype, parse_memory
+from memtrain.core.manifest import read_manifest
+from memtrain.core.runtime import RuntimeOptions
 
 REPORT_TO = ("none", "wandb", "tensorboard")
 
 
-def _chain(instance, cls) -> None:
-    """Run the next __post_init__ in the MRO after `cls`'s (the groups combine cooperatively)."""
-    parent = getattr(super(cls, instance), "__post_init__", None)
-    if parent is not None:
-        parent()
-
-
 @dataclass(kw_only=True)
-class ModelOptions:
+class ModelOptions(RuntimeOptions):
     """Which model, where it runs and in what precision."""
 
     model: str | None = option(None, "a diffusers model folder, a testbed folder (or its model/), a hub id, "
                                      "or testbed (the cached one, built on first use; also the default)")
     lora: str | None = option(None, "U-Net LoRA weights fused into --model first (the model/ folder of a "
                                     "finetune: lora run)")
-    device: str | None = option(None, "where models run: cpu, cuda, cuda:N (default: the accelerator's; under "
-                                      "accelerate launch each process its own)")
-    dtype: str = option("auto", "weights' precision: auto (bf16 on CUDA devices that support it, else fp16; "
-                                "fp32 on CPU), fp32, fp16 or bf16 (honoured on CPU too)")
-    max_memory: str = option("auto", "memory budget the batch sizes are planned for: auto (the device's free "
-                                     "memory; CPU: available RAM) or a size like 24GB")
-    plan: bool = option(False, "print each stage's batch size and estimated peak memory for this model, "
-                               "resolution, dtype and budget, then exit without running")
-    timeout_minutes: float = option(DEFAULT_TIMEOUT_MINUTES, "how long a process waits for the others in a "
-                                    "collective before the run stops (several processes only)")
-
-    def __post_init__(self) -> None:
-        self.dtype = parse_dtype(self.dtype)
-        parse_device(self.device)
-        parse_memory(self.max_memory)
-        self.timeout_minutes = check_timeout(self.timeout_minutes)
-        _chain(self, ModelOptions)
 
     @property
     def runtime(self) -> RuntimeOptions:
-        """The device / precision / memory settings as memtrain.core.runtime takes them."""
-        return RuntimeOptions(device=self.device, dtype=self.dtype, max_memory=self.max_memory, plan=self.plan,
-                              timeout_minutes=self.timeout_minutes)
+        """The device / precision / memory settings alone, as memtrain.core.runtime takes them."""
+        return RuntimeOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RuntimeOptions)})
 
 
 @dataclass(kw_only=True)
@@ -82,18 +57,22 @@ class OutputOptions:
             raise MemtrainError(f"--report_to must be one of {', '.join(REPORT_TO)}, got '{self.report_to}'")
         if self.resume and self.output_dir is None:
             raise MemtrainError("--resume needs the --output_dir of the interrupted run")
-        _chain(self, OutputOptions)
+        chain_post_init(self, OutputOptions)
 
     @property
     def tracker(self) -> str | None:
         """The tracker to log to, or None."""
         return None if self.report_to == "none" else self.report_to
 
-    def check_output(self) -> None:
-        """The output folder is free (or --overwrite/--resume says what to do with it): read from disk."""
+    def check_output(self, *manifests: str | None) -> None:
+        """Read from disk: the output folder is free (or --overwrite/--resume says what to do with
+        it), and each manifest named (None: not given) reads."""
         if self.output_dir is not None:
             check_output_dir(self.output_dir, self.overwrite)
             check_fresh_start(self.output_dir, self.resume, self.overwrite)
+        for path in manifests:
+            if path is not None:
+                read_manifest(path)
 
 
 @dataclass(kw_only=True)

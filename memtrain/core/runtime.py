@@ -20,7 +20,7 @@ from typing import Callable, Sequence, TypeVar
 import psutil
 import torch
 
-from memtrain.core.cli import option
+from memtrain.core.cli import chain_post_init, option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.run import DEFAULT_TIMEOUT_MINUTES, check_timeout
 
@@ -65,9 +65,9 @@ def parse_device(name: str | None) -> torch.device | None:
                             "(default: the accelerator's)") from None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RuntimeOptions:
-    """The device / precision / memory option group of every command (validated without I/O)."""
+    """Where and how models run: device, precision, memory budget (checked without I/O)."""
 
     device: str | None = option(None, "where models run: cpu, cuda, cuda:N (default: the accelerator's; under "
                                       "accelerate launch each process its own)")
@@ -85,6 +85,7 @@ class RuntimeOptions:
         parse_device(self.device)
         parse_memory(self.max_memory)
         self.timeout_minutes = check_timeout(self.timeout_minutes)
+        chain_post_init(self, RuntimeOptions)
 
 
 @dataclass

@@ -50,10 +50,7 @@ class DetectConfig(ModelOptions, OutputOptions):
 
     def check_files(self) -> None:
         """The output folder and the manifests named (read before any model loads)."""
-        self.check_output()
-        for path in (self.memorized, self.non_memorized):
-            if path is not None:
-                read_manifest(path)
+        self.check_output(self.memorized, self.non_memorized)
 
 
 def _prompts(path: str | None, flag: str, defaults: ModelDefaults, role: str, limit: int | None) -> tuple[str, list[str]]:

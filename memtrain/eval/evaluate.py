@@ -74,10 +74,7 @@ class EvaluateConfig(ModelOptions, OutputOptions, MetricOptions):
 
     def check_files(self) -> None:
         """The output folder and the manifests named (read before any model loads)."""
-        self.check_output()
-        for path in (self.manifest, self.fid_manifest):
-            if path is not None:
-                read_manifest(path)
+        self.check_output(self.manifest, self.fid_manifest)
 
 
 @dataclass

@@ -12,6 +12,7 @@ restores the weights bit for bit (no re-loading, no arithmetic on the weights).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -267,6 +268,17 @@ class PruningMitigation(Mitigation):
         for param, index, values in reversed(self._saved):
             param.data.view(-1)[index] = values
         self._saved.clear()
+
+    def restricted_to(self, prompts: list[str], prepared, what: str) -> "PruningMitigation":
+        """A copy that prunes only what `prompts` selected (`prepared`: the prompts it has
+        selections for, `what` names them in the error), not applied yet."""
+        missing = [p for p in prompts if p not in prepared]
+        if missing:
+            raise MemtrainError(f"{self.name}: no {what} for prompt '{missing[0]}'")
+        restricted = copy.copy(self)
+        restricted._saved = []
+        restricted._active = list(prompts)
+        return restricted
 
 
 @dataclasses.dataclass(eq=False)

@@ -45,7 +45,6 @@ prompt in refinement (None: unlimited, as NeMo; neurons left untested stay prune
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -311,13 +310,7 @@ class NeMo(PruningMitigation):
         return targets
 
     def for_prompts(self, prompts: list[str]) -> "NeMo":
-        missing = [p for p in prompts if p not in self._records]
-        if missing:
-            raise MemtrainError(f"nemo: no neurons were localized for prompt '{missing[0]}'")
-        restricted = copy.copy(self)
-        restricted._saved = []
-        restricted._active = list(prompts)
-        return restricted
+        return self.restricted_to(prompts, self._records, "neurons were localized")
 
     # reports and persistence -------------------------------------------------------------------
     def details(self) -> dict:

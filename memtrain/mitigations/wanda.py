@@ -32,7 +32,6 @@ Seeds come from `prepare` (ConceptPrune: one seed, 0). docs/fidelity.md, "Wanda 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 
 import torch
@@ -258,13 +257,7 @@ class Wanda(PruningMitigation):
     def for_prompts(self, prompts: list[str]) -> "Wanda":
         if self.scope == "all":
             return self  # one mask for all prompts: it cannot be split per prompt
-        missing = [p for p in prompts if p not in self._masks]
-        if missing:
-            raise MemtrainError(f"wanda: no mask was computed for prompt '{missing[0]}'")
-        restricted = copy.copy(self)
-        restricted._saved = []
-        restricted._active = list(prompts)
-        return restricted
+        return self.restricted_to(prompts, self._masks, "mask was computed")
 
     # reports and persistence -------------------------------------------------------------------
     def details(self) -> dict:

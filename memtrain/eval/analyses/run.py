@@ -89,10 +89,7 @@ class AnalyzeConfig(ModelOptions, OutputOptions, MetricOptions, AnalysisRecipe):
 
     def check_files(self) -> None:
         """The output folder and the manifests named (read before any model loads)."""
-        self.check_output()
-        for path in (self.manifest, self.non_memorized):
-            if path is not None:
-                read_manifest(path)
+        self.check_output(self.manifest, self.non_memorized)
 
 
 def model_recipe(defaults: ModelDefaults, recipe: str | Path | None = None) -> Path:

@@ -15,7 +15,6 @@ from memtrain.core.command_line import CommandLine, merge
 from memtrain.core.config import apply_overrides, build, packaged_recipe, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.journal import file_digests
-from memtrain.core.manifest import read_manifest
 from memtrain.core.memory import folder_plan
 from memtrain.core.options import MetricOptions, ModelOptions, OutputOptions
 from memtrain.core.sampling import SamplerOverrides, SamplerSettings
@@ -130,10 +129,7 @@ class AuditConfig(ModelOptions, OutputOptions, MetricOptions, AuditRecipe):
 
     def check_files(self) -> None:
         """What the config names on disk: the output folder and the manifests (before any model loads)."""
-        self.check_output()
-        for path in (self.manifest, self.control_manifest, self.reference_manifest, self.utility_manifest):
-            if path is not None:
-                read_manifest(path)
+        self.check_output(self.manifest, self.control_manifest, self.reference_manifest, self.utility_manifest)
 
 
 def model_recipe(defaults: ModelDefaults, recipe: str | Path | None = None) -> Path:
