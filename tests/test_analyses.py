@@ -207,7 +207,7 @@ def test_planted_variant_changes_exactly_the_recorded_rows_and_localization_scor
 
 
 def test_readme_guidance_and_overestimation_figures_on_the_real_testbed(testbed_dir, tmp_path):
-    """The README's 'Mechanisms' figures for guidance and overestimation, re-measured (slow tier)."""
+    """docs/results.md's 'Mechanisms' figures for guidance and overestimation, re-measured (slow tier)."""
     from memtrain.eval.analyses.run import analysis_config, analyze
     from memtrain.testbed.resolver import resolve_model
 
@@ -216,9 +216,9 @@ def test_readme_guidance_and_overestimation_figures_on_the_real_testbed(testbed_
                                          output_dir=str(tmp_path / "a"), progress=False))
     docs = analyze(cfg, defaults)
     g = docs["guidance"]["groups"]
-    # three builds of the testbed (README: same card, weights slightly apart) gave 6.3 / 1.9 / 296,
+    # three builds of the testbed (docs/results.md: same card, weights slightly apart) gave 6.3 / 1.9 / 296,
     # 6.0 / 1.4 / 281 and 6.1 / 1.7 / 389: per-trajectory first local minima spread over t = 132-732
-    # within one build, so their mean is not a build-stable figure; the README claims the orderings
+    # within one build, so their mean is not a build-stable figure; docs/results.md claims the orderings
     assert 5.7 <= g["memorized"]["mean_first_quarter"] <= 6.6
     assert 1.3 <= g["non_memorized"]["mean_first_quarter"] <= 2.0
     switch = g["memorized"]["mean_dynamic_transition_t"]

@@ -161,7 +161,7 @@ def test_verdict_constants_are_settings():
 
 
 def test_removes_must_hold_at_every_budget_of_the_curve():
-    """The guidance_opposite row of the README's `--mitigation all` run: MR 0.0 after 50 steps but
+    """The guidance_opposite row of docs/results.md's `--mitigation all` run: MR 0.0 after 50 steps but
     0.5 after 5; an attacker keeps the 5-step snapshot, so the verdict is `conceals` there."""
     from memtrain.eval.audit.verdict import judge_over_budgets
 

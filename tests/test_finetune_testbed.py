@@ -1,10 +1,10 @@
-"""Slow tier: the README's fine-tuning figures on the real testbed with the real SSCD. Full
+"""Slow tier: docs/results.md's fine-tuning figures on the real testbed with the real SSCD. Full
 fine-tuning of the U-Net removes the memorized images (attack MR <= 0.3); LoRA on attention
 does not (attack MR >= 0.7), as paper 004 found. The closing audit runs the testbed audit recipe
 at 4 seeds instead of 10 to keep CI in minutes (fewer seeds can only lower an MR). To keep the
 suite within its 40 minutes neither run does the per-epoch audits (the fast tier covers them)
 and the LoRA run stops at the closing small audit (its attack MR is the claim checked here; the
-README's 10 x 10 LoRA figures come from the full command)."""
+docs/results.md's 10 x 10 LoRA figures come from the full command)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layering (README "How it is built") holds: import-linter's contracts in pyproject.toml,
+"""The layering (docs/architecture.md) holds: import-linter's contracts in pyproject.toml,
 module-level imports only, and scripts that are the `memtrain` command (benchmarks included:
 `memtrain bench ...`; the smoke harness lives in tools/, outside the package)."""
 
