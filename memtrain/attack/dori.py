@@ -35,6 +35,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from memtrain.core import progress
 from memtrain.core.diffusion import frozen, generator, regression_target, training_scheduler
 from memtrain.core.errors import MemtrainError
 from memtrain.core.runtime import is_out_of_memory, release_cached_memory
@@ -390,6 +391,7 @@ class DoriAttack:
         with frozen(self.bundle.unet):
             for step in range(1, self.config.steps + 1):
                 self.step()
+                progress.note(f"attack step {step}/{self.config.steps}")
                 if step in keep:
                     snapshots[step] = self.result()
         final = self.result()

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from memtrain.core.progress import note as progress_note
 from memtrain.core.cli import option
 from memtrain.core.errors import MemtrainError
 from memtrain.core.runtime import is_out_of_memory, release_cached_memory
@@ -221,7 +222,7 @@ def sample(
     # Images depend only on their input and seed, so a chunk that runs out of memory is split
     # in two (once per run) and the halves give the same images.
     pending = [jobs[s : s + batch_size] for s in range(0, len(jobs), batch_size)]
-    halved = False
+    halved, sampled = False, 0
     bar = tqdm(total=len(jobs), disable=not progress, desc="sampling")
     while pending:
         chunk = pending.pop(0)
@@ -243,6 +244,8 @@ def sample(
         if runtime is not None:
             runtime.record("generation", len(chunk))
         bar.update(len(chunk))
+        sampled += len(chunk)
+        progress_note(f"sampled {sampled}/{len(jobs)} images")
         if not timesteps_used:
             timesteps_used = used
         if images_out is None:

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from memtrain.core import progress
 from memtrain.core.errors import MemtrainError
 from memtrain.core.registry import Registry
 from memtrain.core.sampling import SamplerSettings, eps_from_output, initial_noise, sample
@@ -170,8 +171,12 @@ def roc_points(positive: Sequence[float], negative: Sequence[float]) -> tuple[li
 
 
 def score_prompts(bundle, detector: str, prompts: Sequence[str], seeds: list[int],
-                  settings: SamplerSettings) -> tuple[list[float], float]:
-    """Each prompt's score under one detector and the seconds per prompt."""
-    start = time.perf_counter()
-    scores = [DETECTORS[detector](bundle, p, list(seeds), settings) for p in prompts]
+                  settings: SamplerSettings, bar: progress.Stage | None = None) -> tuple[list[float], float]:
+    """Each prompt's score under one detector and the seconds per prompt (`bar`: a progress stage
+    advanced per prompt)."""
+    start, scores = time.perf_counter(), []
+    for prompt in prompts:
+        scores.append(DETECTORS[detector](bundle, prompt, list(seeds), settings))
+        if bar is not None:
+            bar.advance()
     return scores, (time.perf_counter() - start) / max(1, len(prompts))

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from memtrain.core import report
+from memtrain.core import progress, report
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_for_runtime
 from memtrain.core.memory import folder_plan, plan_for_run
@@ -82,8 +82,10 @@ def detect(cfg: DetectConfig, defaults: ModelDefaults | None = None) -> CommandR
     seeds = check_seeds(range(cfg.seeds))
     results = {}
     for detector in names:
-        pos, pos_seconds = score_prompts(bundle, detector, positives, seeds, settings)
-        neg, neg_seconds = score_prompts(bundle, detector, negatives, seeds, settings)
+        with progress.stage(f"detect: {detector}", len(positives) + len(negatives), "prompts",
+                            cfg.progress and dist.is_main(accelerator)) as bar:
+            pos, pos_seconds = score_prompts(bundle, detector, positives, seeds, settings, bar)
+            neg, neg_seconds = score_prompts(bundle, detector, negatives, seeds, settings, bar)
         results[detector] = {
             "auc": auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
             "seconds_per_prompt": (pos_seconds * len(pos) + neg_seconds * len(neg)) / (len(pos) + len(neg)),

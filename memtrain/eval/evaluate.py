@@ -19,9 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from memtrain.core import report
+from memtrain.core import progress, report
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_for_runtime, weights_checksum
 from memtrain.core.memory import folder_plan, plan_for_run
@@ -185,12 +184,12 @@ def score_items(items: list[ManifestItem], ctx: dict, cfg: EvaluateConfig, accel
 
     local = []
     show = cfg.progress and dist.is_main(accelerator)
-    with tqdm(total=sum(map(len, chunks)), desc=f"evaluate (process 0 of {dist.world(accelerator)[1]})",
-              unit="prompt", disable=not show) as bar:
+    with progress.stage(f"evaluate: prompts (process 0 of {dist.world(accelerator)[1]})", sum(map(len, chunks)),
+                        "prompts", show) as bar:
         for chunk in chunks:
             local += journal.unit(f"items.{chunk[0][0]}", lambda: _score_chunk(chunk, ctx, cfg), encode_records,
                                   decoder(ItemResult))
-            bar.update(len(chunk))
+            bar.advance(len(chunk))
     return dist.gather_in_order(local, accelerator)
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from memtrain.core.errors import MemtrainError
+from memtrain.core import progress
 from memtrain.core.run import gather_in_order, shard, shard_chunks
 from memtrain.mitigations.base import (
     PruningMitigation, json_tensor, register_mitigation, tensor_json,
@@ -144,7 +145,10 @@ class NeMo(PruningMitigation):
             )
         self._tau_used = self._threshold(bundle, layers, list(reference_prompts), seeds)
         # each prompt is localized on its own, so sharding them changes nothing but the time
-        local = [(i, self._localize(bundle, layers, p, seeds)) for i, p in shard(memorized_prompts, self.processes)]
+        local, mine = [], shard(memorized_prompts, self.processes)
+        for done, (i, p) in enumerate(mine, 1):
+            local.append((i, self._localize(bundle, layers, p, seeds)))
+            progress.note(f"nemo: localized {done}/{len(mine)} prompts")
         self._records.update(zip(memorized_prompts, gather_in_order(local, self.processes)))
 
     @torch.no_grad()
@@ -168,9 +172,11 @@ class NeMo(PruningMitigation):
         if len(reference_prompts) < 2:
             raise MemtrainError("nemo: tau_mem='auto' needs at least 2 reference prompts")
         local = []
-        for index, prompt in shard(reference_prompts, self.processes):
+        mine = shard(reference_prompts, self.processes)
+        for done, (index, prompt) in enumerate(mine, 1):
             diffs = self._probe(bundle, layers, prompt, seeds).noise_diff()
             local.append((index, pairwise_ms_ssim(diffs, SSIM_RANGES[self.ssim_range])[1].cpu()))
+            progress.note(f"nemo: tau_mem from {done}/{len(mine)} reference prompts")
         scores = torch.cat(gather_in_order(local, self.processes))
         sign = 1.0 if self.tau_mem == "auto" else -1.0
         return float(scores.mean() + sign * scores.std())

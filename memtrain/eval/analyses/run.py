@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from memtrain.core import progress
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_for_runtime
 from memtrain.core.cli import option, section
@@ -156,7 +157,10 @@ def analyze(cfg: AnalyzeConfig, defaults: ModelDefaults | None = None) -> dict:
         folder = run.folder or Path(".")
         for analysis in cfg.analyses:
             start = time.perf_counter()
-            doc, md = ANALYSES[analysis](inputs, getattr(recipe, analysis), folder)
+            with progress.stage(f"analyze: {analysis}", None, "analyses",
+                                cfg.progress and dist.is_main(accelerator)) as bar:
+                doc, md = ANALYSES[analysis](inputs, getattr(recipe, analysis), folder)
+                bar.advance()
             doc = {"analysis": analysis, **common, "settings": dataclasses.asdict(getattr(recipe, analysis)),
                    "seconds": round(time.perf_counter() - start, 1), **doc, "runtime": runtime.to_dict()}
             results[analysis] = doc

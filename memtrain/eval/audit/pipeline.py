@@ -166,19 +166,23 @@ def chunk_unit(ctx: Context, key: str, chunk, compute) -> list[tuple[int, ItemSc
     return ctx.journal.unit(f"{key}.{chunk[0][0]}", lambda: compute(chunk), encode_records, decoder(ItemScores))
 
 
-def _run_chunks(ctx: Context, chunks, fn, key: str) -> list:
+def _run_chunks(ctx: Context, chunks, fn, key: str, stage: str) -> list:
     local = []
-    for chunk in chunks:
-        local += chunk_unit(ctx, key, chunk, fn)
+    with ctx.stage(stage, sum(len(c) for c in chunks)) as bar:
+        for chunk in chunks:
+            local += chunk_unit(ctx, key, chunk, fn)
+            bar.advance(len(chunk))
     return dist.gather_in_order(local, ctx.accelerator)
 
 
 def run_baseline(ctx: Context, inputs: Inputs, target_chunks) -> Baseline:
     """(a), computed once: the figures, the SSCD_Gen reference and the utility of the plain model."""
-    ctx.log("audit: the unmitigated model on the memorized prompts")
-    items = _run_chunks(ctx, target_chunks, lambda c: unmitigated_chunk(ctx, c), "unmitigated")
+    items = _run_chunks(ctx, target_chunks, lambda c: unmitigated_chunk(ctx, c), "unmitigated",
+                        "the unmitigated model on the memorized prompts")
     reference = {r.index: r.gen_embeddings for r in items}
-    return Baseline(items, stage_figures(items, ctx), reference, *utility(ctx, inputs))
+    with ctx.stage("the unmitigated model's utility (FID/KID)", None, "sets"):
+        fid_kid_notes = utility(ctx, inputs)
+    return Baseline(items, stage_figures(items, ctx), reference, *fid_kid_notes)
 
 
 def _uses_per_prompt(ctx: Context, mitigation, targets: list[ManifestItem]) -> bool:
@@ -215,24 +219,32 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
         stack.enter_context(applied(view, ctx.bundle))
         return view
 
-    ctx.log(f"audit: {name}: prompts, attack ({', '.join(spaces)}), control")
+    n_targets, n_control = sum(map(len, target_chunks)), sum(map(len, control_chunks))
     with applied(mitigation, ctx.bundle):  # for all prompts at once
         if not per_prompt:
-            for chunk in target_chunks:
-                targets_with(lambda: mitigation, chunk, "targets")
+            with ctx.stage(f"{name}: prompts and attack ({', '.join(spaces)})", n_targets) as bar:
+                for chunk in target_chunks:
+                    targets_with(lambda: mitigation, chunk, "targets")
+                    bar.advance(len(chunk))
         for space in spaces:
             key = f"{name}.control" + ("" if space == "embedding" else f".{space}")
-            for chunk in control_chunks:
-                rows = ctx.journal.unit(f"{key}.{chunk[0][0]}", lambda: control_chunk(ctx, mitigation, chunk, space),
-                                        encode_stages, stages_decoder(ItemScores))
-                for stage, part in rows.items():
-                    local[stage].extend(part)
-        fid, kid, notes = utility(ctx, inputs, mitigation)
+            with ctx.stage(f"{name}: held-out control ({space})", n_control, "images") as bar:
+                for chunk in control_chunks:
+                    rows = ctx.journal.unit(f"{key}.{chunk[0][0]}",
+                                            lambda: control_chunk(ctx, mitigation, chunk, space),
+                                            encode_stages, stages_decoder(ItemScores))
+                    for stage, part in rows.items():
+                        local[stage].extend(part)
+                    bar.advance(len(chunk))
+        with ctx.stage(f"{name}: utility (FID/KID)", None, "sets"):
+            fid, kid, notes = utility(ctx, inputs, mitigation)
     if per_prompt:  # each target under only its own prompt's pruning (singleton chunks)
-        for chunk in target_chunks:
-            for pair in chunk:
-                with contextlib.ExitStack() as stack:  # a finished unit is reused without pruning at all
-                    targets_with(lambda: own_prompt(pair[1].prompt), [pair], "own_prompt")
+        with ctx.stage(f"{name}: per-prompt pruning, prompts and attack", n_targets) as bar:
+            for chunk in target_chunks:
+                for pair in chunk:
+                    with contextlib.ExitStack() as stack:  # a finished unit is reused without pruning at all
+                        targets_with(lambda: own_prompt(pair[1].prompt), [pair], "own_prompt")
+                    bar.advance(1)
     restored = verify_restored(ctx.bundle, checksum, name)
     gathered = {stage: dist.gather_in_order(rows, ctx.accelerator) for stage, rows in local.items()}
     runs, checked = [], False
@@ -263,14 +275,14 @@ def run_search_space_ablation(ctx: Context, ablation, target_chunks, baseline: B
                               name: str) -> dict:
     """The memorized prompts with every weight the mitigation could prune set to zero: the most
     any selection of that method could hide on this model."""
-    ctx.log(f"audit: {name}: prompts with its whole search space zeroed")
 
     def chunk_scores(chunk):
         cond = ablation.encode(ctx.bundle, [it.prompt for _, it in chunk]).embeddings
         return score(ctx, chunk, cond, _images(chunk), None, ablation)
 
     with applied(ablation, ctx.bundle):
-        items = _run_chunks(ctx, target_chunks, chunk_scores, f"{name}.search_space")
+        items = _run_chunks(ctx, target_chunks, chunk_scores, f"{name}.search_space",
+                            f"{name}: prompts with its whole search space zeroed")
     verify_restored(ctx.bundle, checksum, name)
     fig = stage_figures(items, ctx)
     mr, rule = fig["mr"], ctx.recipe.verdict
@@ -295,8 +307,9 @@ def prepare_mitigations(ctx: Context, mitigations: list[Mitigation], inputs: Inp
     prompts = [it.prompt for it in inputs.targets]
     for m in mitigations:
         m.encode(ctx.bundle, prompts[:1])  # the text path fits (tokenizer, pad token, ...)
-        ctx.log(f"audit: preparing {m.name}")
-        m.spread_over(ctx.accelerator).prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
+        with ctx.stage(f"preparing {m.name}", None, "mitigations") as bar:
+            m.spread_over(ctx.accelerator).prepare(ctx.bundle, prompts, inputs.reference_prompts, ctx.seeds)
+            bar.advance()
 
 
 def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=None) -> AuditResult:

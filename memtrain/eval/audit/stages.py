@@ -5,7 +5,6 @@ them in order."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ import dataclasses
 
 from memtrain.attack import AttackConfig, DoriAttack, PromptAttack, attacked_condition
 from memtrain.core import report
+from memtrain.core import progress
 from memtrain.core import run as dist
 from memtrain.core.diffusion import images_to_latents
 from memtrain.core.journal import NoJournal
@@ -28,7 +28,6 @@ from memtrain.eval.measure import Measurement, measure
 from memtrain.eval.utility import ReferenceFeatures
 from memtrain.metrics import not_computed
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,9 +64,9 @@ class Context:
     journal: Any = field(default_factory=NoJournal)  # finished units (core.journal), reused on --resume
     reference_features: ReferenceFeatures = field(default_factory=ReferenceFeatures)  # FID/KID's, once a run
 
-    def log(self, message: str) -> None:
-        if self.progress and dist.is_main(self.accelerator):
-            logger.info(message)
+    def stage(self, name: str, total: int | None, unit: str = "targets"):
+        """A progress stage on the main process (memtrain.core.progress); quiet under --no_progress."""
+        return progress.stage(f"audit: {name}", total, unit, self.progress and dist.is_main(self.accelerator))
 
 
 def _latents(ctx: Context, stream: str, chunk, images) -> torch.Tensor:
