@@ -518,9 +518,9 @@ def test_killed_two_process_audit_resumes_to_the_same_report(tiny_testbed, two_p
     assert done >= 1 and not out.exists()
     fresh = _run_script(args)  # without --resume: refused, nothing lost
     assert fresh.returncode == 2 and "pass --resume" in fresh.stderr.strip().splitlines()[-1]
-    changed = _run_script([*args, "--resume", "--attack_steps", "3"])
+    changed = _run_script([*args, "--resume", "attack.steps=3"])
     last = changed.stderr.strip().splitlines()[-1]
-    assert changed.returncode == 2 and last.startswith("error: cannot resume") and "attack_steps" in last
+    assert changed.returncode == 2 and last.startswith("error: cannot resume") and "attack.steps" in last
     resumed = _run_script([*args, "--resume"], launcher=LAUNCH_TWO, env=TWO_ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming:" in resumed.stderr
