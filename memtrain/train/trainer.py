@@ -66,12 +66,19 @@ TRAINING_STATE_BYTES = 12
 
 # --- small pieces -------------------------------------------------------------------------------
 
+LORA_STREAM = 7919  # derived_seed stream of the LoRA initialization
+
+
 def add_lora(unet, recipe: Recipe) -> None:
     """Add the recipe's LoRA adapter to the U-Net (peft)."""
     spec = recipe.train.lora
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank,
-                                init_lora_weights="gaussian", target_modules=list(spec.targets)))
+    # LoRA's A matrices are random: drawn from the recipe's seed, so a rerun starts from the same
+    # adapter (without it they depended on whatever had used torch's global generator before)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(recipe.seed, LORA_STREAM))
+        unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank,
+                                    init_lora_weights="gaussian", target_modules=list(spec.targets)))
 
 
 def make_optimizer(params, recipe: Recipe):
