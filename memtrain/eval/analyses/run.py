@@ -19,7 +19,7 @@ from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults, load_for_runtime
 from memtrain.core.cli import option, section
 from memtrain.core.command_line import merge
-from memtrain.core.config import apply_overrides, build, packaged_recipe, read_yaml
+from memtrain.core.config import build, packaged_recipe, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.registry import Registry
 from memtrain.core.files import check_output_dir, write_json
@@ -61,9 +61,6 @@ class AnalysisRecipe:
         if self.max_prompts is not None and self.max_prompts < 1:
             raise MemtrainError(f"recipe key 'max_prompts' must be >= 1, got {self.max_prompts}")
 
-
-def load_analysis_recipe(path: str | Path, overrides=()) -> AnalysisRecipe:
-    return build(AnalysisRecipe, apply_overrides(read_yaml(path), list(overrides)))
 
 
 @dataclass(kw_only=True)
