@@ -206,6 +206,29 @@ def test_recipes_load_and_reject_bad_keys(tmp_path):
         load_audit_recipe(bad)
 
 
+def test_budgets_set_defaults_the_command_line_overrides(tiny_testbed, tmp_path):
+    """The testbed recipe's `quick` budget is what a plain audit runs; `--budget full` is the
+    recipe's own values; keys given on the line win over both; bad budgets are one-line errors."""
+    recipe = REPO / "recipes" / "audit_testbed.yaml"
+
+    def config(**kw):
+        return _config(tiny_testbed, tmp_path / "out", ["none"], recipe=str(recipe), **kw)
+
+    quick, full, mixed = config(), config(budget="full"), config(seeds=6)
+    assert (quick.budget, quick.seeds, quick.max_targets, quick.robustness_budgets) == ("quick", 4, 4, [])
+    assert (full.budget, full.seeds, full.max_targets, full.robustness_budgets) == ("full", 10, None, [1, 2, 5, 10, 25])
+    assert (mixed.seeds, mixed.max_targets) == (6, 4)
+    with pytest.raises(MemtrainError, match=r"unknown budget 'huge': choose one of full, quick"):
+        config(budget="huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budgets: {fast: {threshold: 0.5}}\n")
+    with pytest.raises(MemtrainError, match=r"'budgets.fast'.*not a budget key: threshold"):
+        load_audit_recipe(bad)
+    bad.write_text("budgets: {full: {seeds: 2}}\n")
+    with pytest.raises(MemtrainError, match=r"'budgets.full'"):
+        load_audit_recipe(bad)
+
+
 # ----------------------------------------------------------------------------- undo
 
 
@@ -537,10 +560,10 @@ def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
     """The README's headline audit figures on the real testbed, with the real SSCD: the attack
     brings the memorized images back (MR >= 0.9) and forces no held-out one (control <= 0.1)."""
     out = tmp_path / "audit"
-    # 4 seeds and no robustness curve (test_threat_models covers it) keep the CI run in minutes;
-    # the README command audits 10 targets x 10 seeds
+    # every target (the full budget's) at the quick budget's 4 seeds and no robustness curve
+    # (test_threat_models covers it): the prompt attack's check below needs all 10 targets
     doc = _audit(audit_config(resolve_model(None), dict(mitigations=["none"], output_dir=str(out), progress=False,
-                                                        seeds=4, robustness_budgets=[])))
+                                                        budget="full", seeds=4, robustness_budgets=[])))
     saved = json.loads((out / "report.json").read_text())
     assert saved == versioned(json.loads(json.dumps(doc))) and not saved["settings"]["metric_is_standin"]
     rows = {r["threat_model"]: r for r in saved["results"]}

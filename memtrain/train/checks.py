@@ -236,7 +236,7 @@ def full_audit(ctx: CheckContext, model_dir: Path) -> dict | None:
         "mitigations": ["none"], "threat_models": ["embedding"], "model": model,
         "lora": str(model_dir) if lora else None, "manifest": r.memorized_manifest,
         "control_manifest": str(control), "output_dir": str(ctx.out / "audit" / "full"), "overwrite": True,
-        "robustness_budgets": [], "progress": False,
+        "budget": "full", "robustness_budgets": [], "progress": False,
         "utility_manifest": r.utility.path if r.utility.format == "manifest" else None,
         "metric": None if r.surrogates.descriptor == "auto" else r.surrogates.descriptor,
         "allow_standin": r.surrogates.descriptor == "standin",

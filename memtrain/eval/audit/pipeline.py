@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,8 @@ from memtrain.core.sampling import check_seeds, sample
 from memtrain.core.errors import MemtrainError
 from memtrain.eval.audit import report as audit_report
 from memtrain.eval.audit.result import AuditResult
-from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, audit_plan, audit_stages, build_mitigations,
-                                       fingerprint, settings_doc)
+from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, audit_plan, audit_stages, budget_text,
+                                       build_mitigations, fingerprint, settings_doc)
 from memtrain.eval.audit.stages import (Context, ItemScores, assemble_result, attack_config,
                                         control_chunk, score, stage_figures, target_chunk, unmitigated_chunk, _images)
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
@@ -53,6 +54,7 @@ from memtrain.eval.utility import check_images, fid_kid, metric_backends, metric
 from memtrain.metrics import not_computed
 from memtrain.mitigations import THREAT_MODELS, Mitigation, applied, search_space_ablation
 
+logger = logging.getLogger("memtrain")
 ROLES = {"targets": ("memorized", "--manifest", True), "control": ("held_out", "--control_manifest", True),
          "reference": ("unique", "--reference_manifest", False), "utility": ("utility", "--utility_manifest", False)}
 
@@ -328,6 +330,8 @@ def audit(cfg: AuditConfig, defaults: ModelDefaults | None = None, accelerator=N
     accelerator = accelerator or dist.make_accelerator(cfg.report_to, timeout_minutes=cfg.runtime.timeout_minutes)
     inputs = resolve_inputs(cfg, defaults, recipe, recipe_path, accelerator)
     seeds = check_seeds(range(recipe.seeds))
+    if dist.is_main(accelerator):
+        logger.info("audit: %s", budget_text(recipe, len(inputs.targets)))
     runtime = resolve_runtime(cfg.runtime, accelerator)  # the metrics run where the model does
     descriptor, scorer, clip_reason = metric_backends(cfg, cfg.clip_model or defaults.clip_model, runtime.device)
     dist.run_checked(lambda: check_images(inputs.targets + inputs.control), accelerator)

@@ -3,6 +3,7 @@ YAML through memtrain.core.config), both checked before any model loads."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ SEARCH_SPACE_CHECKS = ("ineffective", "always", "never")
 # The control's attack streams are named CONTROL_STREAM + held-out index, so they never share
 # noise with a target's stream whatever the number of targets.
 CONTROL_STREAM = 1_000_000
+FULL_BUDGET = "full"
+# What a named budget may set: how much work the audit does, never what it measures.
+BUDGET_KEYS = ("seeds", "max_targets", "control_targets", "reference_prompts", "utility_prompts",
+               "robustness_budgets", "search_space_check")
 
 
 @dataclass
@@ -57,8 +62,27 @@ class AuditRecipe:
     verdict: VerdictRule = field(default_factory=VerdictRule)
     grid_items: int = 8  # targets shown in the grids
     grid_cell: int = 96
+    # The chosen budget's keys replace the recipe's and the command line's keys replace both
+    # (`budget_base`): `--budget full` is the one flag between a quick first audit and the paper's.
+    budget: str = option(FULL_BUDGET, "how much work: a name from the recipe's `budgets` (the testbed's: quick), "
+                                      "or full (the recipe's own seeds, targets and robustness curve)")
+    budgets: dict = field(default_factory=dict, metadata={
+        "help": "named budgets: name -> the recipe keys it sets (seeds, max_targets, ...)"})
 
     def __post_init__(self) -> None:
+        if FULL_BUDGET in self.budgets:
+            raise MemtrainError(f"recipe key 'budgets.{FULL_BUDGET}': '{FULL_BUDGET}' is the recipe's own values; "
+                                "name the budget otherwise")
+        if self.budget != FULL_BUDGET and self.budget not in self.budgets:
+            known = ", ".join([FULL_BUDGET, *self.budgets])
+            raise MemtrainError(f"unknown budget '{self.budget}': choose one of {known}")
+        for name, keys in self.budgets.items():
+            if not isinstance(keys, dict):
+                raise MemtrainError(f"recipe key 'budgets.{name}' must map recipe keys to values, got {keys!r}")
+            bad = sorted(set(keys) - set(BUDGET_KEYS))
+            if bad:
+                raise MemtrainError(f"recipe key 'budgets.{name}': not a budget key: {', '.join(bad)} "
+                                    f"(a budget may set {', '.join(BUDGET_KEYS)})")
         positive = {"seeds": self.seeds, "chunk_targets": self.chunk_targets, "grid_cell": self.grid_cell}
         optional = {"max_targets": self.max_targets, "control_targets": self.control_targets,
                     "reference_prompts": self.reference_prompts, "utility_prompts": self.utility_prompts}
@@ -141,19 +165,41 @@ def model_recipe(defaults: ModelDefaults, recipe: str | Path | None = None) -> P
     return packaged_recipe(MODEL_RECIPE)
 
 
+def budget_base(settings: dict, make) -> AuditConfig:
+    """make(base) -> config, built over the recipe's `settings` and again over them with the chosen
+    budget's keys when that budget is not the full one (so the caller's own keys still win)."""
+    config = make(copy.deepcopy(settings))  # merge() writes into its first argument
+    if config.budget != FULL_BUDGET:
+        config = make(merge(copy.deepcopy(settings), config.budgets[config.budget]))
+    return config
+
+
+def budget_text(recipe: AuditRecipe, n_targets: int | None = None) -> str:
+    """One line: which budget runs, what it amounts to, and how to get the full one."""
+    targets = n_targets if n_targets is not None else (recipe.max_targets or "all")
+    curve = f"robustness curve at {recipe.robustness_budgets}" if recipe.robustness_budgets else "no robustness curve"
+    text = (f"budget '{recipe.budget}': {targets} targets x {recipe.seeds} seeds, attack {recipe.attack.steps} steps "
+            f"x {recipe.attack.noise_samples} noise samples, {curve}")
+    if recipe.budget != FULL_BUDGET:
+        text += f" (the recipe's full budget: --budget {FULL_BUDGET})"
+    return text
+
+
 def audit_config(defaults: ModelDefaults, values: dict, recipe: str | Path | None = None) -> AuditConfig:
     """The typed way to configure an audit: `values` (config keys, nested as mappings) over the
-    model's recipe (`recipe` replaces it)."""
+    model's recipe (`recipe` replaces it) and its chosen budget."""
     path = model_recipe(defaults, recipe)
-    config = build(AuditConfig, merge(read_yaml(path), values))
+    config = budget_base(read_yaml(path), lambda base: build(AuditConfig, merge(base, values)))
     config.recipe_path = str(path)
     return config
 
 
 def config_for_model(line: CommandLine, defaults: ModelDefaults) -> AuditConfig:
-    """A command line's config over the model's recipe (a RECIPE.yaml on the line replaces it)."""
+    """A command line's config over the model's recipe (a RECIPE.yaml on the line replaces it) and
+    its chosen budget."""
     path = model_recipe(defaults, line.recipe)
-    config = dataclasses.replace(line, recipe=None).config(AuditConfig, base=read_yaml(path))
+    line = dataclasses.replace(line, recipe=None)
+    config = budget_base(read_yaml(path), lambda base: line.config(AuditConfig, base=base))
     config.recipe_path = str(path)
     return config
 
@@ -197,7 +243,8 @@ def settings_doc(cfg: AuditConfig, recipe: AuditRecipe, inputs, ctx, notes: list
         "sampler": ctx.settings.to_dict(), "attack": dataclasses.asdict(ctx.attack),
         "control_attack_streams": f"seed {ctx.attack.seed}, indices {CONTROL_STREAM} + held-out index",
         "verdict_rule": dataclasses.asdict(recipe.verdict), "recipe_path": inputs.recipe_path,
-        "recipe": recipe_doc(recipe), "metric_is_standin": ctx.descriptor.name.startswith("standin"),
+        "recipe": recipe_doc(recipe), "budget": budget_text(recipe, len(inputs.targets)),
+        "metric_is_standin": ctx.descriptor.name.startswith("standin"),
         "device": str(ctx.bundle.device), "dtype": str(ctx.bundle.dtype).replace("torch.", ""), "seconds": round(seconds, 1), "notes": notes,
         "output_dir": str(inputs.output_dir.absolute()),
     }

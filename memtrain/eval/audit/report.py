@@ -287,6 +287,8 @@ def summary(doc: dict) -> str:
     fmt = report.format_value
     lines = [f"audited {doc['settings']['n_targets']} targets x {len(doc['settings']['seeds'])} seeds on "
              f"{doc['num_processes']} process(es) with {doc['metric_backend']}"]
+    if "budget" in doc["settings"]:
+        lines.append(f"  {doc['settings']['budget']}")
     for r in doc["results"]:
         lines.append(f"  {r['label']:<22} MR unmitigated={fmt(r['mr_unmitigated'])} prompt={fmt(r['mr_prompt'])} "
                      f"attack={fmt(r['mr_attack'])} control={fmt(r['mr_control'])} -> {r['verdict']}"
