@@ -90,11 +90,15 @@ def train_unet(
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     epsilon = noise_scheduler.config.prediction_type == "epsilon"  # the testbed itself is v-prediction
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = next(unet.parameters()).device
+    params, ema_params = list(unet.parameters()), list(ema.parameters())
+    # fused Adam and the foreach clip/EMA below: one kernel per step instead of a Python loop over
+    # ~300 tensors, 2400 times (about 40 s of a 9-minute build on 2 cores; same arithmetic)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     generator = torch.Generator().manual_seed(seed)
     total = cfg.steps
     start = time.time()
-    device = next(unet.parameters()).device
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -125,12 +129,11 @@ def train_unet(
             group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if callback is not None:
