@@ -12,7 +12,13 @@ from factories import build_sd_shaped
 from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.core.manifest import read_manifest, write_manifest
 
-torch.set_num_threads(2)
+# Two threads on the 2-core machines; one per worker when pytest-xdist runs two workers (the fast
+# tier: `-n 2`), which keeps tiny-model tests from fighting over the cores.
+# The commands the tests start inherit one thread too: two busy-waiting OpenMP pools on two cores
+# made steps up to 10x slower here.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 REPO = Path(__file__).resolve().parents[1]
 
 

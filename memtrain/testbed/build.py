@@ -45,7 +45,7 @@ class TestbedConfig:
 
     resolution: int = 32
     # 4x4 pixel blocks -> an 8x8 latent with 48 channels: a 9M-parameter U-Net trains at about
-    # 0.17 s/step on 2 cores here (a 16x16 latent cost 2-3x more per step for blurrier copies).
+    # 0.18 s/step on 2 cores here (a 16x16 latent cost 2-3x more per step for blurrier copies).
     latent_size: int = 8
     memorized_duplicates: int = 100
     n_unique: int = 400
@@ -57,7 +57,7 @@ class TestbedConfig:
     # Codec: pixel blocks rotated onto their principal components and scaled by variance^-power/2
     # (0 = raw pixels). 0.5 measured best: raw blocks left the tiny U-Net's copies grainy.
     whiten_power: float = 0.5
-    # Widths (96, 192), testbed v4: 0.17 s/step against 0.29 for v3's (128, 256), which builds in
+    # Widths (96, 192), testbed v4: 0.18 s/step against 0.29 for v3's (128, 256), which builds in
     # about 9 instead of 16 minutes with the card's memorized MR still 1.00 (median SSCD 0.86 vs
     # 0.88; docs/measurements.md), and makes every later attack, audit and fine-tuning ~40% cheaper.
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(block_out_channels=(96, 192)))
