@@ -3,6 +3,7 @@ real memorizing testbed (built once into the cache, then reused; slow tier only)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,14 @@ def sd_shaped_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def testbed_dir() -> Path:
-    """The real testbed (cached under MEMTRAIN_CACHE; ~13 min to build once on 2 cores)."""
+    """The real testbed (cached under MEMTRAIN_CACHE; about 10 min to build once on 2 cores)."""
     from memtrain.testbed.resolver import cached_testbed
 
     return cached_testbed(seed=0, progress=False)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real testbed are the slow tier (the first one builds it, ~15 min on 2 cores)."""
+    """Tests on the real testbed are the slow tier (the first one builds it, about 10 min on 2 cores)."""
     for item in items:
         if "testbed_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
