@@ -557,20 +557,19 @@ def test_killed_two_process_audit_resumes_to_the_same_report(tiny_testbed, two_p
 
 
 def test_default_audit_on_the_real_testbed(testbed_dir, tmp_path):
-    """The README's headline audit figures on the real testbed, with the real SSCD: the attack
-    brings the memorized images back (MR >= 0.9) and forces no held-out one (control <= 0.1)."""
+    """The README's first audit (its `none` rows) on the real testbed, with the real SSCD and the
+    recipe's default (quick) budget: the attack brings the memorized images back (MR >= 0.9) and
+    forces no held-out one (control <= 0.1)."""
     out = tmp_path / "audit"
-    # every target (the full budget's) at the quick budget's 4 seeds and no robustness curve
-    # (test_threat_models covers it): the prompt attack's check below needs all 10 targets
-    doc = _audit(audit_config(resolve_model(None), dict(mitigations=["none"], output_dir=str(out), progress=False,
-                                                        budget="full", seeds=4, robustness_budgets=[])))
+    doc = _audit(audit_config(resolve_model(None), dict(mitigations=["none"], output_dir=str(out), progress=False)))
     saved = json.loads((out / "report.json").read_text())
     assert saved == versioned(json.loads(json.dumps(doc))) and not saved["settings"]["metric_is_standin"]
     rows = {r["threat_model"]: r for r in saved["results"]}
     assert sorted(rows) == ["embedding", "prompt", "weights"]
     none = rows["embedding"]
     assert RESULT_KEYS <= set(none) and none["verdict"] == "baseline" and none["weights_restored"]
-    assert none["prompt"]["n"] == saved["settings"]["n_targets"] == 10
+    assert none["prompt"]["n"] == saved["settings"]["n_targets"] == 4 and saved["settings"]["seeds"] == [0, 1, 2, 3]
+    assert saved["settings"]["recipe"]["budget"] == "quick" and "--budget full" in saved["settings"]["budget"]
     assert none["mr_unmitigated"] >= 0.9
     assert none["mr_attack"] >= 0.9 and none["mr_control"] <= 0.1
     assert rows["weights"]["mr_attack"] == none["mr_attack"]  # with the weights: the embedding attack
