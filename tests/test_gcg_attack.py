@@ -87,3 +87,33 @@ def test_gcg_settings_refuse_nonpositive_values(key):
     with pytest.raises(MemtrainError, match=f"gcg {key} must be >= 1") as err:
         GCGSettings(**{key: 0})
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- in the audit
+
+from test_audit import _audit, _config, tiny_testbed  # noqa: E402,F401  (the tiny testbed fixture)
+from report_schema import assert_documented  # noqa: E402
+
+
+def test_audit_runs_gcg_under_the_prompt_threat_model_and_names_every_attack(tiny_testbed, tmp_path):
+    import json
+
+    out = tmp_path / "audit"
+    doc = _audit(_config(tiny_testbed, out, ["none"], max_targets=2, threat_models=["embedding", "prompt"],
+                         prompt_attack="gcg", gcg={"top_k": 8, "candidates": 6}))
+    rows = {r["threat_model"]: r for r in doc["results"]}
+    assert (rows["prompt"]["attack_name"], rows["embedding"]["attack_name"]) == ("gcg", "dori")
+    assert doc["settings"]["recipe"]["prompt_attack"] == "gcg"
+    assert doc["settings"]["recipe"]["gcg"] == {"top_k": 8, "candidates": 6}
+    found = [it["found_prompt"] for it in rows["prompt"]["per_item"]]
+    assert len(found) == 2 and all(isinstance(p, str) and p for p in found)
+    text = (out / "report.md").read_text()
+    assert "gcg: standard: all timesteps" in text and "dori: standard: all timesteps" in text
+    assert "Attack: gcg hard prompts" in text
+    assert_documented("report.json (scripts/audit.py)", json.loads((out / "report.json").read_text()))
+
+
+def test_audit_refuses_an_unknown_prompt_attack_in_one_line(tiny_testbed, tmp_path):
+    with pytest.raises(MemtrainError) as err:
+        _config(tiny_testbed, tmp_path / "out", ["none"], prompt_attack="autodan")
+    assert str(err.value) == "recipe key 'prompt_attack': unknown attack 'autodan': choose one of pez, gcg"
