@@ -84,7 +84,7 @@ class PromptAttack(DoriAttack):
     def step(self) -> torch.Tensor:
         """One step; the loss it reports is the loss of the hard prompt it started from, which is
         kept when it is the lowest so far (an attacker keeps the best string it has tried)."""
-        tried = self._project(self.y)
+        tried = self.hard_ids()
         losses = super().step()
         if not hasattr(self, "best_ids"):
             self.best_ids, self.best_loss = tried.clone(), torch.full((len(tried),), float("inf"))
@@ -95,13 +95,22 @@ class PromptAttack(DoriAttack):
     def token_ids(self) -> torch.Tensor:
         """(B, L) the best hard prompts so far (before any step: the start) as full token rows."""
         ids = self.template.clone()
-        ids[:, 1 : 1 + self.length] = self.best_ids if hasattr(self, "best_ids") else self._project(self.y)
+        ids[:, 1 : 1 + self.length] = self.best_ids if hasattr(self, "best_ids") else self.hard_ids()
         return ids
 
-    def condition(self) -> torch.Tensor:
-        """Text-encoder states of the projected tokens, with straight-through gradients to P."""
+    def hard_ids(self) -> torch.Tensor:
+        """(B, n) the hard prompt the optimized state stands for now (PEZ: its nearest tokens)."""
+        return self._project(self.y)
+
+    def token_embeddings(self) -> torch.Tensor:
+        """(B, n, d) the input embeddings the encoder sees at the n positions: the projected tokens,
+        with straight-through gradients to the continuous P (value: projected; gradient: to y)."""
         projected = self.table[self._project(self.y)].to(self.y.device)
-        tokens = self.y + (projected - self.y).detach()  # value: projected; gradient: to y
+        return self.y + (projected - self.y).detach()
+
+    def condition(self) -> torch.Tensor:
+        """Text-encoder states of the hard prompt's tokens, with gradients to the optimized state."""
+        tokens = self.token_embeddings()
         encoder = self.bundle.text_encoder
 
         def swap(module, args, output):

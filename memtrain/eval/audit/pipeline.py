@@ -45,7 +45,7 @@ from memtrain.eval.audit import report as audit_report
 from memtrain.eval.audit.result import AuditResult
 from memtrain.eval.audit.recipe import (AuditConfig, AuditRecipe, audit_plan, audit_stages, budget_text,
                                        build_mitigations, fingerprint, settings_doc)
-from memtrain.eval.audit.stages import (Context, ItemScores, assemble_result, attack_config,
+from memtrain.eval.audit.stages import (Context, ItemScores, assemble_result, attack_config, attack_name,
                                         control_chunk, score, stage_figures, target_chunk, unmitigated_chunk, _images)
 from memtrain.eval.audit.robustness import curve_budgets, robustness_curve
 from memtrain.eval.audit.threats import bypassed_result, plan_threats, result_label
@@ -258,7 +258,7 @@ def run_mitigation(ctx: Context, mitigation, inputs: Inputs, target_chunks, cont
                 "control": gathered[f"control.{space}"]}
         result = assemble_result(ctx, mitigation, rows, baseline, fid, kid, notes, restored, per_prompt)
         result.update(threat_model=threat, label=result_label(name, threat), attack_space=space,
-                      attack_variant=attack_config(ctx, mitigation)[1])
+                      attack_name=attack_name(ctx, space), attack_variant=attack_config(ctx, mitigation)[1])
         if curve_budgets(ctx):
             result["robustness"] = robustness_curve(ctx, gathered, space, result)
             judge_over_budgets(result, ctx.recipe.verdict)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from memtrain.attack import AttackConfig
+from memtrain.attack import PROMPT_ATTACKS, AttackConfig, GCGSettings
 from memtrain.core.bundle import ModelDefaults
 from memtrain.core.cli import option, section
 from memtrain.core.command_line import CommandLine, merge
@@ -51,6 +51,10 @@ class AuditRecipe:
     # verdict), "always" or "never".
     search_space_check: str = "ineffective"
     attack: AttackConfig = section(AttackConfig, "the Dori attack")
+    # The attack under the `prompt` threat model (same loss and budget as `attack`): pez (PEZ-style
+    # projected gradients) or gcg (UnlearnDiffAtk's objective with GCG token swaps, settings in `gcg`).
+    prompt_attack: str = option("pez", "the attack under the prompt threat model: pez or gcg")
+    gcg: GCGSettings = section(GCGSettings, "GCG's search per step (prompt_attack gcg)")
     # Against a mitigation that uses the text only at known timesteps (guidance_static), spend the
     # attack's budget on those timesteps (the adaptive variant); reports say which variant ran.
     adaptive_attack: bool = True
@@ -100,6 +104,9 @@ class AuditRecipe:
                                     f"got {budget!r}")
         if self.grid_items < 0:
             raise MemtrainError(f"recipe key 'grid_items' must be >= 0, got {self.grid_items}")
+        if self.prompt_attack not in PROMPT_ATTACKS:
+            raise MemtrainError(f"recipe key 'prompt_attack': unknown attack '{self.prompt_attack}': choose one of "
+                                f"{', '.join(PROMPT_ATTACKS)}")
         if self.attack.init == "alternate":
             raise MemtrainError("recipe key 'attack.init': 'alternate' is the fine-tuner's schedule; "
                                 "an audit starts from prompt, random or other_prompt")

@@ -82,7 +82,7 @@ def findings(results: Sequence[dict], rule: VerdictRule) -> str:
             parts.append(sentence)
             continue
         if r.get("attack_space") == "prompt":
-            sentence += f" Attack: hard prompts ({r['attack_variant']})."
+            sentence += f" Attack: {r.get('attack_name', 'pez')} hard prompts ({r['attack_variant']})."
         elif r.get("attack_variant", "").startswith("adaptive"):
             sentence += f" Attack: {r['attack_variant']}."
         if "search_space_ablation" in r:
@@ -115,6 +115,12 @@ def variant_of(result: dict) -> str:
     """The result's mitigation variant for tables: "official (DCR)", ...; "-" when the registry
     name says it all or the report predates the `variant` key."""
     return result.get("variant") or "-"
+
+
+def attack_text(result: dict) -> str:
+    """A row's attack for the tables: its name (dori, pez, gcg) and the variant that ran."""
+    name = result.get("attack_name")
+    return f"{name}: {result['attack_variant']}" if name else result["attack_variant"]
 
 
 def grid_prefix(result: dict) -> str:
@@ -171,7 +177,7 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
                  "utility images.")
     md.heading("Verdicts")
     md.table([{"mitigation": r["mitigation"], "variant": variant_of(r), "threat model": r["threat_model"],
-               "attack": r["attack_variant"],
+               "attack": attack_text(r),
                **{k: r[k] for k in ("mr_unmitigated", "mr_prompt", "mr_attack", "mr_control")},
                "verdict": r["verdict"] + (f" (after {r['verdict_budget']} steps)" if r.get("verdict_budget") else "")}
               for r in results])
@@ -208,7 +214,7 @@ def markdown(doc: dict, grids: dict, root: Path, rule: VerdictRule) -> report.Ma
         md.heading(f"{r['label']}", level=3)
         check = r.get("search_space_ablation")
         md.key_values({**_describe_rows(r["description"]), "variant": variant_of(r), "threat model": r["threat_model"],
-                       "attack": r["attack_variant"], "pruning scope": r.get("pruning", "n/a"),
+                       "attack": attack_text(r), "pruning scope": r.get("pruning", "n/a"),
                        "weights restored after undo": r.get("weights_restored", "n/a (nothing applied)"),
                        **({"prompt MR with its whole search space zeroed": check["mr"]} if check else {})})
     if grids:

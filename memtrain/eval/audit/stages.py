@@ -13,7 +13,7 @@ import torch
 
 import dataclasses
 
-from memtrain.attack import AttackConfig, DoriAttack, PromptAttack, attacked_condition
+from memtrain.attack import AttackConfig, DoriAttack, GCGAttack, PromptAttack, attacked_condition
 from memtrain.core import report
 from memtrain.core import progress
 from memtrain.core import run as dist
@@ -125,11 +125,18 @@ def attack_config(ctx: Context, mitigation) -> tuple[AttackConfig, str]:
     return dataclasses.replace(config, timestep_range=(lo, hi)), f"adaptive: timesteps [{lo}, {hi})"
 
 
+def attack_name(ctx: Context, space: str) -> str:
+    """The attack that runs in an attack space: dori (embedding), pez or gcg (prompt: recipe key prompt_attack)."""
+    return ctx.recipe.prompt_attack if space == "prompt" else "dori"
+
+
 def _attack(ctx: Context, chunk, latents: torch.Tensor, mitigation, stream_offset: int = 0, space: str = "embedding"):
     indices = [stream_offset + i for i, _ in chunk]  # global: results do not depend on world size
-    cls = PromptAttack if space == "prompt" else DoriAttack
+    name = attack_name(ctx, space)
+    extra = {"gcg": ctx.recipe.gcg} if name == "gcg" else {}
+    cls = {"dori": DoriAttack, "pez": PromptAttack, "gcg": GCGAttack}[name]
     return cls(ctx.bundle, latents, [it.prompt for _, it in chunk], attack_config(ctx, mitigation)[0],
-               mitigation=mitigation, indices=indices).run(ctx.recipe.robustness_budgets)
+               mitigation=mitigation, indices=indices, **extra).run(ctx.recipe.robustness_budgets)
 
 
 def _scored_attack(ctx: Context, chunk, result, images, ref, mitigation, stage: str) -> dict:

@@ -45,7 +45,7 @@ def bypassed_result(mitigation: Mitigation, threat: str, mr) -> dict:
               f"generation time, not in the weights): the memorized images replicate as unmitigated (MR "
               f"{report.format_value(mr)})")
     result = {"mitigation": mitigation.name, "variant": mitigation.variant, "threat_model": threat, "label": result_label(mitigation.name, threat),
-              "attack_space": None, "attack_variant": "none needed", "mr_unmitigated": mr, "mr_prompt": mr,
+              "attack_space": None, "attack_name": None, "attack_variant": "none needed", "mr_unmitigated": mr, "mr_prompt": mr,
               "mr_attack": mr, "mr_control": not_computed("no attack was run"), "verdict": "bypassed",
               "verdict_reason": reason, "description": mitigation.describe(), "failed_targets": []}
     return result
