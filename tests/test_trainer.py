@@ -427,14 +427,19 @@ def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
 
 @pytest.fixture
 def fresh_accelerate():
-    """In-process trainers share accelerate's singletons: reset them after the test."""
+    """In-process trainers share accelerate's singletons: reset them before the test (an earlier
+    in-process command in the same worker may have set another precision) and after it."""
     import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset()
     torch.set_num_threads(1)
 
 
