@@ -216,16 +216,17 @@ def test_readme_guidance_and_overestimation_figures_on_the_real_testbed(testbed_
                                          output_dir=str(tmp_path / "a"), progress=False))
     docs = analyze(cfg, defaults)
     g = docs["guidance"]["groups"]
-    # three builds of the testbed (docs/results.md: same card, weights slightly apart) gave 6.3 / 1.9 / 296,
-    # 6.0 / 1.4 / 281 and 6.1 / 1.7 / 389: per-trajectory first local minima spread over t = 132-732
+    # three builds of testbed v3 (docs/results.md: same card, weights slightly apart) gave 6.3 / 1.9 / 296,
+    # 6.0 / 1.4 / 281 and 6.1 / 1.7 / 389, v4 6.04 / 1.69 / 375: per-trajectory first local minima spread over t = 132-732
     # within one build, so their mean is not a build-stable figure; docs/results.md claims the orderings
     assert 5.7 <= g["memorized"]["mean_first_quarter"] <= 6.6
     assert 1.3 <= g["non_memorized"]["mean_first_quarter"] <= 2.0
     switch = g["memorized"]["mean_dynamic_transition_t"]
     assert switch < 500 and switch < g["non_memorized"]["mean_dynamic_transition_t"], switch
     s = docs["overestimation"]["summary"]
-    assert s["memorized"]["k_max_mean"] == pytest.approx(1.87, abs=0.03)
-    assert s["non_memorized"]["k_max_mean"] == pytest.approx(1.09, abs=0.03)
-    assert s["memorized"]["cos_eps_cond_minus_x_T_neg_x"] == pytest.approx(0.98, abs=0.01)
-    assert s["memorized"]["overall_deviation_mean"] == pytest.approx(2.4, abs=0.2)
-    assert s["non_memorized"]["overall_deviation_mean"] == pytest.approx(-9.9, abs=0.3)
+    # testbed v4's figures as docs/results.md gives them (v3's were 1.87 / 1.09 / 0.98 / 2.4 / -9.9)
+    assert s["memorized"]["k_max_mean"] == pytest.approx(1.84, abs=0.03)
+    assert s["non_memorized"]["k_max_mean"] == pytest.approx(1.14, abs=0.03)
+    assert s["memorized"]["cos_eps_cond_minus_x_T_neg_x"] == pytest.approx(0.965, abs=0.01)
+    assert s["memorized"]["overall_deviation_mean"] == pytest.approx(2.04, abs=0.2)
+    assert s["non_memorized"]["overall_deviation_mean"] == pytest.approx(-10.53, abs=0.3)

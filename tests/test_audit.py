@@ -586,9 +586,11 @@ def test_bf16_audit_on_the_real_testbed(testbed_dir, tmp_path):
     bf16, and half precision keeps the testbed's headline pattern (the memorized images come back
     from their prompts and under attack, the held-out ones do not)."""
     out = tmp_path / "bf16"
-    r = _run_script(["--mitigation", "none", "pad_mask", "nemo", "--dtype", "bf16", "--max_targets", "4",
-                     "--seeds", "2", "--threat_model", "embedding", "--output_dir", str(out), "--no_progress",
-                     "--set", "robustness_budgets=[]"], timeout=1800)
+    # the README's quick budget (4 targets x 4 seeds, no robustness curve): with 2 seeds the weakest
+    # memorized pair of testbed v4 (camera: card median 0.726) came back under attack at 0.684 in
+    # bf16, below the 0.7 threshold by chance of the seeds, not of the precision (unmitigated 0.717)
+    r = _run_script(["--mitigation", "none", "pad_mask", "nemo", "--dtype", "bf16",
+                     "--threat_model", "embedding", "--output_dir", str(out), "--no_progress"], timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = json.loads((out / "report.json").read_text())
     assert saved["runtime"]["dtype"] == "bf16" and saved["settings"]["dtype"] == "bfloat16"
