@@ -2,9 +2,9 @@
 fine-tuning of the U-Net removes the memorized images (attack MR <= 0.3); LoRA on attention
 does not (attack MR >= 0.7), as paper 004 found. The closing audit runs the testbed audit recipe
 at 4 seeds instead of 10 to keep CI in minutes (fewer seeds can only lower an MR). To keep the
-suite within its 40 minutes neither run does the per-epoch audits (the fast tier covers them)
-and the LoRA run stops at the closing small audit (its attack MR is the claim checked here; the
-docs/results.md's 10 x 10 LoRA figures come from the full command)."""
+suite within its 40 minutes neither run does the per-epoch audits (the fast tier covers them);
+both end with the audit's full-strength attack on 10 targets x 4 seeds (docs/results.md's
+10 x 10 figures come from the full command)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def finetune(tmp_path: Path, name: str, *overrides: str, full_audit: bool = True
 def test_full_finetune_removes_and_lora_does_not(testbed_dir, tmp_path):
     full = finetune(tmp_path, "full")
     assert full["mr_attack"] <= 0.3 and full["mr_control"] <= 0.1
-    lora = finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3", "audit.max_items=10",
-                    full_audit=False)
-    # the closing small audit on all 10 targets x 2 seeds under the training attack (20 steps,
-    # weaker than the audit's; measured: attack MR 0.9, prompts 0.1)
-    assert lora["memorization"]["attack/n"] == 10 and lora["memorization"]["attack/mr"] >= 0.7
+    finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3", "audit.max_items=10")
+    # judged by the audit's full-strength attack (50 steps, 10 targets x 4 seeds), as the full run is:
+    # on testbed v4 the closing small audit's 20-step training attack brought back only 3 of 10
+    # (attack MR 0.3, prompts 0.0) where the full attack brought back 9 (0.9, control 0.0)
+    lora = json.loads((tmp_path / "lora" / "audit" / "full" / "report.json").read_text())["results"][0]
+    assert lora["mr_prompt"] <= 0.3 and lora["mr_attack"] >= 0.7 and lora["mr_control"] <= 0.1
