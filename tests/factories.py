@@ -69,6 +69,17 @@ def tiny_bundle(tokenizer_dir: Path, cross_attention: bool = True, seed: int = 0
     return bundle.eval()
 
 
+def word_bundle(tokenizer_dir: Path) -> ModelBundle:
+    """A tiny bundle with SD's real CLIP tokenizer (the prompt-space attacks' whole-word vocabulary)."""
+    return tiny_bundle(None, tokenizer=build_clip_tokenizer(tokenizer_dir))
+
+
+def target_latents(bundle: ModelBundle, n: int = 2) -> torch.Tensor:
+    """n fixed random target latents of the bundle's shape (seed 3)."""
+    return torch.randn(n, bundle.latent_channels, bundle.sample_size, bundle.sample_size,
+                       generator=torch.Generator().manual_seed(3))
+
+
 def build_sd_shaped(folder: Path, tokenizer_dir: Path) -> Path:
     """Config-built SD1.x-shaped pipeline: AutoencoderKL, 768-d CLIPTextModel, 4-level UNet."""
     torch.manual_seed(0)

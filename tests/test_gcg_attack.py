@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import tiny_bundle
+from factories import target_latents, word_bundle
 from memtrain.attack import AttackConfig, GCGAttack, GCGSettings, diffusion_loss, word_token_ids
 from memtrain.core.errors import MemtrainError
 from memtrain.core.text import encode_prompts
-from memtrain.core.tokenizer import build_clip_tokenizer
 from memtrain.mitigations import get_mitigation
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse"]
@@ -21,12 +20,11 @@ SMALL = GCGSettings(top_k=16, candidates=24)
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     torch.set_num_threads(1)
-    return tiny_bundle(None, tokenizer=build_clip_tokenizer(tmp_path_factory.mktemp("tok")))
+    return word_bundle(tmp_path_factory.mktemp("tok"))
 
 
 def latents(bundle, n=2):
-    return torch.randn(n, bundle.latent_channels, bundle.sample_size, bundle.sample_size,
-                       generator=torch.Generator().manual_seed(3))
+    return target_latents(bundle, n)
 
 
 def fixed_draws(bundle, n=2, k=16):
