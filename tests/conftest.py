@@ -16,7 +16,8 @@ from memtrain.core.manifest import read_manifest, write_manifest
 # Two threads on the 2-core machines; one per worker when pytest-xdist runs two workers (the fast
 # tier: `-n 2`), which keeps tiny-model tests from fighting over the cores.
 # The commands the tests start inherit one thread too: two busy-waiting OpenMP pools on two cores
-# made steps up to 10x slower here.
+# made steps up to 10x slower here. Two-process launches in the tests pick a free port
+# (`--main_process_port 0`) since two workers may start one at the same time.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -38,7 +39,8 @@ def testbed_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real testbed are the slow tier (the first one builds it, about 10 min on 2 cores)."""
+    """Tests on the real testbed are the slow tier (the first one builds it under a lock: about 10 min
+    on 2 cores, more on the one thread of an xdist worker while the other runs the rest)."""
     for item in items:
         if "testbed_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)

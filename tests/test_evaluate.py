@@ -210,7 +210,7 @@ def test_one_process_with_wandb_equals_two_processes(dev_testbed, small_manifest
     # chunks of 2 prompts: both processes get work
     a = evaluate(_cfg(dev_testbed, small_manifest, tmp_path / "one", chunk_items=2, report_to="wandb"))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = ["--model", str(dev_testbed / "model"), "--manifest", str(small_manifest), "--seeds", "2",
             "--no_progress", "--chunk_items", "2",
             "--output_dir", str(tmp_path / "two")]
@@ -244,7 +244,7 @@ def test_killed_two_process_evaluate_resumes_to_the_same_metrics(dev_testbed, tm
     from memtrain.core.journal import journal_dir
 
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {"ACCELERATE_USE_CPU": "true"}
 
     def args(out: Path) -> list[str]:

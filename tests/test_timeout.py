@@ -17,7 +17,7 @@ HELPER = Path(__file__).parent / "fixtures" / "collective_timeout.py"
 def launch(timeout_minutes: float, sleep_s: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                            str(HELPER), str(timeout_minutes), str(sleep_s)],
                           capture_output=True, text=True, env=env, timeout=240)
 

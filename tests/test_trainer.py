@@ -109,7 +109,7 @@ def test_ddp_two_processes_on_cpu_keep_ranks_identical(tiny_setup, tmp_path):
     out = tmp_path / "ddp"
     recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3}, checkpointing={"steps": 0})
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                 str(SCRIPT), str(recipe)], timeout=420, ACCELERATE_USE_CPU="true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = checksum(out, 0), checksum(out, 1)
@@ -125,7 +125,7 @@ def test_deepspeed_zero2_two_processes_on_cpu_keep_ranks_identical(tiny_setup, t
     recipe = tiny_recipe(tiny_setup, out, train={"max_steps": 3}, checkpointing={"steps": 0})
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
                 "--deepspeed_config_file", str(REPO / "accelerate_configs" / "ds_zero2.json"),
-                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                 str(SCRIPT), str(recipe)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = checksum(out, 0), checksum(out, 1)
@@ -143,7 +143,7 @@ def zero2(recipe: Path, *extra: str, timeout: int = 600) -> subprocess.Completed
     """2-process DeepSpeed ZeRO-2 on the CPU (gloo; ACCELERATE_USE_CPU unset, or accelerate drops DeepSpeed)."""
     return run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
                 "--deepspeed_config_file", str(REPO / "accelerate_configs" / "ds_zero2.json"),
-                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                 str(SCRIPT), str(recipe), *extra], timeout=timeout)
 
 

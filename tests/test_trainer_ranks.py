@@ -72,7 +72,7 @@ def test_two_processes_share_every_stage_and_match_one(tiny_setup, tmp_path):
     one = single(ranks_recipe(tiny_setup, one_out), timeout=900)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(SCRIPT), str(ranks_recipe(tiny_setup, two_out))], timeout=900, ACCELERATE_USE_CPU="true")
     assert two.returncode == 0, two.stderr[-3000:]
     work = json.loads((two_out / "run_summary.json").read_text())["work_per_rank"]

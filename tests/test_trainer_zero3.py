@@ -33,7 +33,7 @@ def launch(config: Path, recipe: Path, *extra: str, ok: bool = True):
     """2-process DeepSpeed on the CPU (ACCELERATE_USE_CPU unset, or accelerate drops DeepSpeed).
     A hang (a forward only the main process makes) fails at the timeout."""
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
-                "--deepspeed_config_file", str(config), "--num_processes", "2", "--num_machines", "1",
+                "--deepspeed_config_file", str(config), "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
                 "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(recipe), *extra], timeout=300)
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]

