@@ -1,17 +1,20 @@
-"""Checkpoint folders of a fine-tuning run: which are complete, which one `--resume_from_checkpoint`
-names, and the per-rank parameter digest the distributed tests compare."""
+"""Checkpoint folders of a training run (adversarial fine-tuning, the removal methods): saving one
+atomically, which are complete, which one `--resume_from_checkpoint` names, and the per-rank
+parameter digest the distributed tests compare."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import sha256_file
+from memtrain.core.files import replace_dir, sha256_file
 from memtrain.core.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
@@ -105,3 +108,45 @@ def resolve_resume(arg: str | None, root: Path) -> Path | None:
     if problem is not None:
         raise MemtrainError(f"checkpoint {path} is damaged ({problem}): resume from an earlier one or 'latest'")
     return path
+
+
+def save_checkpoint(acc, root: Path, step: int, state: dict, extra: Callable[[Path], None] | None = None,
+                    total_limit: int | None = None) -> Path:
+    """accelerate's state (every prepared model and optimizer) into root/checkpoint-STEP, saved
+    into a temp folder, then renamed: `latest` is never a half-written checkpoint. `state` (the
+    run's position, world size, recipe) goes into STATE_FILE with the digests of every file;
+    `extra(folder)`, on every process, adds files of its own. Collective."""
+    final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if extra is not None:
+            extra(tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            # resume checks the digests: a damaged copy is skipped
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "files": file_digests(tmp)}, indent=1))
+            replace_dir(tmp, final)
+    except OSError as e:  # disk full, quota, permissions: drop the partial folder, keep the rest
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(root)
+        raise MemtrainError(
+            f"saving checkpoint-{step} failed ({e.strerror or e}); the partial folder was removed and "
+            f"'latest' is still {kept[-1].name if kept else 'no checkpoint'}: free space, then rerun with "
+            f"--resume_from_checkpoint latest") from e
+    if acc.is_main_process:
+        prune_checkpoints(root, total_limit)
+        log.info("saved %s", final)
+    acc.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(root: Path, limit: int | None) -> None:
+    """Keep the newest `limit` complete checkpoints (None: all)."""
+    found = checkpoint_dirs(root)
+    if limit is not None and len(found) > limit:
+        for old in found[: len(found) - limit]:
+            shutil.rmtree(old, ignore_errors=True)
