@@ -27,7 +27,6 @@ from collections import Counter
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -44,14 +43,13 @@ from memtrain.core.config import flat_items
 from memtrain.core.diffusion import derived_seed, generator, images_to_latents, regression_target, to_pixels
 from memtrain.core.diffusion import checkpointing_off, training_scheduler
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import replace_dir
 from memtrain.core.manifest import load_image, read_manifest
 from memtrain.core.memory import plan_memory
 from memtrain.core.run import finish_trackers, init_trackers, make_accelerator
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.text import encode_prompts
 from memtrain.train import checks, outputs, zero3
-from memtrain.train.checkpoints import STATE_FILE, Position, checkpoint_dirs, file_digests, resolve_resume
+from memtrain.train.checkpoints import STATE_FILE, Position, checkpoint_dirs, resolve_resume, save_checkpoint
 from memtrain.train.data import load_utility
 from memtrain.train.recipe import Recipe, check_resolved, first_difference
 from memtrain.train.surrogates import build_surrogates, descriptor_for
@@ -302,42 +300,14 @@ class AdvFinetuner:
 
     # checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, pos: Position, y_adv: torch.Tensor | None) -> None:
-        """Save into a temp folder, then rename: `latest` is never a half-written checkpoint."""
-        acc, final = self.acc, self.ckpt_root / f"checkpoint-{step}"
-        tmp = self.ckpt_root / f".tmp-checkpoint-{step}"
-        try:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp))
-            if y_adv is not None:  # mid-image: the resumed run must reuse this epoch's embedding
-                torch.save(y_adv, tmp / f"adv_rank{self.rank}.pt")
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
-                         "world_size": self.world, "recipe": self.recipe.to_dict(),
-                         "files": file_digests(tmp)}  # resume checks them: a damaged copy is skipped
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-                replace_dir(tmp, final)
-        except OSError as e:  # disk full, quota, permissions: drop the partial folder, keep the rest
-            shutil.rmtree(tmp, ignore_errors=True)
-            kept = checkpoint_dirs(self.ckpt_root)
-            raise MemtrainError(
-                f"saving checkpoint-{step} failed ({e.strerror or e}); the partial folder was removed and "
-                f"'latest' is still {kept[-1].name if kept else 'no checkpoint'}: free space, then rerun with "
-                f"--resume_from_checkpoint latest") from e
-        if acc.is_main_process:
-            self.prune_checkpoints()
-            log.info("saved %s", final)
-        acc.wait_for_everyone()
+        """Save into a temp folder, then rename (memtrain.train.checkpoints.save_checkpoint)."""
+        def adv(folder: Path) -> None:  # mid-image: the resumed run must reuse this epoch's embedding
+            if y_adv is not None:
+                torch.save(y_adv, folder / f"adv_rank{self.rank}.pt")
 
-    def prune_checkpoints(self) -> None:
-        limit = self.recipe.checkpointing.total_limit
-        found = checkpoint_dirs(self.ckpt_root)
-        if limit is not None and len(found) > limit:
-            for old in found[: len(found) - limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        state = {"global_step": step, "epoch": pos.epoch, "group": pos.group, "update": pos.update,
+                 "world_size": self.world, "recipe": self.recipe.to_dict()}
+        save_checkpoint(self.acc, self.ckpt_root, step, state, adv, self.recipe.checkpointing.total_limit)
 
     def resume(self) -> tuple[int, Position, torch.Tensor | None]:
         path = resolve_resume(self.resume_arg, self.ckpt_root)
