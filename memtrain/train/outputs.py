@@ -63,30 +63,50 @@ def save_final(trainer) -> Path:
     unet = trainer.bundle.unet
     if trainer.ema is not None:
         trainer.ema.copy_to(trainer.params)
+    if trainer.recipe.train.finetune != "lora":
+        return save_pipeline(acc, trainer.bundle, target, trainer.frozen_dtype)
     if acc.is_main_process:
         tmp = trainer.out / ".model.partial"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            if trainer.recipe.train.finetune == "lora":
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-                StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
-                                                          safe_serialization=True)
-            else:
-                # the U-Net is saved as trained: fp32 master weights under accelerate; DeepSpeed's
-                # half-precision module under DeepSpeed (its fp32 copy is sharded in the checkpoints)
-                trainer.bundle.unet = unet
-                saved = trainer.bundle
-                if trainer.frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
-                    saved = dataclasses.replace(load_bundle(trainer.bundle.path), unet=unet)
-                saved.save(tmp)
-                sampler = Path(trainer.bundle.path) / SAMPLER_FILE
-                if sampler.is_file():
-                    shutil.copy(sampler, tmp / SAMPLER_FILE)
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                                                             safe_serialization=True)
             replace_dir(tmp, target)
         except OSError as e:  # a full disk must not leave a half model where the last one was
             shutil.rmtree(tmp, ignore_errors=True)
-            raise MemtrainError(f"saving the fine-tuned model to {target} failed ({e.strerror or e}); "
-                                "the partial folder was removed and the checkpoints are kept: free space, "
-                                "then rerun with --resume_from_checkpoint latest") from e
+            raise _save_failed(target, e) from e
     acc.wait_for_everyone()
     return target
+
+
+def save_pipeline(acc, bundle, target: Path, frozen_dtype: torch.dtype = torch.float32) -> Path:
+    """The whole pipeline folder with `bundle.unet` as trained (a model a publisher could release),
+    written beside `target` and renamed into place by the main process. The U-Net is saved as
+    trained: fp32 master weights under accelerate; DeepSpeed's half-precision module under
+    DeepSpeed (its fp32 copy is sharded in the checkpoints). Frozen parts cast to
+    `frozen_dtype` are saved as they came. Collective."""
+    target = Path(target)
+    if acc.is_main_process:
+        tmp = target.parent / f".{target.name}.partial"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            saved = bundle
+            if frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
+                saved = dataclasses.replace(load_bundle(bundle.path), unet=bundle.unet)
+            saved.save(tmp)
+            sampler = Path(bundle.path) / SAMPLER_FILE
+            if sampler.is_file():
+                shutil.copy(sampler, tmp / SAMPLER_FILE)
+            replace_dir(tmp, target)
+        except OSError as e:  # a full disk must not leave a half model where the last one was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_failed(target, e) from e
+    acc.wait_for_everyone()
+    return target
+
+
+def _save_failed(target: Path, e: OSError) -> MemtrainError:
+    return MemtrainError(f"saving the trained model to {target} failed ({e.strerror or e}); the partial folder "
+                         "was removed and the checkpoints are kept: free space, then rerun with "
+                         "--resume_from_checkpoint latest")
