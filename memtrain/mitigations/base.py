@@ -41,8 +41,9 @@ def register_mitigation(cls: type["Mitigation"]) -> type["Mitigation"]:
 
 
 def available_mitigations() -> list[str]:
-    """The registered mitigation names, sorted."""
-    return MITIGATIONS.names()
+    """The registered mitigation names that run with their default settings, sorted (`--mitigation
+    all`); those whose settings must name an input first (edited_weights: a model folder) are left out."""
+    return [name for name in MITIGATIONS.names() if not MITIGATIONS[name].needs_settings]
 
 
 def mitigation_class(name: str) -> type["Mitigation"]:
@@ -91,6 +92,9 @@ class Mitigation:
     # True when it optimizes at generation time by design (Wen et al.): its sampling overhead is
     # reported, not held to the 5% target of the others.
     optimizes_at_generation: ClassVar[bool] = False
+    # True when its settings must name an input (a model folder) before it means anything: left
+    # out of available_mitigations(), so of `--mitigation all` and of the round trips over all
+    needs_settings: ClassVar[bool] = False
     # the accelerator `prepare` spreads its work over (spread_over); None: this process does all
     processes: ClassVar[object] = None
 
