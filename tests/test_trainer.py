@@ -245,6 +245,22 @@ def test_resume_with_changed_recipe_names_the_key(tiny_setup, uninterrupted, tmp
     assert last.startswith("error: cannot resume") and "train.learning_rate" in last
 
 
+def test_a_taken_output_dir_needs_resume_or_overwrite(tiny_setup, tmp_path):
+    """A second run into a finished run's folder is refused in one line and changes nothing;
+    with --overwrite it replaces the run once the new one completes (no set-aside copy left)."""
+    out = tmp_path / "run"
+    first = single(tiny_recipe(tiny_setup, out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = checksum(out)
+    again = single(tiny_recipe(tiny_setup, out, train={"learning_rate": 1e-2}))
+    last = again.stderr.strip().splitlines()[-1]
+    assert again.returncode == 2 and last.startswith("error:") and "--resume" in last and "--overwrite" in last
+    assert checksum(out) == before
+    replaced = single(tiny_recipe(tiny_setup, out, train={"learning_rate": 1e-2}), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert checksum(out) != before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.yaml"]
+
+
 def test_resume_from_missing_path_is_an_error(tiny_setup, tmp_path):
     proc = single(tiny_recipe(tiny_setup, tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "not a memtrain checkpoint" in proc.stderr

@@ -110,3 +110,27 @@ def _save_failed(target: Path, e: OSError) -> MemtrainError:
     return MemtrainError(f"saving the trained model to {target} failed ({e.strerror or e}); the partial folder "
                          "was removed and the checkpoints are kept: free space, then rerun with "
                          "--resume_from_checkpoint latest")
+
+
+def set_aside_previous(recipe, acc, out: Path) -> Path | None:
+    """--overwrite without resuming: the previous run in output_dir moves to a hidden sibling
+    (same name on every rank), deleted by `drop_previous` once this run completes and kept if it
+    fails, so replacing a run never loses it before the new one exists."""
+    if not (recipe.overwrite and not recipe.checkpoint_to_resume and out.is_dir() and any(out.iterdir())):
+        return None
+    previous = out.parent / f".{out.name}.previous"
+    if previous.exists():
+        raise MemtrainError(f"'{previous}' holds a run set aside by an earlier --overwrite that did not "
+                            "complete: move or delete it, then rerun")
+    acc.wait_for_everyone()  # every rank has looked at output_dir before it moves
+    if acc.is_main_process:
+        out.rename(previous)
+        log.info("--overwrite: the previous run moved to %s until this one completes", previous)
+    acc.wait_for_everyone()
+    return previous
+
+
+def drop_previous(acc, previous: Path | None) -> None:
+    """Delete the run `set_aside_previous` kept, now that the new one is complete."""
+    if previous is not None and acc.is_main_process:
+        shutil.rmtree(previous, ignore_errors=True)

@@ -181,9 +181,16 @@ class Recipe(ModelOptions, OutputOptions):
         return self.resume_from_checkpoint or ("latest" if self.resume else None)
 
     def check_files(self) -> None:
-        """The memorized manifest named (the testbed's are checked once it is resolved)."""
+        """The memorized manifest named (the testbed's are checked once it is resolved), and an
+        output_dir holding a previous run only with --resume (continue it) or --overwrite."""
         if self.memorized_manifest:
             read_manifest(self.memorized_manifest)
+        out = Path(self.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise MemtrainError(f"output_dir '{out}' exists and is a file: choose a folder name")
+        if out.is_dir() and any(out.iterdir()) and not (self.checkpoint_to_resume or self.overwrite):
+            raise MemtrainError(f"output_dir '{out}' holds a previous run: pass --resume to continue it, "
+                                "--overwrite to replace it once this run completes, or choose another")
 
 
 def _check_values(recipe: Recipe) -> None:

@@ -116,9 +116,10 @@ class AdvFinetuner:
     # setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         r = self.recipe
-        self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = make_accelerator(r.report_to, r.train.mixed_precision, r.train.gradient_accumulation_steps,
                                           self.out, timeout_minutes=r.timeout_minutes)
+        self.previous_run = outputs.set_aside_previous(r, acc, self.out)  # --overwrite
+        self.out.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = acc.process_index, acc.num_processes
         # recipe `dtype` (every command's --dtype) is the frozen parts' precision
         self.runtime = resolve_runtime(RuntimeOptions(dtype=r.dtype, max_memory=r.max_memory), acc)
@@ -393,6 +394,7 @@ class AdvFinetuner:
         outputs.write_summary(self, model_dir, step)
         finish_trackers(acc)
         acc.wait_for_everyone()
+        outputs.drop_previous(acc, self.previous_run)
         return model_dir
 
     # outputs (memtrain.train.outputs) -------------------------------------------------------------
