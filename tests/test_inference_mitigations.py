@@ -23,7 +23,7 @@ SETTINGS = SamplerSettings(scheduler="ddim", guidance_scale=3.0, num_inference_s
 SAMPLER_SIDE = ["guidance_static", "guidance_dynamic", "guidance_opposite", "overestimation_switch"]
 
 
-@pytest.fixture(scope="module", params=["tiny", pytest.param("testbed", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["tiny", pytest.param("testbed", marks=[pytest.mark.slow, pytest.mark.testbed])])
 def bundle(request, tmp_path_factory):
     if request.param == "testbed":
         from memtrain.core.bundle import load_bundle
