@@ -16,7 +16,7 @@ from memtrain.core.bundle import weights_checksum
 from memtrain.core.errors import MemtrainError
 from memtrain.core.manifest import read_manifest
 from memtrain.mitigations import EditedWeights, applied, available_mitigations, get_mitigation
-from test_audit import TINY_RECIPE, _audit, _config, tiny_testbed  # noqa: F401  (the tiny testbed fixture)
+from test_audit import _audit, _config, tiny_testbed  # noqa: F401  (the tiny testbed fixture)
 
 PROMPTS = ["a photo of the astronaut", "a photo of the camera", "a photo of the coffee"]
 

@@ -26,6 +26,7 @@ for _name, _where, _summary in (
     ("detect", "detect:COMMAND", "how well do the papers' detectors find memorized prompts?"),
     ("analyze", "analyze:COMMAND", "mechanism analyses with plots (guidance, locality, ...)"),
     ("finetune", "finetune:COMMAND", "adversarial fine-tuning that removes memorized images"),
+    ("removal", "removal:COMMAND", "paper 004's removal table: each method trained, then audited under Dori"),
     ("remove", "remove:COMMAND", "a removal baseline as a training: esd, concept_ablation or siss"),
     ("build-testbed", "build:BUILD_TESTBED", "build (or reuse) the small memorizing testbed"),
     ("build-fixture", "build:BUILD_FIXTURE", "a random-weight pipeline with a published SD config"),
