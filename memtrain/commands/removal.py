@@ -10,20 +10,33 @@ paper's figures beside for the SD recipe). docs/removal.md says what each column
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 from memtrain.commands.base import Command
+from memtrain.core.command_line import merge
 from memtrain.core.report import format_value
-from memtrain.testbed.resolver import resolve_model, resolve_recipe
+from memtrain.testbed.reference import REFERENCE_KEY
+from memtrain.testbed.resolver import reference_model, resolve_model, resolve_recipe, testbed_root_of
 from memtrain.train.removal_config import FINETUNE, RemovalTableConfig
 from memtrain.train.removal_table import RemovalTable, run_table
 
 
 def run(config: RemovalTableConfig, line=None) -> RemovalTable:
-    """Resolve the original model (`model: testbed`: the cached testbed) and the fine-tuning recipe
-    (its surrogate model), then train and audit every method."""
+    """Resolve the original model (`model: testbed`: the cached testbed), the fine-tuning recipe
+    and Concept Ablation's surrogate model (`testbed_reference`), then train and audit every method."""
     defaults = resolve_model(config.model, progress=config.progress)
     finetune = None
     if FINETUNE in config.methods:
         finetune, _ = resolve_recipe(config.finetune_config(), progress=config.progress)
+    if "concept_ablation" in config.methods:
+        spec = config.removal_recipe("concept_ablation", "-", "-").concept_ablation
+        if spec.anchors == "surrogates" and spec.surrogates.source == "model" and spec.surrogates.model == REFERENCE_KEY:
+            folder = reference_model(testbed_root_of(defaults.model_dir), config.progress,
+                                     "concept_ablation.surrogates.model")
+            keys = merge(copy.deepcopy(config.method_settings), {"concept_ablation": {"concept_ablation": {
+                "surrogates": {"model": folder}}}})
+            config = dataclasses.replace(config, method_settings=keys)
     return run_table(config, defaults, finetune)
 
 

@@ -95,11 +95,17 @@ def resolve_recipe(recipe: Recipe, progress: bool = True) -> tuple[Recipe, Model
     check_resolved(recipe)  # a model of the user's own needs its manifests named
     spec = recipe.surrogates
     if spec.source == "model" and spec.model == REFERENCE_KEY:
-        if root is None:
-            raise MemtrainError(f"surrogates.model '{REFERENCE_KEY}' needs a testbed model (model: testbed); "
-                                "for another model give surrogates.model a model folder that never saw the images")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with exclusive_lock(root / ".reference.lock"):
-            reference = ensure_reference_model(root, device=device, progress=progress)
-        recipe = dataclasses.replace(recipe, surrogates=dataclasses.replace(spec, model=str(reference)))
+        recipe = dataclasses.replace(recipe, surrogates=dataclasses.replace(spec, model=reference_model(root, progress)))
     return recipe, defaults
+
+
+def reference_model(root: Path | None, progress: bool = True, key: str = "surrogates.model") -> str:
+    """`testbed_reference` as a folder: the testbed's model trained without its memorized pairs
+    (trained on first use, once even when several processes ask); `root`: the testbed (None: the
+    model is not one, refused naming the recipe `key`)."""
+    if root is None:
+        raise MemtrainError(f"{key} '{REFERENCE_KEY}' needs a testbed model (model: testbed); "
+                            f"for another model give {key} a model folder that never saw the images")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with exclusive_lock(root / ".reference.lock"):
+        return str(ensure_reference_model(root, device=device, progress=progress))
