@@ -6,6 +6,7 @@ errors that overwrite nothing."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -110,7 +111,7 @@ def train(data: dict, *overrides: str):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
-    return train_removal(removal_recipe_from_dict(data, list(overrides)))
+    return train_removal(removal_recipe_from_dict(copy.deepcopy(data), list(overrides)))  # overrides edit in place
 
 
 def state(folder: Path, part: str) -> dict:
@@ -156,16 +157,20 @@ def test_changes_exactly_the_weights_it_claims(setup, tmp_path, case, fresh_acce
 
 @pytest.mark.parametrize("case", ["esd-x", "concept_ablation", "siss"])
 def test_stopped_after_a_checkpoint_resumes_to_the_same_weights(setup, tmp_path, case, fresh_accelerate):
-    whole = train(recipe_dict(setup, tmp_path / "whole", case))
-    data = recipe_dict(setup, tmp_path / "stopped", case)
-    train(data, "train.max_steps=2")  # stops after checkpoint-2, as a killed run would have
-    assert all((tmp_path / "stopped" / "checkpoints").rglob("checkpoint-2"))
+    short = {"train": {"steps": 2}, "checkpointing": {"steps": 1, "total_limit": 2}}
+    whole = train(recipe_dict(setup, tmp_path / "whole", case, **short))
+    data = recipe_dict(setup, tmp_path / "stopped", case, **short)
+    train(data, "train.max_steps=1")  # stops after checkpoint-1, as a killed run would have
+    jobs = 2 if case == "siss" else 1  # siss: each item's job has its own checkpoints
+    assert len(list((tmp_path / "stopped" / "checkpoints").rglob("checkpoint-1/memtrain_state.json"))) == jobs
     resumed = train(data, "resume_from_checkpoint=latest")
+    assert resumed.model_dirs.keys() == whole.model_dirs.keys() == {"mem_0", "mem_1"}
     for item, folder in whole.model_dirs.items():
         a, b = state(folder, "unet"), state(resumed.model_dirs[item], "unet")
         assert not changed(a, b), f"{item}: resumed weights differ"
+        assert changed(state(setup / "model", "unet"), b)
     summary = json.loads((tmp_path / "stopped" / "run_summary.json").read_text())
-    assert all(job["steps"] == 4 and job["steps_this_run"] == 2 for job in summary["jobs"])
+    assert [(job["steps"], job["steps_this_run"]) for job in summary["jobs"]] == [(2, 1)] * jobs
 
 
 def env(**extra) -> dict:
@@ -188,9 +193,15 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(setup, tmp_path, case):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
+    from diffusers import UNet2DConditionModel
+
+    from memtrain.train.checkpoints import param_checksum
+
+    original = param_checksum(UNet2DConditionModel.from_pretrained(setup / "model" / "unet"))["sha256"]
+    assert len(summary["jobs"]) == (2 if case == "siss" else 1)
     for job in summary["jobs"]:
         a, b = job["unet_sha256_per_rank"]
-        assert a == b and job["steps"] == 2
+        assert a == b != original and job["steps"] == 2
 
 
 def test_concept_ablation_without_anchors_skips_the_item_or_stops(setup, tmp_path, fresh_accelerate):
