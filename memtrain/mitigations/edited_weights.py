@@ -156,10 +156,6 @@ class EditedWeights(Mitigation):
         raise MemtrainError(f"mitigation_settings.edited_weights.per_prompt has no folder for the prompt '{prompt}': "
                             "add one, or set unmapped: original to judge it on the original weights")
 
-    @property
-    def is_applied(self) -> bool:
-        return bool(self._saved)
-
     @torch.no_grad()
     def apply(self, bundle) -> None:
         if self._saved:
