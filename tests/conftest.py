@@ -123,3 +123,15 @@ def golden(tmp_path_factory):
     import golden_fixture
 
     return golden_fixture.build(str(tmp_path_factory.mktemp("golden_tokenizer")))
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process trainers share accelerate's singletons: reset them before the test (an earlier
+    in-process command in the same worker may have set another precision) and after it."""
+    from factories import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()
+    torch.set_num_threads(1)

@@ -143,3 +143,13 @@ def kill_after_first_unit(cmd: list[str], output_dir: Path, env: dict, cwd: Path
             psutil.Process(pid).wait(timeout=30)
     proc.stderr.close()
     return len(list(units.glob("*.json")))
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (an in-process training sets its precision and
+    gradient accumulation there): the next Accelerator starts afresh."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -88,29 +88,12 @@ def recipe_dict(root: Path, out: Path, case: str, **sections) -> dict:
     return data
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """In-process trainings share accelerate's singletons: reset them around each test."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-
-    reset()
-    yield
-    reset()
-
-
 def train(data: dict, *overrides: str):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from factories import reset_accelerate
 
     from memtrain.train.removal import removal_recipe_from_dict, train_removal
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()  # each training in a test starts a new accelerator
     return train_removal(removal_recipe_from_dict(copy.deepcopy(data), list(overrides)))  # overrides edit in place
 
 

@@ -441,24 +441,6 @@ def test_bench_finetune_prints_the_ratio(tiny_setup, tmp_path):
     assert re.search(r"speedups off: +\d+\.\d s\n  speedups on: +\d+\.\d s\nspeedup \d+\.\d\dx", proc.stdout)
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """In-process trainers share accelerate's singletons: reset them before the test (an earlier
-    in-process command in the same worker may have set another precision) and after it."""
-    import torch
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-
-    reset()
-    yield
-    reset()
-    torch.set_num_threads(1)
-
-
 def test_craft_runs_the_attack_without_gradient_checkpointing(tiny_setup, tmp_path, fresh_accelerate):
     """With train.gradient_checkpointing, `craft` turns it off for the attack (grads w.r.t. the
     embedding only) and back on after; y_adv equals the one crafted with it on (speedups=False),

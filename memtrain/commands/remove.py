@@ -19,17 +19,25 @@ from pathlib import Path
 
 from memtrain.commands.base import Command
 from memtrain.core.report import CommandResult
-from memtrain.testbed.resolver import resolve_model, testbed_root_of
+from memtrain.testbed.reference import REFERENCE_KEY
+from memtrain.testbed.resolver import reference_model, resolve_model, testbed_root_of
 from memtrain.train.recipe import TESTBED
 from memtrain.train.removal import RemovalRecipe, RemovalRun, train_removal
 
 
 def run(recipe: RemovalRecipe, line=None) -> CommandResult:
-    """Resolve `model: testbed` (its memorized split fills memorized_manifest), then train."""
+    """Resolve `model: testbed` (its memorized split fills memorized_manifest) and Concept
+    Ablation's `surrogates.model: testbed_reference`, then train."""
     defaults = resolve_model(None if recipe.model == TESTBED else recipe.model, recipe.progress)
-    if testbed_root_of(defaults.model_dir) is not None:
+    root = testbed_root_of(defaults.model_dir)
+    if root is not None:
         recipe = dataclasses.replace(recipe, model=defaults.model_dir,
                                      memorized_manifest=recipe.memorized_manifest or defaults.manifests["memorized"])
+    ca = recipe.concept_ablation
+    if recipe.method == "concept_ablation" and ca.anchors == "surrogates" and ca.surrogates.model == REFERENCE_KEY:
+        model = reference_model(root, recipe.progress, key="concept_ablation.surrogates.model")
+        recipe = dataclasses.replace(recipe, concept_ablation=dataclasses.replace(
+            ca, surrogates=dataclasses.replace(ca.surrogates, model=model)))
     result = train_removal(recipe, defaults, recipe.checkpoint_to_resume)
     return CommandResult(dataclasses.asdict(result), Path(recipe.output_dir).absolute())
 

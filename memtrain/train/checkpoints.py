@@ -150,3 +150,34 @@ def prune_checkpoints(root: Path, limit: int | None) -> None:
     if limit is not None and len(found) > limit:
         for old in found[: len(found) - limit]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(acc, arg: str | None, root: Path, recipe: dict, difference: Callable[[dict, dict], str | None],
+                    world_size: int) -> tuple[Path, dict] | None:
+    """Load the checkpoint `arg` names ('latest' under `root`, or a path) into accelerate's
+    prepared objects: (its folder, its saved state), or None for a fresh run. A checkpoint of
+    another recipe (`difference(saved, recipe)` names the key) or world size is a one-line error."""
+    path = resolve_resume(arg, root)
+    if path is None:
+        return None
+    state = json.loads((path / STATE_FILE).read_text())
+    diff = difference(state["recipe"], recipe)
+    if diff:
+        raise MemtrainError(f"cannot resume from {path}: the recipe differs at {diff}")
+    if state["world_size"] != world_size:
+        raise MemtrainError(f"cannot resume from {path}: it ran on {state['world_size']} processes, "
+                            f"this run has {world_size}")
+    acc.load_state(str(path))
+    log.info("resumed from %s (step %d)", path, state["global_step"])
+    return path, state
+
+
+def check_finite(acc, loss: torch.Tensor, step: int, root: Path, where: str = "") -> None:
+    """Collective: a non-finite loss on any process stops every one with a one-line error naming
+    the optimizer step and the last good checkpoint under `root`."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
+    if float(acc.reduce(bad, reduction="sum")) > 0:
+        last = checkpoint_dirs(root)
+        keep = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
+        raise MemtrainError(f"non-finite training loss ({loss.item()}) at optimizer step {step + 1}{where}: "
+                            f"stopped without updating; {keep}")

@@ -65,19 +65,13 @@ def save_final(trainer) -> Path:
         trainer.ema.copy_to(trainer.params)
     if trainer.recipe.train.finetune != "lora":
         return save_pipeline(acc, trainer.bundle, target, trainer.frozen_dtype)
-    if acc.is_main_process:
-        tmp = trainer.out / ".model.partial"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
-                                                             safe_serialization=True)
-            replace_dir(tmp, target)
-        except OSError as e:  # a full disk must not leave a half model where the last one was
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _save_failed(target, e) from e
-    acc.wait_for_everyone()
-    return target
+
+    def lora(tmp: Path) -> None:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionLoraLoaderMixin.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                                                         safe_serialization=True)
+
+    return _write_staged(acc, target, lora)
 
 
 def save_pipeline(acc, bundle, target: Path, frozen_dtype: torch.dtype = torch.float32) -> Path:
@@ -86,20 +80,28 @@ def save_pipeline(acc, bundle, target: Path, frozen_dtype: torch.dtype = torch.f
     trained: fp32 master weights under accelerate; DeepSpeed's half-precision module under
     DeepSpeed (its fp32 copy is sharded in the checkpoints). Frozen parts cast to
     `frozen_dtype` are saved as they came. Collective."""
-    target = Path(target)
+    def pipeline(tmp: Path) -> None:
+        saved = bundle
+        if frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
+            saved = dataclasses.replace(load_bundle(bundle.path), unet=bundle.unet)
+        saved.save(tmp)
+        sampler = Path(bundle.path) / SAMPLER_FILE
+        if sampler.is_file():
+            shutil.copy(sampler, tmp / SAMPLER_FILE)
+
+    return _write_staged(acc, Path(target), pipeline)
+
+
+def _write_staged(acc, target: Path, write) -> Path:
+    """`write(tmp)` into a hidden sibling of `target`, renamed into place (main process); a full
+    disk leaves no half model where the last one was. Collective."""
     if acc.is_main_process:
         tmp = target.parent / f".{target.name}.partial"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            saved = bundle
-            if frozen_dtype != torch.float32:  # the frozen parts as they came, not cast
-                saved = dataclasses.replace(load_bundle(bundle.path), unet=bundle.unet)
-            saved.save(tmp)
-            sampler = Path(bundle.path) / SAMPLER_FILE
-            if sampler.is_file():
-                shutil.copy(sampler, tmp / SAMPLER_FILE)
+            write(tmp)
             replace_dir(tmp, target)
-        except OSError as e:  # a full disk must not leave a half model where the last one was
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _save_failed(target, e) from e
     acc.wait_for_everyone()

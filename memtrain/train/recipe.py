@@ -185,12 +185,18 @@ class Recipe(ModelOptions, OutputOptions):
         output_dir holding a previous run only with --resume (continue it) or --overwrite."""
         if self.memorized_manifest:
             read_manifest(self.memorized_manifest)
-        out = Path(self.output_dir).expanduser()
-        if out.exists() and not out.is_dir():
-            raise MemtrainError(f"output_dir '{out}' exists and is a file: choose a folder name")
-        if out.is_dir() and any(out.iterdir()) and not (self.checkpoint_to_resume or self.overwrite):
-            raise MemtrainError(f"output_dir '{out}' holds a previous run: pass --resume to continue it, "
-                                "--overwrite to replace it once this run completes, or choose another")
+        check_taken_output(self.output_dir, bool(self.checkpoint_to_resume), self.overwrite)
+
+
+def check_taken_output(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """A training's output_dir may hold a previous run only with --resume (continue it) or
+    --overwrite (replace it once the new run completes)."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MemtrainError(f"output_dir '{out}' exists and is a file: choose a folder name")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise MemtrainError(f"output_dir '{out}' holds a previous run: pass --resume to continue it, "
+                            "--overwrite to replace it once this run completes, or choose another")
 
 
 def _check_values(recipe: Recipe) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-import json
 import logging
 import math
 import time
@@ -49,7 +48,8 @@ from memtrain.core.run import finish_trackers, init_trackers, make_accelerator
 from memtrain.core.runtime import RuntimeOptions, resolve_runtime
 from memtrain.core.text import encode_prompts
 from memtrain.train import checks, outputs, zero3
-from memtrain.train.checkpoints import STATE_FILE, Position, checkpoint_dirs, resolve_resume, save_checkpoint
+from memtrain.train.checkpoints import Position, check_finite, load_checkpoint, save_checkpoint
+from memtrain.train.checkpoints import checkpoint_dirs, resolve_resume  # noqa: F401  (tests import them from here)
 from memtrain.train.data import load_utility
 from memtrain.train.recipe import Recipe, check_resolved, first_difference
 from memtrain.train.surrogates import build_surrogates, descriptor_for
@@ -292,12 +292,7 @@ class AdvFinetuner:
         return result.embeddings, result.final_loss
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.acc.device)
-        if float(self.acc.reduce(bad, reduction="sum")) > 0:
-            last = checkpoint_dirs(self.ckpt_root)
-            keep = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
-            raise MemtrainError(f"non-finite training loss ({loss.item()}) at optimizer step {step + 1}: "
-                                f"stopped without updating; {keep}")
+        check_finite(self.acc, loss, step, self.ckpt_root)
 
     # checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, pos: Position, y_adv: torch.Tensor | None) -> None:
@@ -311,20 +306,13 @@ class AdvFinetuner:
         save_checkpoint(self.acc, self.ckpt_root, step, state, adv, self.recipe.checkpointing.total_limit)
 
     def resume(self) -> tuple[int, Position, torch.Tensor | None]:
-        path = resolve_resume(self.resume_arg, self.ckpt_root)
-        if path is None:
+        loaded = load_checkpoint(self.acc, self.resume_arg, self.ckpt_root, self.recipe.to_dict(), first_difference,
+                                 self.world)
+        if loaded is None:
             return 0, Position(), None
-        state = json.loads((path / STATE_FILE).read_text())
-        diff = first_difference(state["recipe"], self.recipe.to_dict())
-        if diff:
-            raise MemtrainError(f"cannot resume from {path}: the recipe differs at {diff}")
-        if state["world_size"] != self.world:
-            raise MemtrainError(f"cannot resume from {path}: it ran on {state['world_size']} processes, "
-                                f"this run has {self.world}")
-        self.acc.load_state(str(path))
+        path, state = loaded
         adv = path / f"adv_rank{self.rank}.pt"
         y_adv = torch.load(adv, weights_only=True) if adv.is_file() else None
-        log.info("resumed from %s (step %d)", path, state["global_step"])
         return state["global_step"], Position(state["epoch"], state["group"], state["update"]), y_adv
 
     # the loop --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from memtrain.core.errors import MemtrainError
 from memtrain.core.manifest import read_manifest
 from memtrain.core.options import ModelOptions, OutputOptions
 from memtrain.core.sampling import SamplerOverrides
-from memtrain.train.recipe import TESTBED, CheckpointSpec, SurrogateSpec
+from memtrain.train.recipe import TESTBED, CheckpointSpec, SurrogateSpec, check_taken_output
 
 METHODS = ("esd", "concept_ablation", "siss")
 
@@ -158,12 +158,7 @@ class RemovalRecipe(ModelOptions, OutputOptions):
         if self.method == "concept_ablation" and anchors and not Path(anchors).expanduser().is_file():
             raise MemtrainError(f"concept_ablation.anchor_file '{anchors}' does not exist: give a JSON/YAML file "
                                 "mapping memorized item ids (or prompts) to anchor prompts")
-        out = Path(self.output_dir).expanduser()
-        if out.exists() and not out.is_dir():
-            raise MemtrainError(f"output_dir '{out}' exists and is a file: choose a folder name")
-        if out.is_dir() and any(out.iterdir()) and not (self.checkpoint_to_resume or self.overwrite):
-            raise MemtrainError(f"output_dir '{out}' holds a previous run: pass --resume to continue it, "
-                                "--overwrite to replace it once this run completes, or choose another")
+        check_taken_output(self.output_dir, bool(self.checkpoint_to_resume), self.overwrite)
 
 
 def check_values(recipe: RemovalRecipe) -> None:

@@ -34,7 +34,7 @@ from memtrain.core.report import versioned
 from memtrain.core.run import finish_trackers, gather_list, init_trackers, make_accelerator
 from memtrain.core.runtime import DTYPE_NAMES, RuntimeOptions, resolve_runtime
 from memtrain.train import outputs
-from memtrain.train.checkpoints import STATE_FILE, checkpoint_dirs, param_checksum, resolve_resume, save_checkpoint
+from memtrain.train.checkpoints import check_finite, load_checkpoint, param_checksum, save_checkpoint
 from memtrain.train.recipe import TESTBED
 from memtrain.train.removal.recipe import RemovalRecipe, first_difference
 from memtrain.train.trainer import HALF, make_optimizer
@@ -212,30 +212,14 @@ class RemovalTrainer:
         return self.acc.unwrap_model(self.model)
 
     def check_finite(self, loss: torch.Tensor, step: int, job: Job) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.acc.device)
-        if float(self.acc.reduce(bad, reduction="sum")) > 0:
-            last = checkpoint_dirs(job.ckpt_root)
-            keep = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
-            raise MemtrainError(f"non-finite training loss ({loss.item()}) at optimizer step {step + 1} of "
-                                f"{job.name}: stopped without updating; {keep}")
+        check_finite(self.acc, loss, step, job.ckpt_root, f" of {job.name}")
 
     def resume(self, job: Job) -> int:
         arg = self.resume_arg
         if arg and arg != "latest" and Path(arg).absolute().parent != job.ckpt_root:
             arg = "latest"  # a checkpoint of another item's job: this one continues from its own latest
-        path = resolve_resume(arg, job.ckpt_root)
-        if path is None:
-            return 0
-        state = json.loads((path / STATE_FILE).read_text())
-        diff = first_difference(state["recipe"], self.recipe.to_dict())
-        if diff:
-            raise MemtrainError(f"cannot resume from {path}: the recipe differs at {diff}")
-        if state["world_size"] != self.world:
-            raise MemtrainError(f"cannot resume from {path}: it ran on {state['world_size']} processes, "
-                                f"this run has {self.world}")
-        self.acc.load_state(str(path))
-        log.info("resumed from %s (step %d)", path, state["global_step"])
-        return int(state["global_step"])
+        loaded = load_checkpoint(self.acc, arg, job.ckpt_root, self.recipe.to_dict(), first_difference, self.world)
+        return 0 if loaded is None else int(loaded[1]["global_step"])
 
     def run_job(self, job: Job) -> dict:
         """Train one job, save its pipeline folder; its summary."""
