@@ -160,6 +160,7 @@ def env(**extra) -> dict:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
          "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
     e.pop("WORLD_SIZE", None)
+    e.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed: the DDP tests pass it
     e.update(extra)
     return e
 
@@ -233,3 +234,47 @@ def test_methods_registered_in_the_contracts_order():
     from memtrain.train.removal.recipe import METHOD_DEFAULTS, METHODS
 
     assert REMOVAL_METHODS.names() == list(METHODS) == list(METHOD_DEFAULTS)
+
+
+def zero2(path: Path) -> subprocess.CompletedProcess:
+    """2-process DeepSpeed ZeRO-2 on the CPU (gloo; ACCELERATE_USE_CPU unset, or accelerate drops DeepSpeed)."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+                           "--deepspeed_config_file", str(REPO / "accelerate_configs" / "ds_zero2.json"),
+                           "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(path)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow  # DeepSpeed's start on two processes: the slow tier
+@pytest.mark.parametrize("case", ["esd-x", "concept_ablation", "siss"])
+def test_deepspeed_zero2_on_cpu(setup, tmp_path, case):
+    """ESD and Concept Ablation train under ZeRO-2 with identical ranks; SISS, whose two gradients
+    are combined by hand, is refused in one line."""
+    out = tmp_path / case
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(setup, out, case, train={"steps": 2})))
+    proc = zero2(path)
+    if case == "siss":
+        assert proc.returncode != 0 and "error: siss combines its two gradients by hand" in proc.stderr
+        assert not list(out.glob("*/model"))
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed_type"] == "DistributedType.DEEPSPEED"
+    (job,) = summary["jobs"]
+    a, b = job["unet_sha256_per_rank"]
+    assert a == b and job["steps"] == 2
+    assert changed(state(setup / "model", "unet"), state(out / "model", "unet"))
+
+
+@pytest.mark.parametrize("case", ["esd-x", "siss"])
+def test_bf16_on_the_cpu_trains_fp32_master_weights(setup, tmp_path, case, fresh_accelerate):
+    """train.mixed_precision=bf16: accelerate's autocast around the trained U-Net (ESD through the
+    prepared model, SISS around its own forward); the weights stay and are saved in float32."""
+    run = train(recipe_dict(setup, tmp_path / case, case, train={"steps": 1, "mixed_precision": "bf16"}))
+    summary = run.summary
+    assert (summary["mixed_precision"], summary["unet_dtype"]) == ("bf16", "fp32")
+    for folder in set(run.model_dirs.values()):
+        weights = state(folder, "unet")
+        assert all(v.dtype == torch.float32 for v in weights.values())
+        assert changed(state(setup / "model", "unet"), weights)
