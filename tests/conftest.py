@@ -39,41 +39,31 @@ def testbed_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real testbed are the slow tier (the first one builds it under a lock: about 10 min
-    on 2 cores, more on the one thread of an xdist worker while the other runs the rest)."""
+    """Tests on the real testbed are the slow tier. The README's test command builds the testbed
+    (2 threads, about 10 min) before the slow tier's workers start; without it the first test
+    builds it under a lock, on its worker's one thread (much slower, and other weights: the
+    build's float sums depend on the thread count)."""
     for item in items:
         if "testbed_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.testbed)
 
 
-# the slow tier's longest tests (minutes each): started first in their worker's share
-LONGEST = ("test_finetune_testbed.py", "test_gpu_check.py::test_cpu_check", "test_bf16_audit")
+# the slow tier's longest tests (minutes each): handed out first under pytest-xdist, whose `load`
+# scheduling then gives each free worker the next test, so no long test starts last
+LONGEST = ("test_finetune_testbed.py", "test_gpu_check.py::test_cpu_check", "test_bf16_audit",
+           "test_default_audit")
 
 
-class _SlowTierOrder:
-    """Under pytest-xdist, order the selected tests so that one worker's share starts with the
-    tests on the real testbed (its first builds the testbed, on one thread, under the lock) and
-    the other's starts with the tests that do not need it, instead of waiting for the lock.
-    xdist's work stealing hands each worker a contiguous half first: the tests without the
-    testbed go in the middle, longest first within each group."""
-
+class _LongestFirst:
     @pytest.hookimpl(trylast=True)  # after -m has deselected
     def pytest_collection_modifyitems(self, config, items):
-        if not os.environ.get("PYTEST_XDIST_WORKER"):
-            return
-        def longest_first(group):
-            return sorted(group, key=lambda item: not any(name in item.nodeid for name in LONGEST))
-        testbed = longest_first([i for i in items if i.get_closest_marker("testbed")])
-        others = longest_first([i for i in items if not i.get_closest_marker("testbed")])
-        if not testbed or not others:
-            return
-        k = min(len(testbed), len(items) // 2)  # the second half then starts inside `others`
-        items[:] = testbed[:k] + others + testbed[k:]
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST))
 
 
 def pytest_configure(config):
-    config.pluginmanager.register(_SlowTierOrder(), "memtrain-slow-tier-order")
+    config.pluginmanager.register(_LongestFirst(), "memtrain-longest-first")
 
 
 @pytest.fixture(scope="session")
