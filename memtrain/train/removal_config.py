@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memtrain.core.cli import option
 from memtrain.core.command_line import merge
-from memtrain.core.config import build, packaged_recipe, read_yaml
+from memtrain.core.config import build, first_difference, packaged_recipe, read_yaml
 from memtrain.core.errors import MemtrainError
 from memtrain.core.files import check_output_dir
 from memtrain.core.manifest import read_manifest
@@ -127,7 +128,7 @@ class RemovalTableConfig(ModelOptions, OutputOptions, MetricOptions):
         """The output folder is free (or --overwrite), the manifests named read, and the fine-tuning
         recipe reads and fits the table: a full U-Net (the audit swaps whole folders in) and the
         removal trainings' precision (one launch runs one)."""
-        check_output_dir(self.output_dir, self.overwrite)
+        self.check_output()
         for path in (self.memorized_manifest, self.control_manifest, self.utility_manifest):
             if path is not None:
                 read_manifest(path)
@@ -143,6 +144,32 @@ class RemovalTableConfig(ModelOptions, OutputOptions, MetricOptions):
                 raise MemtrainError(f"removal.train.mixed_precision ({precision}) differs from the fine-tuning "
                                     f"recipe's ({finetune.train.mixed_precision}): one launch runs one precision, "
                                     "set both alike")
+
+    def check_output(self) -> None:
+        """OUT is free, or --overwrite replaces it, or --resume continues the interrupted table it
+        holds (same settings); a complete table is replaced only with --overwrite."""
+        out = check_output_dir(self.output_dir, True)
+        state = out / "table.json"
+        if not (out.is_dir() and any(out.iterdir())) or self.overwrite:
+            return
+        if (out / "removal.json").is_file():
+            raise MemtrainError(f"'{out}' holds a complete removal table: pass --overwrite to replace it (once the "
+                                "new one is complete), or choose another output_dir")
+        if not self.resume:
+            what = "an interrupted table's work" if state.is_file() else "other files"
+            raise MemtrainError(f"output dir '{out}' holds {what}: pass --resume to continue it, or --overwrite to "
+                                "start over")
+        if not state.is_file():
+            raise MemtrainError(f"output dir '{out}' holds no interrupted removal table to resume: choose another")
+        diff = first_difference(json.loads(state.read_text()), self.fingerprint(), labels=("interrupted table", "now"))
+        if diff:
+            raise MemtrainError(f"cannot resume the table in {out}: {diff}; rerun it as it was, or with --overwrite "
+                                "to start over")
+
+    @property
+    def checkpoint_to_resume(self) -> str | None:
+        """--resume continues the interrupted table (memtrain.train.outputs.set_aside_previous asks)."""
+        return "latest" if self.resume else None
 
     def fingerprint(self) -> dict:
         """What a resumed table must share with the interrupted one."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memtrain.core.files import atomic_write_text, write_json
-from memtrain.core.report import markdown_table
+from memtrain.core.report import is_not_computed, markdown_table
 from memtrain.metrics import not_computed
 
 ORIGINAL = "none"  # the original model's row: the audit's `none` baseline
@@ -44,6 +44,11 @@ def figure(value):
     return value.get("value") if isinstance(value, dict) and value.get("status") != "not computed" else value
 
 
+def row_key(result: dict) -> str:
+    """An audit row's name in the table's details: threat model and attack (`prompt-gcg`)."""
+    return f"{result['threat_model']}-{result.get('attack_name') or 'none'}"
+
+
 def method_row(method: str, mitigation: str, reports: dict, run=None) -> tuple[dict, dict]:
     """(the table row, its details) from a method's audits (`run`: its RemovalRun; None for the
     original model, audited as `none`): MR and SSCD under Dori (the `embedding`
@@ -64,11 +69,10 @@ def method_row(method: str, mitigation: str, reports: dict, run=None) -> tuple[d
            "verdict": "baseline" if mitigation == ORIGINAL else decisive["verdict"],
            "skipped": dict(run.skipped) if run else {}}
     details = {"verdict_reason": dori["verdict_reason"] if mitigation == ORIGINAL else decisive["verdict_reason"],
-               **({} if mitigation == ORIGINAL else {"decided_by": decisive.get("label", mitigation)}),
-               "rows": {r.get("label", r["mitigation"]): {"threat_model": r["threat_model"], "attack": r.get("attack_name"),
-                                                         "mr_prompt": r["mr_prompt"], "mr_attack": r["mr_attack"],
-                                                         "mr_control": r["mr_control"], "verdict": r["verdict"]}
-                        for r in results},
+               **({} if mitigation == ORIGINAL else {"decided_by": row_key(decisive)}),
+               "rows": {row_key(r): {"threat_model": r["threat_model"], "attack": r.get("attack_name"),
+                                     "mr_prompt": r["mr_prompt"], "mr_attack": r["mr_attack"],
+                                     "mr_control": r["mr_control"], "verdict": r["verdict"]} for r in results},
                "audits": {k: v["settings"]["output_dir"] for k, v in reports.items()}}
     if run is not None:
         details.update(model_dirs=run.model_dirs, training=run.summary)
@@ -84,14 +88,15 @@ def not_run_row(method: str, reason: str, items: list) -> tuple[dict, dict]:
 
 
 def _cells(row: dict) -> dict:
-    """A row as its table cells (SSCD_Orig as mean +- std; skipped items counted)."""
-    cells = {COLUMNS[k]: row.get(k) for k in COLUMNS if k in row}
+    """A row as its table cells, in COLUMNS' order (SSCD_Orig as mean +- std; skipped items
+    counted; a figure not computed says so, its reason is in removal.json)."""
     mean, std = row.get("sscd_orig_mean"), row.get("sscd_orig_std")
     both = isinstance(mean, (int, float)) and isinstance(std, (int, float))
-    cells[COLUMNS["sscd_orig"]] = f"{mean:.2f} ± {std:.2f}" if both else (mean if mean is not None else "-")
     skipped = row.get("skipped")
-    cells[COLUMNS["skipped"]] = (f"{len(skipped)}" if isinstance(skipped, dict) else skipped) if skipped else "-"
-    return cells
+    values = {**row, "sscd_orig": f"{mean:.2f} ± {std:.2f}" if both else mean,
+              "skipped": (len(skipped) if isinstance(skipped, dict) else skipped) or None}
+    return {title: "not computed" if is_not_computed(values.get(key)) else values.get(key)
+            for key, title in COLUMNS.items()}
 
 
 def markdown(doc: dict, paper: str | None = None) -> str:
@@ -109,14 +114,15 @@ def markdown(doc: dict, paper: str | None = None) -> str:
              "model is audited against the original as a weight edit (`edited_weights`): MR on the prompts, under Dori "
              "(the embedding attack on the edited weights) with its held-out control, SSCD and A_CLIP under Dori, FID/KID "
              "of the edited model; the verdict is the worst over Dori and the prompt attacks. Columns: docs/removal.md.",
-             "", markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r)), digits=2), ""]
+             "", markdown_table(rows, digits=2), ""]
     if paper == "sd14":
         lines += ["Paper 004's rows: Table 3 (under Dori) and Table 5 (prompt MR, SSCD_Gen, A_CLIP, FID without the "
                   "attack), App. G.2 (training time, skipped prompts) and App. E.2 (SISS); empty where the paper gives "
                   "no figure.", ""]
     lines += ["## Every attack", ""]
-    attacks = [{"method": m, "row": label, **{k: r[k] for k in ("attack", "mr_prompt", "mr_attack", "mr_control", "verdict")}}
-               for m, d in doc["methods"].items() for label, r in d.get("rows", {}).items()]
+    attacks = [{"method": m, **{k: r[k] for k in ("threat_model", "attack", "mr_prompt", "mr_attack", "mr_control",
+                                                  "verdict")}}
+               for m, d in doc["methods"].items() for r in d.get("rows", {}).values()]
     lines += [markdown_table(attacks, digits=2), "", "## Verdicts", ""]
     lines += [f"- `{m}`: {d['verdict_reason']}" + (f" (decided by `{d['decided_by']}`)" if d.get("decided_by") else "")
               for m, d in doc["methods"].items()]
@@ -129,6 +135,6 @@ def markdown(doc: dict, paper: str | None = None) -> str:
 
 
 def write(table, folder: Path, paper: str | None = None) -> None:
-    """removal.json (the typed result's document) and removal.md into `folder`."""
-    write_json(Path(folder) / "removal.json", table.report)
+    """removal.md and removal.json (the typed result's document, last: a table with it is complete)."""
     atomic_write_text(Path(folder) / "removal.md", markdown(table.report, paper))
+    write_json(Path(folder) / "removal.json", table.report)

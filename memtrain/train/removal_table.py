@@ -10,10 +10,11 @@ each method as `edited_weights` (OUT/audits/<method>) under `weights` and `embed
 OUT/audits/<method>-<attack>), each with the held-out control. The rows go to OUT/removal.json and
 OUT/removal.md (memtrain.train.removal_report).
 
-Work happens in a hidden sibling `.OUT.partial` that becomes OUT once every method is done, so an
-old table is replaced only by a complete one (--overwrite) and a killed one resumes per method
-(--resume): a finished method (its row.json) is reused, a training continues from its latest
-checkpoint, an audit from its last finished unit.
+The table is written in OUT itself (its model folders and audits name their own paths) and is
+complete once OUT/removal.json exists. --overwrite sets a previous OUT aside (`.OUT.previous`) and
+deletes it only once the new table is complete; where no method could run it is put back. A killed
+table resumes per method (--resume, same recipe): a finished method (its row.json) is reused, a
+training continues from its latest checkpoint, an audit from its last finished unit.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ import torch
 from memtrain.core import run as dist
 from memtrain.core.bundle import ModelDefaults
 from memtrain.core.command_line import merge
-from memtrain.core.config import first_difference
 from memtrain.core.errors import MemtrainError
-from memtrain.core.files import check_output_dir, replace_dir, write_json
+from memtrain.core.files import write_json
 from memtrain.core.manifest import read_manifest, write_manifest
 from memtrain.core.report import CommandResult, to_jsonable, versioned
 from memtrain.core.runtime import peak_memory_bytes
@@ -45,6 +45,7 @@ from memtrain.train.checkpoints import checkpoint_dirs
 from memtrain.train.recipe import Recipe
 from memtrain.train.removal import RemovalRun, train_removal
 from memtrain.train.removal_config import FINETUNE, RemovalTableConfig
+from memtrain.train.outputs import drop_previous, set_aside_previous
 from memtrain.train.removal_report import ORIGINAL, method_row, not_run_row
 from memtrain.train.trainer import train
 
@@ -99,7 +100,7 @@ class Table:
     defaults: ModelDefaults
     finetune: Recipe | None
     acc: object
-    work: Path
+    out: Path
     manifest: Path = field(init=False)
     items: list = field(default_factory=list)
 
@@ -110,41 +111,20 @@ class Table:
         dist.wait(self.acc)
 
 
-def work_folder(output_dir: str | Path) -> Path:
-    """Where a table is built until it is complete: a hidden sibling of OUT."""
-    out = Path(output_dir).absolute()
-    return out.parent / f".{out.name}.partial"
-
-
-def open_work(cfg: RemovalTableConfig, acc) -> Path:
-    """The working folder: fresh, or the interrupted table's under --resume (same settings), or
-    refused without --resume/--overwrite when it holds work."""
-    work = work_folder(cfg.output_dir)
-    state = work / "table.json"
-
-    def prepare() -> None:
-        if work.is_dir() and any(work.iterdir()):
-            if cfg.resume and state.is_file():
-                diff = first_difference(json.loads(state.read_text()), cfg.fingerprint(), labels=("interrupted table", "now"))
-                if diff:
-                    raise MemtrainError(f"cannot resume the table in {work}: {diff}; rerun it as it was, or with "
-                                        "--overwrite to start over")
-                return
-            if not (cfg.resume or cfg.overwrite):
-                raise MemtrainError(f"'{work}' holds an interrupted table's work: pass --resume to continue it, or "
-                                    "--overwrite to start over")
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        write_json(state, cfg.fingerprint())
-
-    dist.run_checked(prepare if dist.is_main(acc) else lambda: None, acc)
-    return work
+def open_work(cfg: RemovalTableConfig, acc) -> tuple[Path, Path | None]:
+    """OUT, ready (cfg.check_files said what a taken one may hold): under --overwrite a previous
+    table is set aside (returned; deleted once this one is complete)."""
+    out = Path(cfg.output_dir).absolute()
+    dist.run_checked(cfg.check_output, acc)  # again: the launch's processes may have raced
+    previous = set_aside_previous(cfg, acc, out)
+    dist.run_checked(lambda: write_json(out / "table.json", cfg.fingerprint()) if dist.is_main(acc) else None, acc)
+    return out, previous
 
 
 def audited(t: Table, name: str, values: dict) -> dict:
     """One audit of the table against the original model (OUT/audits/<name>): its report.json,
     read back when it finished before (resume), else run (continuing its own journal)."""
-    out = t.work / "audits" / name
+    out = t.out / "audits" / name
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
     cfg = t.cfg
@@ -173,7 +153,7 @@ def trained(t: Table, method: str) -> RemovalRun:
     """The method trained from the original model into OUT/<method>, timed, its peak memory
     measured (a finished training is read back on resume; a killed one continues from its latest
     checkpoint). A MemtrainError (every item skipped, ...) is the caller's "not run"."""
-    folder = t.work / method
+    folder = t.out / method
     saved = folder / "removal_run.json"
     if saved.is_file():
         return RemovalRun(**json.loads(saved.read_text()))
@@ -204,7 +184,7 @@ def trained(t: Table, method: str) -> RemovalRun:
 def training(t: Table, method: str) -> RemovalRun | str | None:
     """The method's RemovalRun, or why it could not run (a MemtrainError: every item skipped, ...);
     a finished method's row.json makes both moot (None)."""
-    if (t.work / method / "row.json").is_file():
+    if (t.out / method / "row.json").is_file():
         return None
     start = time.time()
     try:
@@ -218,7 +198,7 @@ def training(t: Table, method: str) -> RemovalRun | str | None:
 def method_result(t: Table, method: str, run: RemovalRun | str | None) -> tuple[dict, dict]:
     """One method's row: audited against the original model (or read back from its row.json on
     resume; a method that could not run has a `not run` row)."""
-    done = t.work / method / "row.json"
+    done = t.out / method / "row.json"
     if run is None:
         saved = json.loads(done.read_text())
         return saved["row"], saved["details"]
@@ -244,18 +224,22 @@ def run_table(cfg: RemovalTableConfig, defaults: ModelDefaults, finetune: Recipe
     if cfg.removal_methods:
         precision = cfg.removal_recipe(cfg.removal_methods[0], "-", "-").train.mixed_precision
     acc = dist.make_accelerator(None, precision, timeout_minutes=cfg.timeout_minutes)
-    t = Table(cfg, defaults, finetune, acc, open_work(cfg, acc))
+    out, previous = open_work(cfg, acc)
+    t = Table(cfg, defaults, finetune, acc, out)
     source = cfg.memorized_manifest or defaults.manifest("memorized")
     if source is None:
         raise MemtrainError(f"no memorized_manifest given and the model '{defaults.model_dir}' brings none: name one")
     t.items = list(read_manifest(source, require_images=True))[: cfg.items]
-    t.manifest = t.work / "memorized.jsonl"
+    t.manifest = t.out / "memorized.jsonl"
     dist.run_checked(lambda: write_manifest(t.manifest, t.items) if dist.is_main(acc) else None, acc)
     runs = {method: training(t, method) for method in cfg.methods}  # every training before any audit
     if all(isinstance(run, str) for run in runs.values()):
         reasons = "; ".join(f"{m}: {why}" for m, why in runs.items())
-        raise MemtrainError(f"no removal method could run ({reasons}); nothing was written to {cfg.output_dir} "
-                            f"(the work so far is in {t.work})")
+        if previous is not None and dist.is_main(acc):  # the previous table back in place
+            shutil.rmtree(out)
+            previous.rename(out)
+        raise MemtrainError(f"no removal method could run ({reasons})"
+                            + ("; the previous table is back in place" if previous is not None else ""))
     rows, details = {}, {}
     rows[ORIGINAL], details[ORIGINAL] = method_row(ORIGINAL, ORIGINAL, audit_all(t, "original", ORIGINAL), None)
     for method in cfg.methods:
@@ -263,11 +247,10 @@ def run_table(cfg: RemovalTableConfig, defaults: ModelDefaults, finetune: Recipe
     doc = versioned({"rows": [rows[m] for m in [ORIGINAL, *cfg.methods]], "methods": details,
                      "settings": {**cfg.fingerprint(), "items": [it.id for it in t.items],
                                   "model_dir": defaults.model_dir, "seconds": round(time.time() - from_start, 1)}})
-    table = RemovalTable(to_jsonable(doc), Path(cfg.output_dir).absolute())
+    table = RemovalTable(to_jsonable(doc), out)
     if dist.is_main(acc):
-        removal_report.write(table, t.work, paper=cfg.paper)
-        check_output_dir(cfg.output_dir, cfg.overwrite)  # someone may have written there meanwhile
-        replace_dir(t.work, table.output_dir)
+        removal_report.write(table, out, paper=cfg.paper)  # removal.json last: the table is complete
     dist.wait(acc)
+    drop_previous(acc, previous)
     acc.end_training()
     return table
