@@ -278,3 +278,25 @@ def test_bf16_on_the_cpu_trains_fp32_master_weights(setup, tmp_path, case, fresh
         weights = state(folder, "unet")
         assert all(v.dtype == torch.float32 for v in weights.values())
         assert changed(state(setup / "model", "unet"), weights)
+
+
+def test_siss_on_a_v_prediction_model_regresses_velocities(tmp_path, fresh_accelerate):
+    """The testbed predicts v: SISS regresses the velocities of the same (image, noise) pairs."""
+    from factories import tiny_bundle
+
+    from memtrain.core.report import to_pil
+    from memtrain.core.sampling import SamplerOverrides, sample
+    from memtrain.train.removal.siss import variant_prompt
+
+    bundle = tiny_bundle(tmp_path / "tok", prediction_type="v_prediction")
+    bundle.save(tmp_path / "model")
+    prompt = "a memorized picture number 0"
+    settings = bundle.sampler_settings.with_overrides(SamplerOverrides(**FAST_SAMPLER))
+    own = sample(bundle, [variant_prompt(prompt, bundle.tokenizer, 0, 0, 4)], [1000], settings).images[0, 0]
+    to_pil(own).save(tmp_path / "own.png")
+    write_manifest(tmp_path / "one.jsonl", [ManifestItem(id="mem_0", prompt=prompt, image=str(tmp_path / "own.png"))])
+    data = recipe_dict(tmp_path, tmp_path / "out", "siss", train={"steps": 1}, siss={"min_timestep": 500})
+    data["memorized_manifest"] = str(tmp_path / "one.jsonl")
+    run = train(data)
+    assert run.summary["preparation"]["mem_0"]["tried"] == [{"tokens": 4, "replicas": 1, "non_replicas": 3}]
+    assert changed(state(tmp_path / "model", "unet"), state(run.model_dirs["mem_0"], "unet"))

@@ -11,7 +11,8 @@ Per micro-step (Eq. 4): x from X and a from A, one noise and one t for both; m_t
 noised latent (a's with probability lambda); the U-Net's eps(m_t, t, c') for the prompt c' that
 made the split is regressed toward (m_t - gamma_t x) / sigma_t weighted by
 q(m_t|x) / q_lambda(m_t|x, a) and, subtracted, toward (m_t - gamma_t a) / sigma_t weighted by
-q(m_t|a) / q_lambda (summed squared errors, as the official loss). The two gradients are kept
+q(m_t|a) / q_lambda (summed squared errors, as the official loss). A model of another prediction
+type (the testbed's v-prediction) regresses its own target for the same (image, noise) pairs. The two gradients are kept
 apart over the accumulation; at each update the NegGrad one is rescaled to L2 norm `scaling_norm`
 (the official SD setting; with scaling_norm null, Eq. 4's weights n/(n-k) and (1+s) k/(n-k)),
 subtracted, and the sum clipped to max_grad_norm.
@@ -23,8 +24,7 @@ import math
 
 import torch
 
-from memtrain.core.diffusion import derived_seed, images_to_latents
-from memtrain.core.errors import MemtrainError
+from memtrain.core.diffusion import derived_seed, images_to_latents, regression_target
 from memtrain.core.run import gather_in_order, shard
 from memtrain.core.text import encode_prompts
 from memtrain.mitigations.random_insertion import RandomTokenAddition
@@ -55,22 +55,19 @@ class Siss(RemovalMethod):
     # X and A -------------------------------------------------------------------------------------
     def prepare(self):
         t, spec = self.t, self.spec
-        if t.scheduler.config.prediction_type != "epsilon":
-            raise MemtrainError(f"siss needs an epsilon-prediction model (Eq. 4 regresses noise); this one predicts "
-                                f"{t.scheduler.config.prediction_type}")
         descriptor = descriptor_for(t.recipe.descriptor, t.acc.device)
         settings = t.bundle.sampler_settings.with_overrides(spec.sampler)
         seeds = [t.recipe.seed + 1000 + k for k in range(spec.generations)]
 
         def split(i: int, item: ManifestItem) -> dict:
-            tried = {}
+            tried = []
             for count in spec.random_tokens:
                 prompt = variant_prompt(item.prompt, t.bundle.tokenizer, t.recipe.seed, i, count)
                 made = generate_scored(t.bundle, descriptor, item, prompt, seeds, settings,
                                        t.out / "siss_data" / safe_name(item.id) / f"tokens{count}")
                 a = [g.path for g in made if g.sscd > spec.threshold]
                 x = [g.path for g in made if g.sscd <= spec.threshold]
-                tried[count] = {"replicas": len(a), "non_replicas": len(x)}
+                tried.append({"tokens": count, "replicas": len(a), "non_replicas": len(x)})
                 if a and x:
                     return {"prompt": prompt, "tokens": count, "A": a, "X": x, "tried": tried}
             return {"tried": tried}
@@ -80,8 +77,8 @@ class Siss(RemovalMethod):
         for i, (item, res) in enumerate(zip(t.items, results)):
             found[item.id] = {k: v for k, v in res.items() if k not in ("A", "X")}
             if "prompt" not in res:
-                counts = ", ".join(f"{c} tokens: {v['replicas']} replicas / {v['non_replicas']} non-replicas"
-                                   for c, v in res["tried"].items())
+                counts = ", ".join(f"{v['tokens']} tokens: {v['replicas']} replicas / {v['non_replicas']} non-replicas"
+                                   for v in res["tried"])
                 skipped[item.id] = f"no split into replicas and non-replicas at SSCD {spec.threshold} ({counts})"
                 continue
             folder = t.out / safe_name(item.id)
@@ -118,9 +115,13 @@ class Siss(RemovalMethod):
         with t.acc.autocast():
             pred = t.unwrapped(m.to(dev, t.unet_dtype), tt.to(dev),
                                encoder_hidden_states=self.cond.expand(n, -1, -1).to(t.unet_dtype)).sample.float()
+        # the model's own regression target for (x, eps_x) and (a, eps_a) at m_t: the noises of Eq. 4
+        # for an epsilon model (SD v1.4), the velocities for a v-prediction one (the testbed)
+        target_x = regression_target(t.scheduler, x0, eps_x, tt).to(dev)
+        target_a = regression_target(t.scheduler, a0, eps_a, tt).to(dev)
         w = lambda v: v.to(dev).view(-1, 1, 1, 1)  # noqa: E731
-        loss_x = (w(w_x) * (pred - eps_x.to(dev)) ** 2).sum() / n
-        loss_a = (w(w_a) * (pred - eps_a.to(dev)) ** 2).sum() / n
+        loss_x = (w(w_x) * (pred - target_x) ** 2).sum() / n
+        loss_a = (w(w_a) * (pred - target_a) ** 2).sum() / n
         return loss_x, loss_a, {"weight_x": float(w_x.mean()), "weight_a": float(w_a.mean()), "timestep": int(tt[0])}
 
     def optimizer_step(self, job: Job, step: int) -> dict:
