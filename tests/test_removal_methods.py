@@ -300,3 +300,18 @@ def test_siss_on_a_v_prediction_model_regresses_velocities(tmp_path, fresh_accel
     run = train(data)
     assert run.summary["preparation"]["mem_0"]["tried"] == [{"tokens": 4, "replicas": 1, "non_replicas": 3}]
     assert changed(state(tmp_path / "model", "unet"), state(run.model_dirs["mem_0"], "unet"))
+
+
+def test_wandb_offline_holds_each_items_losses(setup, tmp_path):
+    """report_to: wandb (offline): one run under OUT/wandb with every item's SISS losses."""
+    out = tmp_path / "wb"
+    path = tmp_path / "wb.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(setup, out, "siss", train={"steps": 1}, report_to="wandb")))
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(path)], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "siss: 2 memorized item(s) trained into 2 model folder(s)" in proc.stdout
+    (run,) = list((out / "wandb").glob("offline-run-*"))
+    data = b"".join(p.read_bytes() for p in run.glob("run-*.wandb"))
+    for key in (b"mem_0/loss/x", b"mem_1/loss/a", b"mem_1/neggrad_factor", b"step_in_job"):
+        assert key in data, key
