@@ -315,3 +315,21 @@ def test_wandb_offline_holds_each_items_losses(setup, tmp_path):
     data = b"".join(p.read_bytes() for p in run.glob("run-*.wandb"))
     for key in (b"mem_0/loss/x", b"mem_1/loss/a", b"mem_1/neggrad_factor", b"step_in_job"):
         assert key in data, key
+
+
+def test_concept_ablation_offline_on_surrogate_anchors(setup, tmp_path, fresh_accelerate):
+    """anchors: surrogates (no paraphrases offline): memtrain's surrogates with the memorized prompt,
+    the noise-based loss; the model-based loss (which needs another anchor prompt) is refused."""
+    offline = {"anchors": "surrogates", "loss": "noise", "anchor_file": None,
+               "surrogates": {"mitigation": "pad_eot", "per_prompt": 2, "sscd_drop_threshold": 0.99,
+                              "descriptor": "standin", "sampler": FAST_SAMPLER}}
+    data = recipe_dict(setup, tmp_path / "sur", "concept_ablation", train={"steps": 1}, concept_ablation=offline)
+    data["concept_ablation"]["anchor_file"] = None
+    run = train(data)
+    assert set(run.model_dirs) == {"mem_0", "mem_1"} and not run.skipped
+    assert {k: v["anchor_images"] for k, v in run.summary["preparation"].items()} == {"mem_0": 2, "mem_1": 2}
+    assert len(list((tmp_path / "sur" / "anchors" / "images").glob("*.png"))) == 4
+    data = recipe_dict(setup, tmp_path / "mb", "concept_ablation", train={"steps": 1},
+                       concept_ablation={**offline, "loss": "model-based"})
+    with pytest.raises(MemtrainError, match="model-based needs paraphrased anchor prompts"):
+        train(data)
