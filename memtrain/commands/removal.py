@@ -41,10 +41,14 @@ def run(config: RemovalTableConfig, line=None) -> RemovalTable:
 
 
 def show(result: RemovalTable) -> str:
-    lines = [f"{r['method']}: MR prompt {format_value(r['mr_prompt'], 2)}, under Dori {format_value(r['mr_attack'], 2)} "
-             f"(control {format_value(r['mr_control'], 2)}): {r['verdict']}"
-             + (f"; {len(r['skipped'])} items skipped" if r["skipped"] else "") for r in result.rows]
-    return "\n".join([*lines, f"table: {result.output_dir / 'removal.md'}"])
+    def line(r: dict) -> str:
+        if r["verdict"] == "not run":
+            return f"{r['method']}: not run ({result.report['methods'][r['method']]['verdict_reason']})"
+        skipped = f"; {len(r['skipped'])} items skipped" if r["skipped"] else ""
+        return (f"{r['method']}: MR prompt {format_value(r['mr_prompt'], 2)}, under Dori {format_value(r['mr_attack'], 2)} "
+                f"(control {format_value(r['mr_control'], 2)}): {r['verdict']}{skipped}")
+
+    return "\n".join([*map(line, result.rows), f"table: {result.output_dir / 'removal.md'}"])
 
 
 COMMAND = Command("removal", __doc__, RemovalTableConfig, run, show, recipe="required")

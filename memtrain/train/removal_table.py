@@ -175,8 +175,10 @@ def trained(t: Table, method: str) -> RemovalRun:
         run = train_removal(recipe, defaults=t.defaults, resume_from_checkpoint=resume)
     peak = max(dist.gather_list([peak_memory_gb(device)], t.acc))
     measured = {"seconds": round(time.time() - start, 1), "peak_memory_gb": peak}
-    run = dataclasses.replace(run, **measured, summary={**run.summary, "reported_by_the_training": {
-        "seconds": run.seconds, "peak_memory_gb": run.peak_memory_gb}, **({"resumed_from": resume} if resume else {})})
+    own = {} if method == FINETUNE else {"reported_by_the_training": {"seconds": run.seconds,
+                                                                    "peak_memory_gb": run.peak_memory_gb}}
+    run = dataclasses.replace(run, **measured, summary={**run.summary, **own,
+                                                        **({"resumed_from": resume} if resume else {})})
     t.write(saved, dataclasses.asdict(run))
     return run
 
