@@ -49,21 +49,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.testbed)
 
 
-# the slow tier's longest tests (minutes each): handed out first under pytest-xdist, whose `load`
-# scheduling then gives each free worker the next test, so no long test starts last
-LONGEST = ("test_finetune_testbed.py", "test_gpu_check.py::test_cpu_check", "test_bf16_audit",
-           "test_default_audit")
+# The slow tier's longest tests (minutes each on one thread), in the order they are handed out.
+# pytest-xdist's `load` scheduling gives each of the two workers a first chunk of consecutive tests
+# (two tests with `--maxschedchunk 1`, set below), then one test at a time as they free up. The two
+# fine-tuning tests share one worker: the first builds the testbed's reference model (their
+# surrogates' source) under a lock the second would wait on. The audits go to the other worker, so
+# no long test starts last (in one CI run all of them landed on one worker: 10 min alone at the end).
+LONGEST = ("test_finetune_testbed.py::test_full_finetune", "test_finetune_testbed.py::test_lora_finetune",
+           "test_audit.py::test_default_audit", "test_audit.py::test_bf16_audit",
+           "test_gpu_check.py::test_cpu_check")
+
+
+def _rank(item) -> int:
+    return next((i for i, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
 
 
 class _LongestFirst:
     @pytest.hookimpl(trylast=True)  # after -m has deselected
     def pytest_collection_modifyitems(self, config, items):
         if os.environ.get("PYTEST_XDIST_WORKER"):
-            items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST))
+            items.sort(key=_rank)  # stable: the rest keep pytest's order
 
 
 def pytest_configure(config):
     config.pluginmanager.register(_LongestFirst(), "memtrain-longest-first")
+    if getattr(config.option, "maxschedchunk", "absent") is None:  # xdist present, not set by the user
+        config.option.maxschedchunk = 1
 
 
 @pytest.fixture(scope="session")

@@ -41,9 +41,13 @@ def finetune(tmp_path: Path, name: str, *overrides: str, full_audit: bool = True
 
 
 @pytest.mark.slow
-def test_full_finetune_removes_and_lora_does_not(testbed_dir, tmp_path):
+def test_full_finetune_removes_the_memorized_images(testbed_dir, tmp_path):
     full = finetune(tmp_path, "full")
     assert full["mr_attack"] <= 0.3 and full["mr_control"] <= 0.1
+
+
+@pytest.mark.slow
+def test_lora_finetune_only_conceals_them(testbed_dir, tmp_path):
     finetune(tmp_path, "lora", "train.finetune=lora", "train.learning_rate=1e-3", "audit.max_items=10")
     # judged by the audit's full-strength attack (50 steps, 10 targets x 4 seeds), as the full run is:
     # on testbed v4 the closing small audit's 20-step training attack brought back only 3 of 10

@@ -17,10 +17,12 @@ from report_schema import assert_documented
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "gpu_check.py")
 # the CPU try-out: LoRA (a full 860M U-Net with Adam needs ~16 GB on the CPU), one step of each,
+# ESD and Concept Ablation (SISS's whole-U-Net training needs ~21 GB in fp32),
 # the audit on 2 targets x 2 seeds (NeMo compares seeds: 2 at least) instead of the GPU's 4 x 4
 SMALL = ["--device", "cpu", "--resolution", "64", "--prompts", "1", "--seeds", "2", "--steps", "2", "--repeats", "1",
          "--attack_targets", "2", "--attack_steps", "1", "--noise_samples", "1", "--matmul_size", "1024",
          "--finetune", "lora", "--finetune_steps", "1", "--finetune_batch", "1",
+         "--removal_steps", "1", "--removal_methods", "esd", "concept_ablation",
          "--audit_targets", "2", "--audit_seeds", "2", "--audit_steps", "2", "--audit_attack_steps", "1"]
 
 

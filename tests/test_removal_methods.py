@@ -1,6 +1,6 @@
 """The removal baselines (ESD, Concept Ablation, SISS) as trainings on a tiny SD1.x-shaped model
 (CPU, seconds per run): each changes exactly the U-Net weights it claims (text encoder and VAE
-untouched), a run stopped after a checkpoint resumes to the same weights as an uninterrupted one,
+untouched), a run SIGKILLed after a checkpoint resumes to the same weights as an uninterrupted one,
 2-process DDP on the CPU keeps the ranks identical, and bad inputs are skipped items or one-line
 errors that overwrite nothing."""
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,21 +141,36 @@ def test_changes_exactly_the_weights_it_claims(setup, tmp_path, case, fresh_acce
 
 
 @pytest.mark.parametrize("case", ["esd-x", "concept_ablation", "siss"])
-def test_stopped_after_a_checkpoint_resumes_to_the_same_weights(setup, tmp_path, case, fresh_accelerate):
-    short = {"train": {"steps": 2}, "checkpointing": {"steps": 1, "total_limit": 2}}
+def test_killed_after_a_checkpoint_resumes_to_the_same_weights(setup, tmp_path, case, fresh_accelerate):
+    """SIGKILL `memtrain remove` once its first checkpoint is complete (the run has 12 steps per
+    job left to go); `--resume` then ends with the uninterrupted run's weights, bit for bit."""
+    short = {"train": {"steps": 12}, "checkpointing": {"steps": 1, "total_limit": 2}}
     whole = train(recipe_dict(setup, tmp_path / "whole", case, **short))
-    data = recipe_dict(setup, tmp_path / "stopped", case, **short)
-    train(data, "train.max_steps=1")  # stops after checkpoint-1, as a killed run would have
-    jobs = 2 if case == "siss" else 1  # siss: each item's job has its own checkpoints
-    assert len(list((tmp_path / "stopped" / "checkpoints").rglob("checkpoint-1/memtrain_state.json"))) == jobs
-    resumed = train(data, "resume_from_checkpoint=latest")
-    assert resumed.model_dirs.keys() == whole.model_dirs.keys() == {"mem_0", "mem_1"}
+    out = tmp_path / "killed"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(setup, out, case, **short)))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path)], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").rglob("checkpoint-1/memtrain_state.json")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (out / "run_summary.json").exists()
+    resumed = subprocess.run([sys.executable, str(SCRIPT), str(path), "--resume"], cwd=REPO, env=env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert all(job["steps"] == 12 for job in summary["jobs"])
+    assert summary["jobs"][0]["steps_this_run"] < 12  # the first job continued from a checkpoint
+    assert summary["model_dirs"].keys() == whole.model_dirs.keys() == {"mem_0", "mem_1"}
     for item, folder in whole.model_dirs.items():
-        a, b = state(folder, "unet"), state(resumed.model_dirs[item], "unet")
+        a, b = state(folder, "unet"), state(summary["model_dirs"][item], "unet")
         assert not changed(a, b), f"{item}: resumed weights differ"
         assert changed(state(setup / "model", "unet"), b)
-    summary = json.loads((tmp_path / "stopped" / "run_summary.json").read_text())
-    assert [(job["steps"], job["steps_this_run"]) for job in summary["jobs"]] == [(2, 1)] * jobs
 
 
 def env(**extra) -> dict:

@@ -27,13 +27,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from memtrain.attack import AttackConfig
 from memtrain.bench.attack_sampling import bench_metrics, bench_prompts
+from memtrain.bench.removal import bench_removal
 from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
                                       precision_overrides)
 from memtrain.core.bundle import load_bundle
@@ -72,6 +73,10 @@ class CheckBudget:
     finetune: str = "full"          # full or lora
     finetune_steps: int = 5
     finetune_batch: int = 4         # surrogate images per step (utility images: as many again)
+    removal_steps: int = 1          # ESD, Concept Ablation, SISS: optimizer steps each (0 skips them)
+    # SISS trains the whole U-Net with two gradient buffers: ~21 GB at SD's size in fp32, too much for a CPU
+    removal_methods: list[str] = field(default_factory=lambda: ["esd", "concept_ablation", "siss"],
+                                       metadata={"help": "the removal methods timed"})
     audit_targets: int = 4
     audit_seeds: int = 4
     audit_steps: int = 20           # the audit's sampling steps
@@ -84,8 +89,9 @@ class CheckBudget:
             raise MemtrainError(f"--finetune '{self.finetune}': use full or lora")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and value < (0 if f.name == "finetune_steps" else 1):
-                raise MemtrainError(f"--{f.name} {value}: must be >= {0 if f.name == 'finetune_steps' else 1}")
+            least = 0 if f.name in ("finetune_steps", "removal_steps") else 1
+            if isinstance(value, int) and value < least:
+                raise MemtrainError(f"--{f.name} {value}: must be >= {least}")
 
 
 @dataclass(kw_only=True)
@@ -172,6 +178,17 @@ def finetune_stage(spec: dict) -> dict:
     return ft
 
 
+def removal_stage(spec: dict) -> dict:
+    """ESD, Concept Ablation and SISS at paper 004's settings: s/step, preparation, peak memory."""
+
+    b = CheckBudget(**spec["budget"])
+    precision = {"bf16": "bf16", "fp16": "fp16"}.get(spec["dtype"], "no")
+    doc = bench_removal(spec["model"], spec["manifest"], spec["output_dir"], b.removal_methods, steps=b.removal_steps,
+                        mixed_precision=precision)
+    return {m["method"]: {k: m[k] for k in ("seconds_per_step", "preparation_seconds_per_item", "peak_memory_gb",
+                                             "gradient_accumulation_steps")} for m in doc["methods"]}
+
+
 def audit_stage(spec: dict) -> dict:
     """`memtrain audit`'s audit in this process (its peak memory is then this child's)."""
 
@@ -187,7 +204,7 @@ def audit_stage(spec: dict) -> dict:
             "device": ran.get("device", str(runtime.device)), "rows": len(doc.get("results", []))}
 
 
-STAGES = {"speed": speed_stage, "finetune": finetune_stage, "audit": audit_stage}
+STAGES = {"speed": speed_stage, "finetune": finetune_stage, "removal": removal_stage, "audit": audit_stage}
 
 
 def child_env(device: torch.device) -> dict[str, str]:
@@ -261,6 +278,8 @@ def gpu_check(output_dir: str | Path, options: RuntimeOptions, budget: CheckBudg
         stages["speed"] = run_stage("speed", base, logs, device)
         if budget.finetune_steps > 0:
             stages["finetune"] = run_stage("finetune", {**base, "output_dir": str(work / "finetune")}, logs, device)
+        if budget.removal_steps > 0:
+            stages["removal"] = run_stage("removal", {**base, "output_dir": str(work / "removal")}, logs, device)
         argv = audit_argv(model, photos, work / "audit", child_device, dtype, budget)
         stages["audit"] = run_stage("audit", {**base, "argv": argv}, logs, device)
         doc = summarize(runtime, budget, stages, time.perf_counter() - started)
@@ -292,6 +311,9 @@ def summarize(runtime, budget: CheckBudget, stages: dict[str, dict], seconds: fl
             "peak_memory_gb_per_image": _finite(ft["peak_memory_gb_per_image"], 3), "finetune": ft["finetune"],
             "steps": ft["steps"], "images_per_step": ft["images_per_step"], "mixed_precision": ft["mixed_precision"],
             "gradient_checkpointing": ft["gradient_checkpointing"]},
+        "removal": None if "removal" not in stages else {
+            m: {k: _finite(v, 4) for k, v in fig.items()} for m, fig in stages["removal"].items()
+            if isinstance(fig, dict)},
         "audit": {"seconds": _finite(audit["seconds"], 1), "peak_memory_gb": _finite(audit["peak_memory_gb"], 3),
                   "mitigations": audit["mitigations"], "targets": budget.audit_targets, "seeds": budget.audit_seeds,
                   "dtype": audit["dtype"], "device": audit["device"], "rows": audit["rows"]},
@@ -323,6 +345,9 @@ def format_check(doc: dict) -> str:
     if f is not None:
         lines.append(f"finetune ({f['finetune']}, mixed precision {f['mixed_precision']}): {f['seconds_per_image']:.3f} "
                      f"s/image, peak memory {f['peak_memory_gb']:.2f} GB ({f['peak_memory_gb_per_image']:.2f} GB/image)")
+    if doc.get("removal"):
+        lines.append("removal (s/step, peak memory): " + ", ".join(
+            f"{m} {r['seconds_per_step']:.2f} s, {r['peak_memory_gb']:.2f} GB" for m, r in doc["removal"].items()))
     lines += [f"{name}: {m['images_per_s']:.2f} images/s on {m['placement']}" for name, m in doc["metrics"].items()]
     lines += [f"audit ({' '.join(au['mitigations'])}, {au['targets']} targets x {au['seeds']} seeds, {au['dtype']}): "
               f"{au['seconds']:.1f} s, peak memory {au['peak_memory_gb']:.2f} GB",

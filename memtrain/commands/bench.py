@@ -5,6 +5,7 @@
     memtrain bench mitigations [--model DIR] [--prompts 8] [--seeds 2] [--repeats 3]
     OMP_NUM_THREADS=1 memtrain bench finetune recipes/testbed.yaml output_dir=/tmp/bench_ft
     memtrain bench full-size --model fixtures/sd14-256 --manifest fixtures/photos/memorized.jsonl
+    memtrain bench removal [--model DIR --manifest M] [--steps 2] [--table_recipe recipes/removal_testbed.yaml]
 
 `memtrain bench BENCHMARK --help`: its flags and defaults. The measuring code is memtrain.bench's.
 """
@@ -21,6 +22,7 @@ from memtrain.attack import AttackConfig
 from memtrain.bench.attack_sampling import (bench_attack, bench_mitigation_overhead, bench_prompts, bench_sampling,
                                             bench_targets, format_attack_bench, format_sampling_bench)
 from memtrain.bench.finetune import bench_finetune, bench_speedups
+from memtrain.bench.removal import bench_removal, format_removal_bench
 from memtrain.bench.gpu_check import GpuCheckConfig, format_check, gpu_check
 from memtrain.bench.full_size import (bench_full_attack, bench_full_finetune, bench_generation, finetune_recipe,
                                       format_full_size, precision_overrides)
@@ -38,6 +40,7 @@ from memtrain.core.sampling import SamplerOverrides
 from memtrain.mitigations import available_mitigations, get_mitigation
 from memtrain.testbed.resolver import resolve_model, resolve_recipe
 from memtrain.train.recipe import Recipe
+from memtrain.train.removal import REMOVAL_METHODS
 from memtrain.train.trainer import AdvFinetuner
 
 NOT_FLAGS = ("lora", "plan")  # the benchmarks time the model as given and plan nothing
@@ -255,6 +258,53 @@ def run_full_size(config: FullSizeBenchConfig, line: CommandLine | None = None) 
     return CommandResult(report, message=format_full_size(config.model, device, gen, att, ft))
 
 
+# ----------------------------------------------------------------------------- removal
+
+REMOVAL = """Time and peak memory of each removal training (ESD, Concept Ablation, SISS) per memorized
+image, measured in one run, and a removal table recipe's whole budget projected from it.
+
+    memtrain bench removal --manifest fixtures/photos/memorized.jsonl --model fixtures/sd14-256 [--steps 2]
+    memtrain bench removal [--table_recipe recipes/removal_testbed.yaml]      # the testbed
+
+Each method runs its preparation (SISS's generations, Concept Ablation's anchor images: 4 per item)
+and --steps optimizer steps at the recipe's settings (default: removal_sd14.yaml, paper 004's);
+the memorized images are the model's own generations (see memtrain.bench.removal). Writes
+OUT/removal_bench.json.
+"""
+
+
+@dataclass(kw_only=True)
+class RemovalBenchConfig(ModelOptions):
+    """`memtrain bench removal`'s config."""
+
+    manifest: str | None = option(None, "prompts to remove (default: the model's memorized manifest)")
+    methods: list[str] | None = option(None, "removal methods (default: esd concept_ablation siss)", "--method")
+    items: int = option(1, "memorized items per method")
+    steps: int = option(2, "optimizer steps timed per method (the recipe's batch and accumulation)")
+    table_recipe: str | None = option(None, "the removal table recipe whose settings run and whose budget is "
+                                             "projected (default: the packaged removal_sd14.yaml)")
+    seed: int = option(0, "the runs' seed")
+    output_dir: str = option("runs/bench_removal", "scratch folder (the trained models, removal_bench.json)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.items < 1 or self.steps < 1:
+            raise MemtrainError(f"--items and --steps must be >= 1, got {self.items} and {self.steps}")
+        unknown = [m for m in self.methods or [] if m not in REMOVAL_METHODS]
+        if unknown:
+            raise MemtrainError(f"--method {unknown[0]}: not a removal method ({', '.join(REMOVAL_METHODS.names())})")
+
+
+def run_removal(config: RemovalBenchConfig, line: CommandLine | None = None) -> CommandResult:
+    defaults = resolve_model(config.model)
+    manifest = config.manifest or defaults.manifest("memorized")
+    if manifest is None:
+        raise MemtrainError(f"--manifest required: the model '{config.model}' brings no memorized manifest")
+    doc = bench_removal(defaults.model_dir, str(manifest), config.output_dir, config.methods, config.items,
+                        config.steps, config.seed, config.table_recipe)
+    return CommandResult(doc, Path(config.output_dir), message=format_removal_bench(doc))
+
+
 # ----------------------------------------------------------------------------- the dispatcher
 
 BENCHES = Registry("benchmark", canonical=str)
@@ -268,6 +318,8 @@ BENCHES.add("finetune", Command("bench finetune", FINETUNE, FinetuneBenchConfig,
 BENCHES.add("full-size", Command("bench full-size", FULL_SIZE, FullSizeBenchConfig, run_full_size, show_message,
                                  recipe="none", skip=(*NOT_FLAGS, "finetune_overrides"),
                                  overrides_to="finetune_overrides"))
+BENCHES.add("removal", Command("bench removal", REMOVAL, RemovalBenchConfig, run_removal, show_message, recipe="none",
+                               skip=NOT_FLAGS))
 
 SUMMARIES = {  # one line each for `memtrain bench --help`
     "attack": "Dori attack targets/s, batched vs one target at a time, and its FLOP/s (`speedup:`)",
@@ -275,6 +327,7 @@ SUMMARIES = {  # one line each for `memtrain bench --help`
     "mitigations": "each inference-time mitigation's time over plain sampling (`max_overhead:`)",
     "finetune": "fine-tuning: concatenated vs two forwards, the trainer with vs without its speedups",
     "full-size": "generation vs diffusers' pipeline (`ratio:`), attack TFLOP/s, fine-tuning s/image and memory",
+    "removal": "ESD, Concept Ablation and SISS: s/step, preparation per image, peak memory, the recipe's budget projected",
 }
 
 BENCH = Dispatcher("memtrain bench", "Speed and memory benchmarks, each comparison measured in one run.",

@@ -189,11 +189,15 @@ def training(t: Table, method: str) -> RemovalRun | str | None:
     if (t.out / method / "row.json").is_file():
         return None
     start = time.time()
+    if t.cfg.progress and dist.is_main(t.acc):
+        log.info("removal table: training %s (%d items)", method, len(t.items))
     try:
         run = trained(t, method)
     except MemtrainError as err:
         log.warning("removal table: %s did not run: %s", method, err)
         return f"{err} (after {time.time() - start:.0f} s)"
+    if t.cfg.progress and dist.is_main(t.acc):
+        log.info("removal table: %s trained in %.0f s (%d skipped)", method, time.time() - start, len(run.skipped))
     return run if any(it.id in run.model_dirs for it in t.items) else "every item was skipped"
 
 
@@ -211,8 +215,11 @@ def method_result(t: Table, method: str, run: RemovalRun | str | None) -> tuple[
         per_item = len(set(dirs)) > 1  # SISS: a model per image
         settings = {"model": dirs[0], "manifest": str(t.manifest), "unmapped": "original",
                     "per_prompt": dict(run.model_dirs) if per_item else {}}
+        start = time.time()
         row, details = method_row(method, "edited_weights", audit_all(t, method, "edited_weights", settings, per_item),
                                   run)
+        if t.cfg.progress and dist.is_main(t.acc):
+            log.info("removal table: %s audited in %.0f s: %s", method, time.time() - start, row["verdict"])
     t.write(done, {"row": row, "details": details})
     return row, details
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from accelerate.utils import DistributedType
 
+from memtrain.core import progress
 from memtrain.core.bundle import ModelDefaults, load_bundle, quiet_diffusers
 from memtrain.core.config import flat_items
 from memtrain.core.diffusion import generator, training_scheduler
@@ -207,6 +208,11 @@ class RemovalTrainer:
         self.method.start_job(job)
 
     @property
+    def shows_progress(self) -> bool:
+        """Bars and stage summaries on the main process only, unless the recipe says progress: false."""
+        return bool(self.recipe.progress) and self.acc.is_main_process
+
+    @property
     def unwrapped(self):
         """The trained U-Net itself (no DDP/DeepSpeed wrapper): for its no-grad uses."""
         return self.acc.unwrap_model(self.model)
@@ -234,25 +240,31 @@ class RemovalTrainer:
         step = self.resume(job)
         start, losses, t0 = step, [], time.perf_counter()
         stop = min(t.steps, t.max_steps or t.steps)
-        while step < stop:
-            logs = self.method.optimizer_step(job, step)
-            step += 1
-            losses.append(logs["loss"])
-            self.logged += 1
-            acc.log({f"{k}" if not self.method.per_item else f"{job.name}/{k}": v for k, v in logs.items()}
-                    | {"step_in_job": step}, step=self.logged)
-            every = self.recipe.checkpointing.steps
-            if every and step % every == 0:
-                state = {"global_step": step, "job": job.name, "world_size": self.world,
-                         "recipe": self.recipe.to_dict()}
-                save_checkpoint(acc, job.ckpt_root, step, state, total_limit=self.recipe.checkpointing.total_limit)
+        with progress.stage(f"{self.recipe.method}: {job.name}: training", total=stop - step, unit="steps",
+                            enabled=self.shows_progress) as bar:
+            while step < stop:
+                logs = self.method.optimizer_step(job, step)
+                step += 1
+                losses.append(logs["loss"])
+                self.logged += 1
+                acc.log({f"{k}" if not self.method.per_item else f"{job.name}/{k}": v for k, v in logs.items()}
+                        | {"step_in_job": step}, step=self.logged)
+                bar.advance()
+                progress.note(f"loss {logs['loss']:.4f}")
+                every = self.recipe.checkpointing.steps
+                if every and step % every == 0:
+                    state = {"global_step": step, "job": job.name, "world_size": self.world,
+                             "recipe": self.recipe.to_dict()}
+                    save_checkpoint(acc, job.ckpt_root, step, state, total_limit=self.recipe.checkpointing.total_limit)
         acc.wait_for_everyone()
+        loop_seconds = time.perf_counter() - t0  # the optimizer steps alone (the save follows)
         unet = self.unwrapped
         self.bundle.unet = unet
         outputs.save_pipeline(acc, self.bundle, job.model_dir, self.frozen_dtype)
         checksums = gather_list([param_checksum(unet)["sha256"]], acc)
         summary = {"job": job.name, "items": [self.items[i].id for i in job.items], "model_dir": str(job.model_dir),
                    "steps": step, "steps_this_run": step - start, "seconds_this_run": round(time.perf_counter() - t0, 2),
+                   "step_seconds_this_run": round(loop_seconds, 3),
                    "trained_parameters": sum(p.numel() for p in self.params), "trained_tensors": len(self.trained_names),
                    "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                    "unet_sha256_per_rank": checksums}
@@ -267,8 +279,11 @@ class RemovalTrainer:
     def run(self) -> RemovalRun:
         t0 = time.perf_counter()
         self.setup()
+        set_up = time.perf_counter() - t0
         r, acc = self.recipe, self.acc
-        jobs, skipped, found = self.method.prepare()
+        # anchors (Concept Ablation), generations and their split (SISS): the sampler's notes show on this bar
+        with progress.stage(f"{r.method}: preparation", total=None, unit="stages", enabled=self.shows_progress):
+            jobs, skipped, found = self.method.prepare()
         prepared = time.perf_counter() - t0
         if not jobs:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
@@ -285,7 +300,7 @@ class RemovalTrainer:
                    "mixed_precision": acc.mixed_precision, "unet_dtype": DTYPE_NAMES[self.unet_dtype],
                    "frozen_dtype": DTYPE_NAMES[self.frozen_dtype], "items": len(self.items),
                    "model_dirs": model_dirs, "skipped": skipped, "preparation": found, "jobs": jobs_done,
-                   "seconds": round(seconds, 2), "prepare_seconds": round(prepared, 2),
+                   "seconds": round(seconds, 2), "setup_seconds": round(set_up, 2), "prepare_seconds": round(prepared, 2),
                    "peak_memory_gb": self.runtime.peak_memory_gb(), "runtime": self.runtime.to_dict()}
         if acc.is_main_process:
             write_json(self.out / "run_summary.json", versioned(summary))
