@@ -20,7 +20,7 @@ import torch
 
 from memtrain.core.bundle import load_bundle
 from memtrain.core.command_line import merge
-from memtrain.core.config import read_yaml
+from memtrain.core.config import packaged_recipe, read_yaml
 from memtrain.core.files import write_json
 from memtrain.core.manifest import ManifestItem, read_manifest, write_manifest
 from memtrain.core.report import to_pil, versioned
@@ -94,8 +94,6 @@ def bench_removal(model: str, manifest: str, output_dir: str | Path, methods: li
                   steps: int = 2, seed: int = 0, table_recipe: str | None = None, mixed_precision: str | None = None,
                   descriptor: str = "auto") -> dict:
     """Every method in turn (one process); OUT/removal_bench.json."""
-    from memtrain.core.config import packaged_recipe
-
     out = Path(output_dir)
     if mixed_precision is None and not torch.cuda.is_available():
         mixed_precision = "no"  # the SD recipe's fp16 autocast needs a GPU
