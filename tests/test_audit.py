@@ -589,15 +589,15 @@ def test_bf16_audit_on_the_real_testbed(testbed_dir, tmp_path):
     # the README's quick budget (4 targets x 4 seeds, no robustness curve): with 2 seeds the weakest
     # memorized pair of testbed v4 (camera: card median 0.726) came back under attack at 0.684 in
     # bf16, below the 0.7 threshold by chance of the seeds, not of the precision (unmitigated 0.717)
-    # `none` and `nemo` (pruning and its detection in bf16); the embedding-level fixes run in the fast
-    # tier's half-precision audit on the tiny bundle
-    r = _run_script(["--mitigation", "none", "nemo", "--dtype", "bf16",
+    # `none` only: NeMo's pruning and detection and the embedding-level fixes run in the fast tier's
+    # half-precision audit on the tiny bundle (NeMo here too cost a minute of the slow tier)
+    r = _run_script(["--mitigation", "none", "--dtype", "bf16",
                      "--threat_model", "embedding", "--output_dir", str(out), "--no_progress"], timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = json.loads((out / "report.json").read_text())
     assert saved["runtime"]["dtype"] == "bf16" and saved["settings"]["dtype"] == "bfloat16"
     assert saved["runtime"]["peak_memory_gb"] > 0 and saved["runtime"]["batch_sizes"]["attack"] >= 1
     rows = {r["mitigation"]: r for r in saved["results"]}
-    assert sorted(rows) == ["nemo", "none"] and all(r["weights_restored"] for r in rows.values())
+    assert sorted(rows) == ["none"] and all(r["weights_restored"] for r in rows.values())
     assert rows["none"]["mr_unmitigated"] >= 0.9 and rows["none"]["mr_attack"] >= 0.9
     assert all(r["mr_control"] <= 0.25 for r in rows.values())

@@ -75,8 +75,10 @@ def bench_one(method: str, base: dict, model: str, manifest: Path, out: Path, st
     jobs = s["jobs"]
     step_s = sum(j["step_seconds_this_run"] for j in jobs) / max(1, sum(j["steps_this_run"] for j in jobs))
     prepare_per_item = (s["prepare_seconds"] - s["setup_seconds"]) / s["items"]
-    images = {"siss": (full.siss.generations, "generations"),
-              "concept_ablation": (full.concept_ablation.anchor_images, "anchor images")}.get(method)
+    ca = full.concept_ablation
+    anchors = (ca.surrogates.per_prompt, "surrogate anchor images") if ca.anchors == "surrogates" else \
+        (ca.anchor_images, "anchor images")
+    images = {"siss": (full.siss.generations, "generations"), "concept_ablation": anchors}.get(method)
     scale = images[0] / BENCH_IMAGES if images else 0.0
     t = full.resolved_train
     training = t.steps * step_s  # the bench's steps are the recipe's (batch, accumulation): only fewer
